@@ -1,0 +1,47 @@
+"""The Flask application factory: the API's composition root."""
+
+from __future__ import annotations
+
+import redis
+from flask import Flask
+
+from api.errors import register_error_handlers
+from api.schemas import job_create_model
+from api.state import EXTENSION, ApiState
+from db.images import ImageStore
+from db.session import make_engine, make_session_factory
+from routet2i.settings import Settings
+from worker.app import create_celery
+
+REDIS_PROBE_TIMEOUT_S = 1.0
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API for ``settings`` (read from the environment when omitted)."""
+    settings = settings or Settings.from_env()
+    app = Flask("routet2i")
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    engine = make_engine(settings.database_url)
+    app.extensions[EXTENSION] = ApiState(
+        settings=settings,
+        engine=engine,
+        sessions=make_session_factory(engine),
+        celery=create_celery(settings),
+        images=ImageStore(settings.image_dir),
+        redis=redis.Redis.from_url(
+            settings.broker_url,
+            socket_timeout=REDIS_PROBE_TIMEOUT_S,
+            socket_connect_timeout=REDIS_PROBE_TIMEOUT_S,
+        ),
+        job_create_model=job_create_model(settings),
+    )
+
+    from api.decisions import blueprint as decisions
+    from api.health import blueprint as health
+    from api.jobs import blueprint as jobs
+    from api.stats import blueprint as stats
+
+    for blueprint in (health, jobs, decisions, stats):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    return app

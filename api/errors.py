@@ -1,0 +1,62 @@
+"""One error shape for the whole API: ``{"error": {"code", "message", "field"?, "errors"?}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+
+class ApiError(Exception):
+    """An error answered to the client as JSON with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, *, field: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        error.update(self.extra)
+        return {"error": error}
+
+
+def field_path(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) or "body"
+
+
+def from_validation_error(exc: ValidationError, *, status: int = 422) -> ApiError:
+    """Turn pydantic's errors into an :class:`ApiError` that names the first offending field."""
+    errors = [{"field": field_path(e["loc"]), "message": e["msg"]} for e in exc.errors(include_url=False)]
+    first = errors[0]
+    return ApiError(
+        status,
+        "invalid_request",
+        f"{first['field']}: {first['message']}",
+        field=first["field"],
+        errors=errors,
+    )
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Any:
+        response = jsonify(exc.body())
+        response.status_code = exc.status
+        if "retry_after" in exc.extra:
+            response.headers["Retry-After"] = str(exc.extra["retry_after"])
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        response = jsonify({"error": {"code": code, "message": exc.description or exc.name}})
+        response.status_code = exc.code or 500
+        return response

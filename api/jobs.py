@@ -1,0 +1,257 @@
+"""Jobs: submit, poll, list, and fetch the image."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from typing import Any, TypeVar
+
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+from flask import Blueprint, Response, jsonify, request, url_for
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError, from_validation_error
+from api.schemas import (
+    MAX_SEED,
+    JobAccepted,
+    JobCreateBase,
+    JobListQuery,
+    decision_out,
+    job_out,
+    result_out,
+)
+from api.state import state
+from db.decisions import get_decision
+from db.generations import job_costs, primary_generation
+from db.jobs import create_job, get_job, get_job_by_idempotency_key, list_events, list_jobs, transition
+from db.models import Job, JobStatus
+from db.pagination import InvalidCursor
+from db.session import transaction
+from worker.app import ROUTE_TASK, publish
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("jobs", __name__)
+
+Q = TypeVar("Q", bound=BaseModel)
+
+DATABASE_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
+
+
+def parse_query(model: type[Q]) -> Q:
+    """Validate the query string against ``model`` (unknown parameters are refused)."""
+    try:
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        raise from_validation_error(exc, status=400) from exc
+
+
+def parse_body(model: type[Q]) -> Q:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(
+            400,
+            "invalid_json",
+            "request body must be a JSON object (Content-Type: application/json)",
+            field="body",
+        )
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_request", "request body must be a JSON object", field="body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+def parse_job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(404, "not_found", f"no job with id {raw!r}: not a valid job id", field="job_id") from None
+
+
+def job_url(job_id: uuid.UUID) -> str:
+    return url_for("jobs.get", job_id=str(job_id), _external=False)
+
+
+def load_job(session: Session, raw_id: str) -> Job:
+    job = get_job(session, parse_job_id(raw_id))
+    if job is None:
+        raise ApiError(404, "not_found", f"no job with id {raw_id!r}", field="job_id")
+    return job
+
+
+def _same_request(job: Job, spec: JobCreateBase) -> bool:
+    return (job.prompt, job.steps, job.width, job.height) == (
+        spec.prompt,
+        spec.steps,
+        spec.width,
+        spec.height,
+    ) and (spec.seed is None or spec.seed == job.seed)
+
+
+def _accepted(job: Job, status_code: int) -> tuple[Response, int, dict[str, str]]:
+    url = job_url(job.id)
+    body = JobAccepted(id=job.id, url=url, status=job.status)  # type: ignore[arg-type]
+    return jsonify(body.model_dump(mode="json")), status_code, {"Location": url}
+
+
+def submit_job(spec: JobCreateBase, *, requested_tier: str | None = None) -> tuple[Job, bool]:
+    """Create (or find, by idempotency key) a job and enqueue it for routing.
+
+    Returns:
+        The job and whether it was created by this call.
+
+    Raises:
+        ApiError: 409 when the idempotency key was used for a different request, 503 when the database or
+            the broker cannot take the job (a job that cannot be enqueued is failed, never left hanging).
+    """
+    st = state()
+    key = spec.idempotency_key
+    try:
+        try:
+            with transaction(st.sessions) as session:
+                existing = get_job_by_idempotency_key(session, key) if key is not None else None
+                if existing is not None:
+                    return _check_replay(existing, spec), False
+                job = create_job(
+                    session,
+                    prompt=spec.prompt,
+                    seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
+                    steps=spec.steps,
+                    width=spec.width,
+                    height=spec.height,
+                    idempotency_key=key,
+                    requested_tier=requested_tier,
+                )
+        except sqlalchemy.exc.IntegrityError:
+            # A concurrent request with the same key committed first: answer with its job.
+            with st.sessions() as session:
+                existing = get_job_by_idempotency_key(session, key) if key is not None else None
+            if existing is None:
+                raise
+            return _check_replay(existing, spec), False
+    except DATABASE_DOWN as exc:
+        raise ApiError(
+            503, "database_unavailable", "the job database is unavailable; retry later", retry_after=5
+        ) from exc
+
+    try:
+        publish(st.celery, ROUTE_TASK, str(job.id))
+    except (kombu.exceptions.OperationalError, redis.exceptions.RedisError, OSError) as exc:
+        log.error("broker unavailable, failing job", extra={"job_id": str(job.id), "error": str(exc)})
+        with transaction(st.sessions) as session:
+            row = get_job(session, job.id, for_update=True)
+            if row is not None and not JobStatus(row.status).terminal:
+                transition(
+                    session,
+                    row,
+                    JobStatus.FAILED,
+                    detail={"stage": "enqueue"},
+                    error=f"broker unavailable: {exc}",
+                )
+        raise ApiError(
+            503, "broker_unavailable", "the job queue is unavailable; the job was not started", retry_after=5
+        ) from exc
+    return job, True
+
+
+def _check_replay(job: Job, spec: JobCreateBase) -> Job:
+    if not _same_request(job, spec):
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "idempotency_key was already used for a different request",
+            field="idempotency_key",
+            job_id=str(job.id),
+        )
+    return job
+
+
+@blueprint.post("/v1/jobs")
+def create() -> Any:
+    """Submit a prompt. 202 with the new job; 200 with the earlier job when the idempotency key repeats."""
+    spec: JobCreateBase = parse_body(state().job_create_model)
+    header_key = request.headers.get("Idempotency-Key")
+    if header_key is not None:
+        if spec.idempotency_key is not None and spec.idempotency_key != header_key:
+            raise ApiError(
+                422,
+                "invalid_request",
+                "Idempotency-Key header and idempotency_key field differ",
+                field="idempotency_key",
+            )
+        if not 1 <= len(header_key) <= 255:
+            raise ApiError(
+                422, "invalid_request", "Idempotency-Key must be 1 to 255 characters", field="idempotency_key"
+            )
+        spec = spec.model_copy(update={"idempotency_key": header_key})
+    job, created = submit_job(spec)
+    return _accepted(job, 202 if created else 200)
+
+
+@blueprint.get("/v1/jobs/<job_id>")
+def get(job_id: str) -> Any:
+    """A job with its status history, routing decision, result and timings."""
+    with state().sessions() as session:
+        job = load_job(session, job_id)
+        events = list_events(session, job.id)
+        url = job_url(job.id)
+        decision = get_decision(session, job_id=job.id)
+        generation = primary_generation(session, job_id=job.id)
+        result = None
+        if generation is not None:
+            cost = sum(float(c.usd) for c in job_costs(session, job_id=job.id) if c.tier == generation.tier)
+            result = result_out(generation, image_url=url + "/image", cost_usd=cost)
+        view = job_out(
+            job,
+            url=url,
+            events=events,
+            decision=decision_out(decision, job_url=url) if decision else None,
+            result=result,
+        )
+    return jsonify(view.model_dump(mode="json"))
+
+
+@blueprint.get("/v1/jobs")
+def index() -> Any:
+    """Jobs, newest first, filtered by status and tier, one page at a time."""
+    query = parse_query(JobListQuery)
+    with state().sessions() as session:
+        try:
+            page = list_jobs(session, status=query.status, tier=query.tier, limit=query.limit, cursor=query.cursor)
+        except InvalidCursor as exc:
+            raise ApiError(400, "invalid_request", str(exc), field="cursor") from exc
+        items = [job_out(job, url=job_url(job.id)).model_dump(mode="json", exclude={"events"}) for job in page.items]
+    return jsonify({"items": items, "next_cursor": page.next_cursor})
+
+
+@blueprint.get("/v1/jobs/<job_id>/image")
+def image(job_id: str) -> Any:
+    """The delivered PNG. 409 while the job has no image yet."""
+    st = state()
+    with st.sessions() as session:
+        job = load_job(session, job_id)
+        generation = primary_generation(session, job_id=job.id)
+        if generation is None:
+            raise ApiError(
+                409,
+                "not_ready",
+                f"job {job_id} has no image (status: {job.status})",
+                field="job_id",
+                status=job.status,
+            )
+        path, digest = generation.image_path, generation.image_sha256
+    if request.if_none_match.contains(digest):
+        return Response(status=304)
+    try:
+        data = st.images.read(path)
+    except FileNotFoundError as exc:
+        raise ApiError(410, "gone", f"the image of job {job_id} is no longer stored", field="job_id") from exc
+    response = Response(data, mimetype="image/png")
+    response.set_etag(digest)
+    response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+    return response

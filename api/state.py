@@ -1,0 +1,31 @@
+"""Resources the API holds for its lifetime, built once in :func:`api.app.create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+from flask import current_app
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.images import ImageStore
+from routet2i.settings import Settings
+
+EXTENSION = "routet2i"
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    celery: Celery
+    images: ImageStore
+    redis: redis.Redis
+    job_create_model: type
+
+
+def state() -> ApiState:
+    return current_app.extensions[EXTENSION]  # type: ignore[no-any-return]

@@ -1,0 +1,22 @@
+"""Counts, cloud share against the budget, spend and latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from api.state import state
+from db.stats import job_stats
+
+blueprint = Blueprint("stats", __name__)
+
+
+@blueprint.get("/v1/stats")
+def index() -> Any:
+    st = state()
+    with st.sessions() as session:
+        stats = job_stats(session)
+    stats["budget"] = {"cloud_fraction": st.settings.cloud_budget, "window": st.settings.budget_window}
+    stats["router"] = st.settings.router
+    return jsonify(stats)

@@ -1,0 +1,93 @@
+"""Data access for jobs and their status history."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Job, JobEvent, JobStatus, utcnow
+from db.pagination import Page, paginate
+
+
+def create_job(
+    session: Session,
+    *,
+    prompt: str,
+    seed: int,
+    steps: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    idempotency_key: str | None = None,
+    requested_tier: str | None = None,
+) -> Job:
+    """Add a queued job and its first event to ``session`` (the caller commits)."""
+    job = Job(
+        id=uuid.uuid4(),
+        prompt=prompt,
+        seed=seed,
+        steps=steps,
+        width=width,
+        height=height,
+        idempotency_key=idempotency_key,
+        requested_tier=requested_tier,
+        status=JobStatus.QUEUED,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, status=JobStatus.QUEUED, at=job.created_at))
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID, *, for_update: bool = False) -> Job | None:
+    query = select(Job).where(Job.id == job_id)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalars(query).first()
+
+
+def get_job_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+
+def transition(
+    session: Session,
+    job: Job,
+    status: JobStatus,
+    *,
+    detail: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    """Move ``job`` to ``status``, stamping its timestamps and appending to its history."""
+    now = utcnow()
+    job.status = status
+    job.updated_at = now
+    if status == JobStatus.GENERATING:
+        job.started_at = now
+    if status.terminal:
+        job.finished_at = now
+    if error is not None:
+        job.error = error
+    session.add(JobEvent(job_id=job.id, status=status, at=now, detail=detail))
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None = None,
+    tier: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page[Job]:
+    query = select(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if tier is not None:
+        query = query.where(Job.tier == tier)
+    return paginate(session, query, Job, limit=limit, cursor=cursor)
+
+
+def list_events(session: Session, job_id: uuid.UUID) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))

@@ -1,0 +1,203 @@
+"""Typed SQLAlchemy 2.0 models: the database is the source of truth for every job.
+
+A job's whole life can be audited from these tables alone: what was asked (``jobs``), every state it went
+through (``job_events``), why it went to its tier (``decisions``), what was produced (``generations``) and
+what it cost (``cost_entries``).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# SQLite only auto-increments INTEGER PRIMARY KEY columns.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class JobStatus(enum.StrEnum):
+    """The states a user sees. ``queued`` covers both the route queue and a tier queue (``tier`` tells)."""
+
+    QUEUED = "queued"
+    ROUTING = "routing"
+    GENERATING = "generating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class Tier(enum.StrEnum):
+    EDGE = "edge"
+    CLOUD = "cloud"
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    prompt: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[int | None] = mapped_column(Integer)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    requested_tier: Mapped[str | None] = mapped_column(String(8))
+    """A tier forced by the caller; routing then records the decision without choosing."""
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    tier: Mapped[str | None] = mapped_column(String(8))
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Generation attempts started (a redelivered or retried job counts each)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    routed_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    events: Mapped[list[JobEvent]] = relationship(
+        back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"
+    )
+    decision: Mapped[Decision | None] = relationship(back_populates="job", uselist=False)
+    generations: Mapped[list[Generation]] = relationship(back_populates="job", order_by="Generation.created_at")
+
+    __table_args__ = (
+        UniqueConstraint("idempotency_key", name="uq_jobs_idempotency_key"),
+        Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_tier_created", "tier", "created_at"),
+        Index("ix_jobs_created", "created_at"),
+    )
+
+
+class JobEvent(Base):
+    """One row per state change: the job's history with timestamps."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    detail: Mapped[dict[str, Any] | None]
+
+    job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Decision(Base):
+    """Everything the router saw and concluded for one job, enough to audit it without logs."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    router_name: Mapped[str] = mapped_column(String(64))
+    router_version: Mapped[str] = mapped_column(String(128))
+    inputs: Mapped[dict[str, Any]]
+    """What the router looked at (prompt features, forced tier)."""
+    predicted: Mapped[dict[str, Any] | None]
+    """Predicted per-metric qualities, ``{"edge": {...}, "cloud": {...}}``, when the router predicts them."""
+    score: Mapped[float] = mapped_column(Float)
+    """Expected cloud advantage; the job goes to the cloud when it clears ``threshold``."""
+    threshold: Mapped[float | None] = mapped_column(Float)
+    budget: Mapped[float] = mapped_column(Float)
+    """The cloud fraction ρ in force."""
+    budget_state: Mapped[dict[str, Any]]
+    """The shared budget window at the moment of the decision."""
+    tier: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(Text)
+    explanation: Mapped[dict[str, Any] | None]
+    """Per-metric tokens that drove the prediction, when the router explains itself."""
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    """The job is also generated on the other tier to collect labels."""
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="decision")
+
+    __table_args__ = (
+        Index("ix_decisions_created", "created_at"),
+        Index("ix_decisions_tier_created", "tier", "created_at"),
+        Index("ix_decisions_router", "router_name", "router_version"),
+    )
+
+
+class Generation(Base):
+    """One image produced for a job on one tier (a shadow-sampled job has two)."""
+
+    __tablename__ = "generations"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tier: Mapped[str] = mapped_column(String(8))
+    role: Mapped[str] = mapped_column(String(8), default="primary")
+    """``primary`` is what the user receives; ``shadow`` is the other tier's image, kept for training."""
+    backend: Mapped[str] = mapped_column(String(32))
+    model_id: Mapped[str] = mapped_column(String(512))
+    device: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    image_path: Mapped[str] = mapped_column(String(512))
+    """Relative to the image directory; the file name is the content hash."""
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    wall_s: Mapped[float] = mapped_column(Float)
+    gpu_s: Mapped[float] = mapped_column(Float)
+    """Seconds of device time spent in the generator (CPU seconds when ``device`` is a CPU)."""
+    quality: Mapped[dict[str, Any] | None]
+    """The image's quality vector, ``{"metric_set": ..., "values": {metric: score}}``."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="generations")
+
+    __table_args__ = (UniqueConstraint("job_id", "tier", name="uq_generations_job_tier"),)
+
+
+class CostEntry(Base):
+    """The ledger: one row per billed generation, so a job can never be charged twice for a tier."""
+
+    __tablename__ = "cost_entries"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    generation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    tier: Mapped[str] = mapped_column(String(8))
+    usd: Mapped[Decimal] = mapped_column(Numeric(14, 6))
+    gpu_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    generation: Mapped[Generation] = relationship()
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "tier", name="uq_cost_entries_job_tier"),
+        Index("ix_cost_entries_created", "created_at"),
+    )

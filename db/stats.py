@@ -1,0 +1,78 @@
+"""Aggregates for ``GET /v1/stats`` and the demo summary."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import CostEntry, Decision, Generation, Job, JobStatus
+from db.pagination import as_utc
+
+LATENCY_SAMPLE = 10_000
+"""Percentiles are computed over at most this many of the most recently finished jobs."""
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def job_stats(session: Session) -> dict[str, Any]:
+    """Counts by status and tier, cloud share of routed jobs, spend, mean quality and latency percentiles."""
+    by_status = {s.value: 0 for s in JobStatus}
+    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+        by_status[status] = count
+
+    by_tier = {"edge": 0, "cloud": 0}
+    for tier, count in session.execute(select(Decision.tier, func.count()).group_by(Decision.tier)):
+        by_tier[tier] = count
+    routed = sum(by_tier.values())
+
+    spend = {"edge": 0.0, "cloud": 0.0}
+    gpu_s = {"edge": 0.0, "cloud": 0.0}
+    for tier, usd, seconds in session.execute(
+        select(CostEntry.tier, func.sum(CostEntry.usd), func.sum(CostEntry.gpu_s)).group_by(CostEntry.tier)
+    ):
+        spend[tier] = float(usd or 0.0)
+        gpu_s[tier] = float(seconds or 0.0)
+
+    quality_sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for tier, quality in session.execute(
+        select(Generation.tier, Generation.quality).where(Generation.quality.is_not(None))
+    ):
+        for metric, value in (quality or {}).get("values", {}).items():
+            quality_sums[tier][metric].append(float(value))
+    mean_quality = {
+        tier: {metric: sum(v) / len(v) for metric, v in metrics.items()} for tier, metrics in quality_sums.items()
+    }
+
+    finished = session.execute(
+        select(Job.created_at, Job.finished_at)
+        .where(Job.status == JobStatus.SUCCEEDED, Job.finished_at.is_not(None))
+        .order_by(Job.finished_at.desc())
+        .limit(LATENCY_SAMPLE)
+    ).all()
+    latencies = sorted((as_utc(end) - as_utc(start)).total_seconds() for start, end in finished)
+
+    return {
+        "jobs": {"total": sum(by_status.values()), "by_status": by_status},
+        "routed": {
+            "total": routed,
+            "by_tier": by_tier,
+            "cloud_fraction": by_tier["cloud"] / routed if routed else 0.0,
+        },
+        "spend_usd": {"total": spend["edge"] + spend["cloud"], "by_tier": spend},
+        "gpu_seconds": {"total": gpu_s["edge"] + gpu_s["cloud"], "by_tier": gpu_s},
+        "mean_quality": mean_quality,
+        "latency_s": {
+            "count": len(latencies),
+            "p50": percentile(latencies, 0.50),
+            "p90": percentile(latencies, 0.90),
+            "p99": percentile(latencies, 0.99),
+        },
+    }

@@ -1,0 +1,157 @@
+"""The router interface and its registry.
+
+A router turns prompts into scores: how much the cloud tier is expected to beat the edge tier. The decision
+is a threshold on that score, calibrated to the cloud budget (offline by ranking, online by
+:mod:`router.budget`). Routers that learn are fitted on a replay log and saved as a versioned artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from router.log import LogRecord
+from router.types import Prediction
+
+
+class RouterError(Exception):
+    """A router was misused: unknown name, not fitted, or an artifact that cannot be loaded."""
+
+
+class Router(ABC):
+    """Base class of every router.
+
+    Subclasses set ``name`` and implement :meth:`score`; learned ones also implement :meth:`fit` and the
+    artifact methods.
+    """
+
+    name: ClassVar[str]
+    learned: ClassVar[bool] = False
+    """True when :meth:`fit` learns from the log (such routers are judged only by cross-validation)."""
+
+    def fit(self, records: Sequence[LogRecord], *, seed: int = 0) -> Router:
+        """Learn from a replay log. Routers that learn nothing return themselves unchanged."""
+        return self
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str]) -> np.ndarray:
+        """Expected cloud advantage per prompt; larger means send to the cloud first."""
+
+    def predict(self, prompts: Sequence[str]) -> list[Prediction]:
+        """Scores with whatever else the router knows (predicted qualities, explanations)."""
+        return [Prediction(score=float(s)) for s in self.score(prompts)]
+
+    def calibrated_threshold(self, rho: float) -> float | None:
+        """The score threshold that sends a share ``rho`` of its calibration prompts to the cloud, if known."""
+        return None
+
+    @property
+    def version(self) -> str:
+        """Identifies the exact behaviour: the name for fixed rules, name plus artifact hash when learned."""
+        return self.name
+
+    def save(self, directory: Path) -> Path:
+        """Write an artifact a later :meth:`load` restores. Routers without parameters save only config."""
+        directory.mkdir(parents=True, exist_ok=True)
+        write_manifest(directory, {"router": self.name, "config": self.config()})
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> Router:
+        manifest = read_manifest(directory)
+        return cls(**manifest.get("config", {}))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that reproduce this router (before fitting)."""
+        return {}
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise RouterError(f"{directory} is not a router artifact (no {MANIFEST})")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
+
+
+def hash_files(directory: Path, names: Sequence[str]) -> str:
+    """Content hash of an artifact's files, stable across machines (sorted names, raw bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode())
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
+
+
+# --- registry -------------------------------------------------------------------------------------------
+
+R = TypeVar("R", bound=type[Router])
+
+_BUILTIN: dict[str, str] = {
+    "prompt-complexity": "router.complexity:PromptComplexityRouter",
+}
+"""Built-in routers by name, as ``module:Class`` so heavy modules (torch) load only when used."""
+
+_REGISTERED: dict[str, type[Router]] = {}
+
+
+def register(name: str) -> Callable[[R], R]:
+    """Class decorator that makes a router available by ``name`` (for plug-ins outside the project)."""
+
+    def wrap(cls: R) -> R:
+        cls.name = name
+        _REGISTERED[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_builtin(name: str, target: str) -> None:
+    """Add a lazily imported router (``module:Class``) to the registry."""
+    _BUILTIN[name] = target
+
+
+def available_routers() -> list[str]:
+    return sorted({*_BUILTIN, *_REGISTERED})
+
+
+def router_class(name: str) -> type[Router]:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    target = _BUILTIN.get(name)
+    if target is None:
+        raise RouterError(f"unknown router {name!r}; available: {', '.join(available_routers())}")
+    module_name, _, class_name = target.partition(":")
+    cls: type[Router] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def create_router(name: str, **kwargs: Any) -> Router:
+    return router_class(name)(**kwargs)
+
+
+def load_router(name: str, directory: Path | None) -> Router:
+    """A router ready to score: loaded from an artifact when one is given, else freshly built."""
+    if directory is None:
+        cls = router_class(name)
+        if cls.learned:
+            raise RouterError(f"router {name!r} must be trained first: give it an artifact directory")
+        return cls()
+    manifest = read_manifest(directory)
+    if manifest.get("router") != name:
+        raise RouterError(f"artifact {directory} holds router {manifest.get('router')!r}, not {name!r}")
+    return router_class(name).load(directory)

@@ -1,0 +1,198 @@
+"""The cloud budget over time: hold the share of cloud-routed requests to ρ across router processes.
+
+Offline, a router's threshold is a quantile of its scores on a log. Online, requests arrive one at a time and
+the score distribution drifts, so the threshold is re-estimated from a window of recent scores and corrected
+by how far the recent cloud share is from ρ; a hard cap then guarantees that no window of ``window``
+consecutive decisions holds more than ``floor(ρ·window)`` cloud decisions.
+
+The algorithm is pure (:func:`decide`); where its state lives is a :class:`BudgetStore`. The Redis store that
+several router workers share lives in ``worker.budget_store``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from router.types import BudgetVerdict
+
+DEFAULT_FEEDBACK_GAIN = 1.0
+"""How strongly the target share is pushed against the recent error (share − ρ)."""
+
+MIN_SCORES_FOR_QUANTILE = 20
+"""Below this many recent scores the threshold comes from the router's offline calibration."""
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Settings of the budget controller.
+
+    Attributes:
+        rho: largest share of requests that may go to the cloud.
+        window: number of consecutive decisions the share is held over (and the score history length).
+        gain: feedback gain on the recent share error.
+    """
+
+    rho: float
+    window: int = 500
+    gain: float = DEFAULT_FEEDBACK_GAIN
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"rho must be within [0, 1], got {self.rho}")
+        if self.window < 1:
+            raise ValueError(f"window must be positive, got {self.window}")
+
+    @property
+    def cap(self) -> int:
+        """Most cloud decisions allowed in any ``window`` consecutive decisions."""
+        return math.floor(self.rho * self.window + 1e-9)
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """Recent history, newest first.
+
+    Attributes:
+        decisions: 1 for cloud, 0 for edge; at most ``window`` entries.
+        scores: router scores of the same requests; at most ``window`` entries.
+    """
+
+    decisions: Sequence[int]
+    scores: Sequence[float]
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), without numpy."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("quantile of an empty sequence")
+    position = min(max(q, 0.0), 1.0) * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def decide(
+    score: float,
+    state: BudgetState,
+    config: BudgetConfig,
+    *,
+    floor: float | None = None,
+    calibrated_threshold: float | None = None,
+) -> BudgetVerdict:
+    """Decide one request against the budget.
+
+    Args:
+        score: the router's expected cloud advantage for this request.
+        state: recent decisions and scores (newest first), shared by all router processes.
+        config: ρ, window and gain.
+        floor: scores at or below it never go to the cloud (RouteT2I's α ≤ ½ rule), whatever the budget.
+        calibrated_threshold: threshold from offline calibration, used until enough scores were seen.
+
+    Returns:
+        The verdict with the threshold used and a snapshot of the window for the audit trail.
+    """
+    recent = list(state.decisions)[: config.window - 1]
+    cloud_recent = sum(recent)
+    share = cloud_recent / len(recent) if recent else 0.0
+    # While fewer than `window` decisions exist, the share so far is held to ρ as well, so a cold start
+    # cannot spend the whole window's budget on its first requests.
+    cap_now = min(config.cap, math.floor(config.rho * (len(recent) + 1) + 1e-9))
+
+    # 1. Target share for this request: ρ pushed against the recent error, so shortfalls are made up.
+    target = min(max(config.rho + config.gain * (config.rho - share), 0.0), 1.0) if recent else config.rho
+
+    # 2. Threshold: the (1 - target) quantile of recent scores, i.e. the top `target` share goes to the cloud.
+    threshold: float | None
+    if len(state.scores) >= MIN_SCORES_FOR_QUANTILE or (calibrated_threshold is None and state.scores):
+        threshold = quantile(state.scores, 1.0 - target)
+        source = "recent scores"
+    else:
+        threshold = calibrated_threshold
+        source = "offline calibration" if threshold is not None else "none"
+
+    snapshot: dict[str, Any] = {
+        "rho": config.rho,
+        "window": config.window,
+        "recent_decisions": len(recent),
+        "recent_cloud": cloud_recent,
+        "recent_cloud_share": round(share, 6),
+        "target_share": round(target, 6),
+        "cap": cap_now,
+        "threshold_source": source,
+    }
+
+    # 3. The hard constraints, in order of precedence.
+    if config.cap == 0:
+        return BudgetVerdict(False, threshold, snapshot, "cloud budget is zero")
+    if floor is not None and score <= floor:
+        return BudgetVerdict(False, threshold, snapshot, "edge is predicted at least as good as the cloud")
+    if cloud_recent + 1 > cap_now:
+        return BudgetVerdict(
+            False,
+            threshold,
+            snapshot,
+            f"budget full: {cloud_recent} of the last {len(recent)} went to the cloud",
+        )
+    if threshold is None:
+        return BudgetVerdict(False, None, snapshot, "no score history or calibration yet; edge until there is")
+    if score > threshold:
+        return BudgetVerdict(True, threshold, snapshot, f"score {score:.4g} above threshold {threshold:.4g}")
+    return BudgetVerdict(False, threshold, snapshot, f"score {score:.4g} at or below threshold {threshold:.4g}")
+
+
+class BudgetStore(Protocol):
+    """Holds a :class:`BudgetState` and applies a decision to it atomically."""
+
+    def transact(self, fn: Callable[[BudgetState], BudgetVerdict], score: float) -> BudgetVerdict:
+        """Run ``fn`` on the current state and record its decision and ``score``, as one atomic step."""
+        ...
+
+    def snapshot(self) -> BudgetState: ...
+
+    def reset(self) -> None: ...
+
+
+class MemoryBudgetStore:
+    """In-process store: one router process, tests, and offline replay."""
+
+    def __init__(self, window: int) -> None:
+        self._decisions: deque[int] = deque(maxlen=window)
+        self._scores: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def transact(self, fn: Callable[[BudgetState], BudgetVerdict], score: float) -> BudgetVerdict:
+        with self._lock:
+            verdict = fn(self.snapshot())
+            self._decisions.appendleft(1 if verdict.cloud else 0)
+            self._scores.appendleft(float(score))
+            return verdict
+
+    def snapshot(self) -> BudgetState:
+        return BudgetState(decisions=tuple(self._decisions), scores=tuple(self._scores))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._decisions.clear()
+            self._scores.clear()
+
+
+class BudgetController:
+    """Decides requests one by one against a budget held in a :class:`BudgetStore`."""
+
+    def __init__(self, config: BudgetConfig, store: BudgetStore) -> None:
+        self.config = config
+        self.store = store
+
+    def decide(
+        self, score: float, *, floor: float | None = None, calibrated_threshold: float | None = None
+    ) -> BudgetVerdict:
+        return self.store.transact(
+            lambda state: decide(score, state, self.config, floor=floor, calibrated_threshold=calibrated_threshold),
+            score,
+        )

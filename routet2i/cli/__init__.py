@@ -1,0 +1,21 @@
+"""The ``routet2i`` command line. Each command group lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import click
+
+from routet2i import __version__
+from routet2i.cli.db import db
+from routet2i.cli.demo import demo
+from routet2i.cli.jobs import status, submit
+from routet2i.cli.serve import api, worker
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="routet2i")
+def main() -> None:
+    """RouteT2I: route text-to-image requests between an edge and a cloud model under a cloud budget."""
+
+
+for command in (api, worker, submit, status, db, demo):
+    main.add_command(command)

@@ -1,0 +1,3 @@
+from routet2i.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""``routet2i db``: database migrations."""
+
+from __future__ import annotations
+
+import click
+
+from routet2i.cli.common import load_settings
+
+
+@click.group()
+def db() -> None:
+    """Database schema management (Alembic)."""
+
+
+@db.command()
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def upgrade(revision: str) -> None:
+    """Create or migrate the database at ROUTET2I_DATABASE_URL."""
+    from db.migrate import current_revision
+    from db.migrate import upgrade as run_upgrade
+
+    settings = load_settings()
+    run_upgrade(settings.database_url, revision)
+    click.echo(f"database at revision {current_revision(settings.database_url)}")
+
+
+@db.command()
+def current() -> None:
+    """Print the database's schema revision and the newest one this code knows."""
+    from db.migrate import current_revision, head_revision
+
+    settings = load_settings()
+    click.echo(f"current: {current_revision(settings.database_url)}  head: {head_revision()}")

@@ -1,0 +1,192 @@
+"""The end-to-end demo: the whole stack on one machine, real prompts through it, a summary at the end.
+
+Starts the API (gunicorn) and one Celery worker per queue as child processes, submits PartiPrompts over
+HTTP, waits for every job to reach a terminal state, prints what happened, and stops the children.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import redis
+from tqdm import tqdm
+
+from routet2i.data import sample_prompts
+from routet2i.settings import Settings
+from worker.budget_store import RedisBudgetStore
+
+READY_TIMEOUT_S = 120.0
+DEMO_BUDGET = "demo"
+STOP_TIMEOUT_S = 30.0
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def check_redis(url: str) -> None:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.exceptions.RedisError as exc:
+        raise DemoError(
+            f"Redis is not reachable at {url} ({exc}).\n"
+            "Start one with: redis-server --daemonize yes --save '' --appendonly no\n"
+            "or point ROUTET2I_BROKER_URL at yours."
+        ) from exc
+
+
+@dataclass
+class Stack:
+    """The child processes of the demo."""
+
+    processes: list[subprocess.Popen[bytes]]
+    api_url: str
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def check_alive(self) -> None:
+        for process in self.processes:
+            if process.poll() is not None:
+                raise DemoError(f"{' '.join(process.args)} exited with code {process.returncode}")  # type: ignore[arg-type]
+
+
+def start_stack(env: dict[str, str], *, log_dir: str) -> Stack:
+    port = free_port()
+    command = [sys.executable, "-m", "routet2i.cli.__main__"]
+    specs = [("api", [*command, "api", "--port", str(port), "--workers", "1"])]
+    specs += [(q, [*command, "worker", "--queue", q]) for q in ("route", "edge", "cloud")]
+    processes = []
+    os.makedirs(log_dir, exist_ok=True)
+    for name, argv in specs:
+        log = open(os.path.join(log_dir, f"{name}.log"), "wb")  # noqa: SIM115 (kept open for the child's life)
+        processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return Stack(processes=processes, api_url=f"http://127.0.0.1:{port}")
+
+
+def wait_ready(stack: Stack, http: httpx.Client) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        try:
+            if http.get(f"{stack.api_url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise DemoError(f"the API was not ready after {READY_TIMEOUT_S:.0f}s")
+
+
+def run_jobs(stack: Stack, http: httpx.Client, prompts: list[str], *, timeout: float) -> list[dict[str, Any]]:
+    """Submit every prompt, then poll until all jobs end. Returns the final job documents."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        accepted = list(pool.map(lambda p: http.post(f"{stack.api_url}/v1/jobs", json={"prompt": p}), prompts))
+    for response in accepted:
+        if response.status_code != 202:
+            raise DemoError(f"submission refused: {response.status_code} {response.text[:200]}")
+    pending = {r.json()["id"] for r in accepted}
+    done: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    with tqdm(total=len(pending), desc="jobs", unit="job", file=sys.stderr) as bar:
+        while pending:
+            if time.monotonic() > deadline:
+                raise DemoError(f"{len(pending)} jobs unfinished after {timeout:.0f}s")
+            stack.check_alive()
+            for job_id in list(pending):
+                job = http.get(f"{stack.api_url}/v1/jobs/{job_id}").json()
+                if job["status"] in ("succeeded", "failed"):
+                    done[job_id] = job
+                    pending.discard(job_id)
+                    bar.update(1)
+            time.sleep(0.5)
+    return list(done.values())
+
+
+def summarize(jobs: list[dict[str, Any]], stats: dict[str, Any], settings: Settings) -> str:
+    statuses = Counter(j["status"] for j in jobs)
+    tiers = Counter(j["tier"] for j in jobs if j["status"] == "succeeded")
+    routed = sum(tiers.values())
+    cost = sum(j["result"]["cost_usd"] for j in jobs if j.get("result"))
+    all_cloud = len(jobs) * settings.cloud.price_per_image
+    latencies = sorted(j["timings"]["total_s"] for j in jobs if j["timings"]["total_s"] is not None)
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] if latencies else float("nan")
+
+    lines = [
+        "",
+        "RouteT2I demo summary",
+        f"  jobs:            {len(jobs)} submitted, {statuses['succeeded']} succeeded, {statuses['failed']} failed",
+        f"  routing:         {tiers['edge']} edge, {tiers['cloud']} cloud (router: {settings.router})",
+        f"  cloud fraction:  {tiers['cloud'] / routed if routed else 0:.2f} against a budget of {settings.cloud_budget:.2f}",
+        f"  cost:            ${cost:.4f} (all-cloud would be ${all_cloud:.4f}, saving {1 - cost / all_cloud if all_cloud else 0:.0%})",
+        f"  latency:         p50 {pct(0.5):.2f}s  p90 {pct(0.9):.2f}s  p99 {pct(0.99):.2f}s  (submit to done)",
+    ]
+    for tier, metrics in sorted(stats.get("mean_quality", {}).items()):
+        shown = ", ".join(f"{m} {v:.3f}" for m, v in sorted(metrics.items())[:4])
+        lines.append(f"  quality ({tier}):  {shown}")
+    failed = [j for j in jobs if j["status"] == "failed"]
+    for job in failed[:5]:
+        lines.append(f"  failed {job['id']}: {job['error']}")
+    return "\n".join(lines)
+
+
+def run_demo(settings: Settings, *, n_prompts: int, seed: int, timeout: float, log_dir: str) -> int:
+    """Run the demo; returns a process exit code (0 when every job succeeded)."""
+    from db.migrate import upgrade
+
+    check_redis(settings.broker_url)
+    upgrade(settings.database_url)
+    # The demo keeps its own budget window, started empty, so earlier runs do not skew its routing.
+    RedisBudgetStore(
+        redis.Redis.from_url(settings.state_redis_url), window=settings.budget_window, name=DEMO_BUDGET
+    ).reset()
+    prompts = sample_prompts(n_prompts, seed=seed)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "ROUTET2I_BUDGET_NAME": DEMO_BUDGET,
+        # two model workers share the CPU: one thread each instead of both spinning on every core
+        "ROUTET2I_TORCH_THREADS": os.environ.get("ROUTET2I_TORCH_THREADS", "1"),
+        "OMP_NUM_THREADS": "1",
+    }
+    print(f"starting API and workers (logs in {log_dir}/)", file=sys.stderr)
+    stack = start_stack(env, log_dir=log_dir)
+    try:
+        with httpx.Client(timeout=30.0) as http:
+            wait_ready(stack, http)
+            started = time.monotonic()
+            jobs = run_jobs(stack, http, prompts, timeout=timeout)
+            elapsed = time.monotonic() - started
+            stats = http.get(f"{stack.api_url}/v1/stats").json()
+    finally:
+        print("stopping API and workers", file=sys.stderr)
+        stack.stop()
+    print(summarize(jobs, stats, settings))
+    print(f"  wall time:       {elapsed:.1f}s for {len(jobs)} jobs")
+    return 0 if all(j["status"] == "succeeded" for j in jobs) else 1

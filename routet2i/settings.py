@@ -1,0 +1,135 @@
+"""One typed settings object, read from ``ROUTET2I_*`` environment variables once per process.
+
+Every entry point (the CLI, ``api.create_app``, ``worker.create_celery``) builds a :class:`Settings` with
+:meth:`Settings.from_env` and passes it down explicitly; nothing in the project reads the environment at
+import time. Nested per-tier settings use a double underscore: ``ROUTET2I_CLOUD__MODEL=...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TierName = Literal["edge", "cloud"]
+TIERS: tuple[TierName, ...] = ("edge", "cloud")
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/routet2i.db"
+"""Embedded default: one SQLite file, so the demo needs no database server."""
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+"""Celery broker and shared router state (budget window, rate limits)."""
+
+
+class TierSettings(BaseModel):
+    """How one tier generates images and what each image costs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["diffusers", "http", "null"] = "diffusers"
+    """``diffusers``: a local pipeline; ``http``: a remote image API; ``null``: a zero-cost test generator."""
+    model: str = "offline:edge"
+    """A hub id or local path for ``diffusers``; ``offline:<profile>`` builds a random-weight architecture."""
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    steps: int = Field(default=20, ge=1, le=500)
+    """Denoising steps when a job does not ask for a number."""
+    width: int = Field(default=128, ge=64, le=4096)
+    height: int = Field(default=128, ge=64, le=4096)
+    guidance_scale: float = Field(default=7.0, ge=0.0)
+    price_per_image: float = Field(default=0.0, ge=0.0)
+    """US dollars charged per delivered image (API price or amortised serving cost)."""
+    price_per_gpu_second: float = Field(default=0.0, ge=0.0)
+    """US dollars per second of accelerator time spent generating."""
+    url: str | None = None
+    """Endpoint of the ``http`` backend."""
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=3, ge=0, le=20)
+    """Retries of a failed generation (transient errors only) before the job fails."""
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> TierSettings:
+        if self.backend == "http" and not self.url:
+            raise ValueError("backend 'http' needs a url (ROUTET2I_<TIER>__URL)")
+        return self
+
+
+def _default_edge() -> TierSettings:
+    # Table 1 of the paper: SD 1.6 at 9K$ per million images.
+    return TierSettings(model="offline:edge", price_per_image=0.009)
+
+
+def _default_cloud() -> TierSettings:
+    # Table 1 of the paper: SD 3 at 65K$ per million images.
+    return TierSettings(model="offline:cloud", price_per_image=0.065)
+
+
+class Settings(BaseSettings):
+    """Everything a RouteT2I process needs to know, with embedded defaults that run offline."""
+
+    model_config = SettingsConfigDict(env_prefix="ROUTET2I_", env_nested_delimiter="__", extra="ignore", frozen=True)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    redis_url: str | None = None
+    """Redis for shared router state; defaults to the broker URL."""
+    image_dir: Path = Path("./var/images")
+    cache_dir: Path = Path("./var/cache")
+    """Files built once per machine (tokenizer files of offline models)."""
+
+    edge: TierSettings = Field(default_factory=_default_edge)
+    cloud: TierSettings = Field(default_factory=_default_cloud)
+
+    cloud_budget: float = Field(default=0.3, ge=0.0, le=1.0)
+    """ρ: the largest share of requests that may go to the cloud tier."""
+    budget_window: int = Field(default=500, ge=10, le=100_000)
+    """Number of recent decisions over which the cloud share is held to ``cloud_budget``."""
+    budget_name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Namespace of the shared budget window in Redis (deployments sharing a Redis keep separate budgets)."""
+    router: str = "prompt-complexity"
+    """Name of the routing policy used by the router worker."""
+    router_model: Path | None = None
+    """Trained router artifact directory, for routers that need one."""
+
+    torch_threads: int | None = Field(default=None, ge=1, le=1024)
+    """CPU threads each model process may use (None: torch's default, all cores). Set it when several
+    model workers share a machine's CPU, or they slow each other down by oversubscription."""
+
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_steps: int = Field(default=150, ge=1)
+    min_size: int = Field(default=64, ge=8)
+    max_size: int = Field(default=2048, ge=64)
+
+    api_url: str = "http://127.0.0.1:8000"
+    """Where CLI commands such as ``submit`` and ``status`` reach the API."""
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _explicit_driver(cls, value: str) -> str:
+        # SQLAlchemy would pick psycopg2 for a bare postgresql:// URL; the project ships psycopg 3.
+        if value.startswith("postgresql://"):
+            return "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        if value.startswith("postgres://"):
+            return "postgresql+psycopg://" + value.removeprefix("postgres://")
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Read the environment once; keyword overrides win over the environment."""
+        return cls(**overrides)  # type: ignore[arg-type]
+
+    @property
+    def state_redis_url(self) -> str:
+        return self.redis_url or self.broker_url
+
+    def tier(self, name: str) -> TierSettings:
+        if name == "edge":
+            return self.edge
+        if name == "cloud":
+            return self.cloud
+        raise ValueError(f"unknown tier {name!r}; expected one of {', '.join(TIERS)}")

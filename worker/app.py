@@ -1,0 +1,69 @@
+"""The Celery application: one app, three queues, explicit task names.
+
+Both sides build it from settings: the API only to publish (``send_task`` by name, no GPU code imported),
+workers to consume. Delivery is at-least-once (late acknowledgement, reject when a child process dies), so
+every task is idempotent against the database, which is the source of truth for job state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from routet2i.settings import Settings
+
+QUEUES = ("route", "edge", "cloud")
+
+ROUTE_TASK = "router.route"
+GENERATE_TASKS = {"edge": "edge.generate", "cloud": "cloud.generate"}
+
+VISIBILITY_TIMEOUT_S = 4 * 3600
+"""Redis redelivers an unacknowledged message after this long; it must exceed the longest generation."""
+
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.5}
+"""How long a publisher insists when the broker is briefly unreachable (about one second in all)."""
+
+
+def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
+    """Build the Celery app for ``settings``.
+
+    Args:
+        settings: the process's settings; kept on the app as ``app.conf.routet2i_settings``.
+        with_tasks: register the task bodies (workers); publishers leave it off.
+    """
+    app = Celery("routet2i", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        task_default_queue="route",
+        task_default_exchange="route",
+        task_default_routing_key="route",
+        task_routes={ROUTE_TASK: {"queue": "route"}, **{t: {"queue": q} for q, t in GENERATE_TASKS.items()}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_pool_limit=10,
+        enable_utc=True,
+        routet2i_settings=settings,
+    )
+    if with_tasks:
+        from worker.tasks import register_tasks
+
+        register_tasks(app)
+    return app
+
+
+def publish(app: Celery, task_name: str, job_id: str, **kwargs: Any) -> None:
+    """Enqueue ``task_name`` for ``job_id`` on its queue, retrying briefly if the broker blinks."""
+    queue = app.conf.task_routes[task_name]["queue"]
+    app.send_task(task_name, args=[job_id], kwargs=kwargs, queue=queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)

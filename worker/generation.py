@@ -1,0 +1,235 @@
+"""Generation backends: turn a prompt into PNG bytes and say what it took.
+
+``diffusers``  a local text-to-image pipeline (hub id, local path, or ``offline:<profile>``);
+``http``       a remote image API: ``POST {url}`` with the job as JSON, answered with a PNG or ``{"b64_json"}``;
+``null``       a zero-cost generator (a flat image derived from the prompt) for load tests and benchmarks.
+
+torch and diffusers are imported only by the diffusers backend, when it loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from routet2i.settings import TierSettings
+
+
+class GenerationError(Exception):
+    """A generation failed. ``retryable`` says whether trying again may succeed (timeouts, 5xx, 429)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    png: bytes
+    backend: str
+    model_id: str
+    device: str
+    wall_s: float
+    """Seconds from request to PNG bytes, including encoding."""
+    gpu_s: float
+    """Seconds of generator device time (for remote APIs: the request's duration, as billed time)."""
+
+
+class Generator(Protocol):
+    backend: str
+    model_id: str
+    device: str
+
+    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+def encode_png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def check_png(data: bytes, *, source: str) -> bytes:
+    """Refuse anything that is not a decodable PNG image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            if image.format != "PNG":
+                raise GenerationError(f"{source} returned {image.format}, expected PNG")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise GenerationError(f"{source} returned bytes that are not an image: {exc}") from exc
+    return data
+
+
+class DiffusersGenerator:
+    """A diffusers text-to-image pipeline, loaded once per worker process."""
+
+    backend = "diffusers"
+
+    def __init__(self, settings: TierSettings, *, cache_dir: Path) -> None:
+        import torch
+
+        self.settings = settings
+        self.model_id = settings.model
+        self.device = settings.device
+        self._torch = torch
+        dtype = getattr(torch, settings.dtype)
+        from worker import offline
+
+        if offline.is_offline(settings.model):
+            self.pipe = offline.build_pipeline(settings.model, cache_dir=cache_dir, dtype=dtype, device=self.device)
+        else:
+            from diffusers import AutoPipelineForText2Image
+
+            try:
+                self.pipe = AutoPipelineForText2Image.from_pretrained(settings.model, torch_dtype=dtype)
+            except (OSError, ValueError) as exc:
+                raise GenerationError(f"cannot load diffusers model {settings.model!r}: {exc}") from exc
+            self.pipe = self.pipe.to(self.device)
+            self.pipe.set_progress_bar_config(disable=True)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        torch = self._torch
+        started = time.perf_counter()
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        compute_start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.pipe(
+                request.prompt,
+                num_inference_steps=request.steps,
+                width=request.width,
+                height=request.height,
+                guidance_scale=self.settings.guidance_scale,
+                generator=generator,
+                output_type="pil",
+            )
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        gpu_s = time.perf_counter() - compute_start
+        png = encode_png(output.images[0])
+        return GenerationResult(
+            png=png,
+            backend=self.backend,
+            model_id=self.model_id,
+            device=self.device,
+            wall_s=time.perf_counter() - started,
+            gpu_s=gpu_s,
+        )
+
+
+class HttpGenerator:
+    """A remote image API. Sends ``{"prompt", "seed", "steps", "width", "height"}`` and expects a PNG."""
+
+    backend = "http"
+
+    def __init__(self, settings: TierSettings) -> None:
+        import httpx
+
+        assert settings.url is not None  # enforced by TierSettings
+        self.url = settings.url
+        self.model_id = settings.model
+        self.device = "remote"
+        headers = {"Accept": "image/png, application/json"}
+        if settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        self._client = httpx.Client(timeout=settings.timeout_s, headers=headers)
+        self._httpx = httpx
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        httpx = self._httpx
+        body = {
+            "prompt": request.prompt,
+            "seed": request.seed,
+            "steps": request.steps,
+            "width": request.width,
+            "height": request.height,
+            "model": self.model_id,
+        }
+        started = time.perf_counter()
+        try:
+            response = self._client.post(self.url, json=body)
+        except httpx.TimeoutException as exc:
+            raise GenerationError(f"image API timed out: {exc}", retryable=True) from exc
+        except httpx.TransportError as exc:
+            raise GenerationError(f"image API unreachable: {exc}", retryable=True) from exc
+        elapsed = time.perf_counter() - started
+        if response.status_code == 429 or response.status_code >= 500:
+            raise GenerationError(f"image API answered {response.status_code}: {response.text[:200]}", retryable=True)
+        if response.status_code >= 400:
+            raise GenerationError(f"image API refused the request ({response.status_code}): {response.text[:200]}")
+        content_type = response.headers.get("content-type", "")
+        if content_type.startswith("image/"):
+            png = response.content
+        else:
+            try:
+                png = base64.b64decode(response.json()["b64_json"], validate=True)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise GenerationError(f"image API answered neither a PNG nor {{'b64_json'}}: {exc}") from exc
+        check_png(png, source="image API")
+        return GenerationResult(
+            png=png,
+            backend=self.backend,
+            model_id=self.model_id,
+            device=self.device,
+            wall_s=time.perf_counter() - started,
+            gpu_s=elapsed,
+        )
+
+
+class NullGenerator:
+    """No model: a flat colour derived from the prompt and seed. Costs only what the settings say."""
+
+    backend = "null"
+
+    def __init__(self, settings: TierSettings) -> None:
+        self.model_id = settings.model
+        self.device = "none"
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        from PIL import Image
+
+        started = time.perf_counter()
+        digest = hashlib.sha256(f"{request.seed}:{request.prompt}".encode()).digest()
+        image = Image.new("RGB", (request.width, request.height), tuple(digest[:3]))
+        png = encode_png(image)
+        return GenerationResult(
+            png=png,
+            backend=self.backend,
+            model_id=self.model_id,
+            device=self.device,
+            wall_s=time.perf_counter() - started,
+            gpu_s=0.0,
+        )
+
+
+def create_generator(settings: TierSettings, *, cache_dir: Path) -> Generator:
+    if settings.backend == "diffusers":
+        return DiffusersGenerator(settings, cache_dir=cache_dir)
+    if settings.backend == "http":
+        return HttpGenerator(settings)
+    if settings.backend == "null":
+        return NullGenerator(settings)
+    raise ValueError(f"unknown generation backend {settings.backend!r}")
+
+
+def cost_usd(settings: TierSettings, gpu_s: float) -> float:
+    """Price of one image on a tier: a fixed price per image plus device time."""
+    return settings.price_per_image + settings.price_per_gpu_second * gpu_s

@@ -1,0 +1,97 @@
+"""Celery tasks: thin adapters from a message (a job id) to a :mod:`worker.pipeline` function.
+
+Failures are sorted in two kinds. Infrastructure that blinks (database, Redis, broker, a remote image API's
+429/5xx) is retried with capped exponential backoff; anything else ends the job as ``failed`` with the reason,
+so every job reaches a terminal state the user can see.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+from celery import Celery, Task
+from celery.signals import worker_process_init
+
+from worker import pipeline
+from worker.app import GENERATE_TASKS, ROUTE_TASK
+from worker.budget_store import BudgetContention
+from worker.context import get_context
+from worker.generation import GenerationError
+
+log = logging.getLogger(__name__)
+
+INFRA_MAX_RETRIES = 30
+"""Retries of a step while the database, Redis or the broker are unreachable (about 10 minutes in all)."""
+
+BACKOFF_CAP_S = 30.0
+
+TRANSIENT = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+    BudgetContention,
+)
+
+
+def backoff(retries: int) -> float:
+    return float(min(BACKOFF_CAP_S, 0.5 * 2**retries))
+
+
+def _run(task: Task, stage: str, job_id: str, step: Any, *, generation_retries: int = 0) -> Any:
+    """Run one pipeline step with the retry and failure policy above."""
+    ctx = get_context(task.app)
+    try:
+        return step(ctx)
+    except TRANSIENT as exc:
+        if task.request.retries < INFRA_MAX_RETRIES:
+            log.warning("transient failure, retrying", extra={"job_id": job_id, "stage": stage, "error": str(exc)})
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=INFRA_MAX_RETRIES) from exc
+        pipeline.fail_job(ctx, job_id, f"{stage} failed: infrastructure unavailable: {exc}", stage=stage)
+    except GenerationError as exc:
+        if exc.retryable and task.request.retries < generation_retries:
+            log.warning("generation failed, retrying", extra={"job_id": job_id, "error": str(exc)})
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=generation_retries) from exc
+        pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage)
+    except Exception as exc:
+        log.exception("step failed", extra={"job_id": job_id, "stage": stage})
+        pipeline.fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)
+    return None
+
+
+def register_tasks(app: Celery) -> None:
+    """Register the route task and one generate task per tier on ``app``, and warm up pool children."""
+
+    @worker_process_init.connect(weak=False)
+    def _warm_up(**_: Any) -> None:
+        queues = app.conf.get("routet2i_warm_queues") or []
+        try:
+            get_context(app).warm_up(queues)
+        except Exception:  # the first task will fail its job with the reason
+            log.exception("warm-up failed", extra={"queues": queues})
+
+    @app.task(name=ROUTE_TASK, bind=True)
+    def route(self: Task, job_id: str) -> str | None:
+        return _run(self, "routing", job_id, lambda ctx: pipeline.route_job(ctx, job_id))  # type: ignore[no-any-return]
+
+    def make_generate(tier: str) -> None:
+        settings = app.conf.routet2i_settings.tier(tier)
+
+        @app.task(name=GENERATE_TASKS[tier], bind=True)
+        def generate(self: Task, job_id: str) -> bool | None:
+            return _run(  # type: ignore[no-any-return]
+                self,
+                "generation",
+                job_id,
+                lambda ctx: pipeline.generate_job(ctx, job_id, tier),
+                generation_retries=settings.max_retries,
+            )
+
+    for tier in GENERATE_TASKS:
+        make_generate(tier)
