@@ -242,7 +242,7 @@ def image(job_id: str) -> Any:
                 "not_ready",
                 f"job {job_id} has no image (status: {job.status})",
                 field="job_id",
-                status=job.status,
+                job_status=job.status,
             )
         path, digest = generation.image_path, generation.image_sha256
     if request.if_none_match.contains(digest):

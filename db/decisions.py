@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Decision, Job
+from db.models import Decision, Job, utcnow
 from db.pagination import Page, as_utc, paginate
 from router.types import RoutingDecision
 
@@ -29,6 +29,7 @@ def record_decision(session: Session, *, job: Job, decision: RoutingDecision) ->
         explanation=dict(decision.explanation) if decision.explanation is not None else None,
         shadow=decision.shadow,
         latency_ms=decision.latency_ms,
+        created_at=utcnow(),
     )
     session.add(row)
     job.tier = decision.tier

@@ -78,7 +78,7 @@ class Stack:
 
 def start_stack(env: dict[str, str], *, log_dir: str) -> Stack:
     port = free_port()
-    command = [sys.executable, "-m", "routet2i.cli.__main__"]
+    command = [sys.executable, "-m", "routet2i.cli"]
     specs = [("api", [*command, "api", "--port", str(port), "--workers", "1"])]
     specs += [(q, [*command, "worker", "--queue", q]) for q in ("route", "edge", "cloud")]
     processes = []

@@ -57,14 +57,18 @@ class TierSettings(BaseModel):
         return self
 
 
-def _default_edge() -> TierSettings:
-    # Table 1 of the paper: SD 1.6 at 9K$ per million images.
-    return TierSettings(model="offline:edge", price_per_image=0.009)
+class EdgeSettings(TierSettings):
+    """Edge tier defaults. Price from Table 1 of the paper: SD 1.6 at 9K$ per million images."""
+
+    model: str = "offline:edge"
+    price_per_image: float = Field(default=0.009, ge=0.0)
 
 
-def _default_cloud() -> TierSettings:
-    # Table 1 of the paper: SD 3 at 65K$ per million images.
-    return TierSettings(model="offline:cloud", price_per_image=0.065)
+class CloudSettings(TierSettings):
+    """Cloud tier defaults. Price from Table 1 of the paper: SD 3 at 65K$ per million images."""
+
+    model: str = "offline:cloud"
+    price_per_image: float = Field(default=0.065, ge=0.0)
 
 
 class Settings(BaseSettings):
@@ -80,8 +84,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Path("./var/cache")
     """Files built once per machine (tokenizer files of offline models)."""
 
-    edge: TierSettings = Field(default_factory=_default_edge)
-    cloud: TierSettings = Field(default_factory=_default_cloud)
+    # One class per tier so that setting one field (ROUTET2I_CLOUD__STEPS) keeps the tier's other defaults.
+    edge: EdgeSettings = Field(default_factory=EdgeSettings)
+    cloud: CloudSettings = Field(default_factory=CloudSettings)
 
     cloud_budget: float = Field(default=0.3, ge=0.0, le=1.0)
     """ρ: the largest share of requests that may go to the cloud tier."""
@@ -122,6 +127,26 @@ class Settings(BaseSettings):
     def from_env(cls, **overrides: object) -> Settings:
         """Read the environment once; keyword overrides win over the environment."""
         return cls(**overrides)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``ROUTET2I_*`` variables, to start another process with the same configuration."""
+        env: dict[str, str] = {}
+
+        def put(prefix: str, data: dict[str, object]) -> None:
+            for key, value in data.items():
+                name = f"{prefix}{key.upper()}"
+                if isinstance(value, dict):
+                    put(name + "__", value)
+                elif value is not None:
+                    env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+
+        data = self.model_dump()
+        for tier in TIERS:
+            key = data[tier].get("api_key")
+            if key is not None:
+                data[tier]["api_key"] = self.tier(tier).api_key.get_secret_value()  # type: ignore[union-attr]
+        put("ROUTET2I_", data)
+        return env
 
     @property
     def state_redis_url(self) -> str:
