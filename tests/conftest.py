@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from routet2i.settings import Settings  # noqa: E402
-from tests.support import WorkerPool  # noqa: E402
+from routet2i.settings import Settings
+from tests.support import WorkerPool
 
 PG_HOST = os.environ.get("ROUTET2I_TEST_PG_HOST", "127.0.0.1:5432")
 PG_ADMIN_URL = os.environ.get("ROUTET2I_TEST_PG_ADMIN_URL", f"postgresql+psycopg://root@{PG_HOST}/postgres")
