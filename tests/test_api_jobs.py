@@ -14,6 +14,7 @@ from api.app import create_app
 from db.models import Job, JobEvent
 from db.session import make_engine, make_session_factory
 from routet2i.settings import Settings
+from tests.conftest import authorize, create_tenant_key
 
 pytestmark = pytest.mark.integration
 
@@ -24,9 +25,14 @@ def app(pg_settings: Settings, redis_client: redis.Redis):
 
 
 @pytest.fixture()
-def client(app):
+def key(pg_settings: Settings) -> str:
+    return create_tenant_key(pg_settings)
+
+
+@pytest.fixture()
+def client(app, key):
     with app.test_client() as test_client:
-        yield test_client
+        yield authorize(test_client, key)
 
 
 def job_count(settings: Settings) -> int:
@@ -157,11 +163,11 @@ def test_conflicting_idempotency_header_and_field_are_refused(client) -> None:
     assert response.get_json()["error"]["field"] == "idempotency_key"
 
 
-def test_concurrent_submissions_with_one_key_make_one_job(app, pg_settings, redis_client) -> None:
+def test_concurrent_submissions_with_one_key_make_one_job(app, key, pg_settings, redis_client) -> None:
     before = job_count(pg_settings)
 
     def submit(_: int) -> tuple[int, str]:
-        with app.test_client() as c:
+        with authorize(app.test_client(), key) as c:
             r = c.post("/v1/jobs", json={"prompt": "a race", "idempotency_key": "race-1"})
             return r.status_code, r.get_json()["id"]
 
@@ -209,10 +215,10 @@ def test_listing_pages_through_every_job_once(client) -> None:
     assert len(seen) == len(set(seen))
 
 
-def test_broker_outage_fails_the_job_visibly_with_503(pg_settings, tmp_path) -> None:
+def test_broker_outage_fails_the_job_visibly_with_503(pg_settings, key) -> None:
     settings = pg_settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     app = create_app(settings)
-    with app.test_client() as client:
+    with authorize(app.test_client(), key) as client:
         response = client.post("/v1/jobs", json={"prompt": "a cat"})
         assert response.status_code == 503
         assert response.get_json()["error"]["code"] == "broker_unavailable"

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from routet2i.settings import Settings
+from tests.conftest import create_tenant_key
 from tests.support import WorkerPool, wait_until
 
 
@@ -71,7 +72,12 @@ def api_server(pg_settings: Settings, stack: WorkerPool, tmp_path_factory) -> It
 @pytest.mark.integration
 @pytest.mark.slow
 def test_submit_wait_and_status_through_gunicorn(api_server: str, pg_settings: Settings) -> None:
-    env = {**os.environ, **pg_settings.to_env(), "ROUTET2I_API_URL": api_server}
+    env = {
+        **os.environ,
+        **pg_settings.to_env(),
+        "ROUTET2I_API_URL": api_server,
+        "ROUTET2I_API_KEY": create_tenant_key(pg_settings),
+    }
     submitted = routet2i("submit", "a small boat on a calm lake", "--seed", "5", "--wait", "--json", env=env)
     assert submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)
