@@ -8,6 +8,7 @@ from routet2i import __version__
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
 from routet2i.cli.jobs import status, submit
+from routet2i.cli.load import loadtest
 from routet2i.cli.recovery import dlq, reconcile
 from routet2i.cli.serve import api, worker
 from routet2i.cli.tenants import tenant
@@ -19,5 +20,5 @@ def main() -> None:
     """RouteT2I: route text-to-image requests between an edge and a cloud model under a cloud budget."""
 
 
-for command in (api, worker, submit, status, db, demo, tenant, reconcile, dlq):
+for command in (api, worker, submit, status, db, demo, tenant, reconcile, dlq, loadtest):
     main.add_command(command)
