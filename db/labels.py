@@ -81,12 +81,13 @@ def iter_labelled_jobs(
     for job, e, c, e_usd, c_usd in session.execute(query).yield_per(500):
         if limit is not None and count >= limit:
             return
-        if not (_scored(e.quality) and _scored(c.quality)):
+        edge_q, cloud_q = e.quality, c.quality
+        if edge_q is None or cloud_q is None or not (_scored(edge_q) and _scored(cloud_q)):
             continue
-        if set(e.quality["values"]) != set(c.quality["values"]):
+        if set(edge_q["values"]) != set(cloud_q["values"]):
             continue
         if metric_set is not None and (
-            e.quality.get("metric_set") != metric_set or c.quality.get("metric_set") != metric_set
+            edge_q.get("metric_set") != metric_set or cloud_q.get("metric_set") != metric_set
         ):
             continue
         count += 1
@@ -94,8 +95,8 @@ def iter_labelled_jobs(
             job_id=job.id,
             prompt=job.prompt,
             created_at=job.created_at,
-            edge=e.quality,
-            cloud=c.quality,
+            edge=edge_q,
+            cloud=cloud_q,
             edge_model=e.model_id,
             cloud_model=c.model_id,
             edge_usd=None if e_usd is None else float(e_usd),

@@ -81,7 +81,7 @@ class SentenceEncoder:
                 if path.is_file():
                     digest.update(name.encode())
                     with path.open("rb") as handle:
-                        for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                        while chunk := handle.read(1 << 20):
                             digest.update(chunk)
             self._key = f"{self.model_path.name}-{digest.hexdigest()[:16]}"
         return self._key

@@ -109,6 +109,7 @@ class Report:
         fractions: cloud fractions PGR is reported at.
         routers: summaries, in the order the routers were given.
         wall_s: wall-clock seconds of the whole evaluation (warm-up included).
+        cpu_s: CPU seconds this process spent on it (on a shared machine, wall time also counts waiting).
         info: free-form facts for the JSON document (log path, suite name...).
     """
 
@@ -120,6 +121,7 @@ class Report:
     fractions: tuple[float, ...]
     routers: Mapping[str, RouterSummary]
     wall_s: float
+    cpu_s: float = 0.0
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +141,7 @@ class Report:
             },
             "timing": {
                 "wall_s": round(self.wall_s, 3),
+                "cpu_s": round(self.cpu_s, 3),
                 "prompt_scores_per_s": round(self.n_records * len(self.seeds) * len(self.routers) / self.wall_s, 1)
                 if self.wall_s > 0
                 else None,
@@ -337,12 +340,16 @@ def evaluate(
     factories = _factories(routers)
     if not factories:
         raise ValueError("no routers to evaluate")
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=blas_threads):
-        return _evaluate(
-            records, factories, folds=folds, seeds=seed_list, fractions=fractions, progress=progress, info=info
-        )
+    return _evaluate(
+        records,
+        factories,
+        folds=folds,
+        seeds=seed_list,
+        fractions=fractions,
+        progress=progress,
+        info=info,
+        blas_threads=blas_threads,
+    )
 
 
 def _evaluate(
@@ -354,13 +361,21 @@ def _evaluate(
     fractions: Sequence[float],
     progress: bool,
     info: Mapping[str, Any] | None,
+    blas_threads: int | None,
 ) -> Report:
+    from threadpoolctl import threadpool_limits
+
+    # Limits apply to the BLAS libraries loaded when they are set, and routers import theirs lazily (a first
+    # fit loads scipy's), so they are set again around every call into a router.
+    def limited() -> Any:
+        return threadpool_limits(limits=blas_threads)
+
     seed_list = seeds
     metrics = metric_names(records)
     prompts = [r.prompt for r in records]
     n_prompts = int(group_ids(prompts).max()) + 1
     splits = {seed: split_folds(prompts, folds, seed) for seed in seed_list}  # validates folds
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     from tqdm import tqdm
 
@@ -371,7 +386,8 @@ def _evaluate(
         bar.set_postfix_str(f"{name}: warm-up")
         router = factory()
         learned[name] = router.learned
-        router.warm(prompts)
+        with limited():
+            router.warm(prompts)
         bar.update(1)
 
     runs: dict[str, list[RunResult]] = {name: [] for name in factories}
@@ -380,16 +396,18 @@ def _evaluate(
     for seed in seed_list:
         assignment = splits[seed]
         for fold in range(folds):
-            train = [records[i] for i in np.flatnonzero(assignment != fold)]
-            test = [records[i] for i in np.flatnonzero(assignment == fold)]
+            train = [records[int(i)] for i in np.flatnonzero(assignment != fold)]
+            test = [records[int(i)] for i in np.flatnonzero(assignment == fold)]
             for name, factory in factories.items():
                 bar.set_postfix_str(f"{name} seed {seed} fold {fold}")
                 router = factory()
                 t0 = time.perf_counter()
                 try:
-                    router.fit(train, seed=FIT_SEED_STRIDE * seed + fold)
+                    with limited():
+                        router.fit(train, seed=FIT_SEED_STRIDE * seed + fold)
                     t1 = time.perf_counter()
-                    scores = np.asarray(router.score_records(test), dtype=np.float64)
+                    with limited():
+                        scores = np.asarray(router.score_records(test), dtype=np.float64)
                 except RouterError:
                     raise
                 except Exception as exc:
@@ -416,5 +434,6 @@ def _evaluate(
         fractions=tuple(fractions),
         routers=summaries,
         wall_s=wall,
+        cpu_s=time.process_time() - cpu_started,
         info=dict(info or {}),
     )

@@ -112,7 +112,7 @@ class EmbeddingRouter(Router):
         if not self.params:
             raise RouterError(f"router {self.name!r} is not fitted; nothing to save")
         directory.mkdir(parents=True, exist_ok=True)
-        np.savez(directory / PARAMS, **self.params)
+        np.savez(directory / PARAMS, **self.params)  # type: ignore[arg-type]
         write_manifest(
             directory,
             {

@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from routet2i.cli.common import load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from router.log import LogRecord
 
 
 @click.group()
@@ -21,7 +27,7 @@ def import_() -> None:
     """Write a replay log from a carried human-rated data set (see routet2i/data/*/SOURCE.md)."""
 
 
-def _write(records: Iterable, output: Path) -> None:
+def _write(records: Iterable[LogRecord], output: Path) -> None:
     from router.log import write_log
 
     count = write_log(output, records)
@@ -71,7 +77,9 @@ def agiqa_3k(edge: str, cloud: str, output: Path) -> None:
     _write(records, output)
 
 
-def labelled_records(session, *, metric_set: str | None, since: datetime | None, limit: int | None) -> list:  # type: ignore[no-untyped-def]
+def labelled_records(
+    session: Session, *, metric_set: str | None, since: datetime | None, limit: int | None
+) -> list[LogRecord]:
     """The database's labelled jobs as replay-log records (``router.log.LogRecord``).
 
     Raises:

@@ -54,7 +54,9 @@ def _install_encoder(settings: Settings) -> None:
     use_default_encoder(SentenceEncoder(cache_dir=settings.cache_dir / "embeddings", threads=settings.torch_threads))
 
 
-def _run(records: list[LogRecord], names: list[str], folds: int, seeds: int, progress: bool, info: dict) -> Report:  # type: ignore[type-arg]
+def _run(
+    records: list[LogRecord], names: list[str], folds: int, seeds: int, progress: bool, info: dict[str, Any]
+) -> Report:
     from router.evaluation import evaluate
     from router.splits import group_ids
 
@@ -127,7 +129,8 @@ def evaluate_command(
         echo_json(report.to_dict())
     else:
         click.echo(report.table())
-        click.echo(f"\n{report.wall_s:.1f}s; plot: {plot}" if plot else f"\n{report.wall_s:.1f}s")
+        timing = f"\n{report.wall_s:.1f}s wall, {report.cpu_s:.1f}s CPU"
+        click.echo(f"{timing}; plot: {plot}" if plot else timing)
 
 
 def _run_suite(name: str, routers: list[str], folds: int, seeds: int, out_dir: Path, progress: bool) -> None:
@@ -161,9 +164,10 @@ def _run_suite(name: str, routers: list[str], folds: int, seeds: int, out_dir: P
             "",
             report.table(markdown=True),
             "",
-            f"Evaluated in {report.wall_s:.1f} s ({timing['prompt_scores_per_s']} prompt scores/s).",
+            f"Evaluated in {report.wall_s:.1f} s wall, {report.cpu_s:.1f} s CPU "
+            f"({timing['prompt_scores_per_s']} prompt scores/s of wall time).",
         ]
-        click.echo(f"\n== {entry.title}\n{report.table()}\n({report.wall_s:.1f}s)")
+        click.echo(f"\n== {entry.title}\n{report.table()}\n({report.wall_s:.1f}s wall, {report.cpu_s:.1f}s CPU)")
     (out_dir / "results.md").write_text("\n".join(sections) + "\n")
     click.echo(f"\nwrote {out_dir}/results.md, one JSON and PNG per log ({time.perf_counter() - started:.1f}s)")
 
