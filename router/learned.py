@@ -38,7 +38,7 @@ INNER_FOLDS = 5
 
 CLASSIFIER_CS: tuple[float, ...] = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 """Inverse L2 strengths tried for the logistic regression (standardised 384-d features; on the carried logs the
-search picks 0.001-0.003, and weaker regularisation only costs solver iterations)."""
+search picks 3e-4 to 3e-3, and weaker regularisation only costs solver iterations)."""
 
 RIDGE_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(0, 5, 11))
 """L2 strengths tried for the ridge regression (standardised features)."""

@@ -152,3 +152,21 @@ def test_data_import_writes_the_carried_ratings(runner: CliRunner, tmp_path: Pat
 
     result = runner.invoke(main, ["data", "import", "genai-bench", "--edge", "SDXL", "--cloud", "DALLE_3", "-o", str(out)])  # fmt: skip
     assert result.exit_code == 2 and "'--edge'" in result.output and "SDXL_Turbo" in result.output
+
+
+def test_suite_writes_logs_tables_json_and_plots(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    args = ["eval", "--suite", "standard", "--routers", "random,oracle", "--folds", "2", "--seeds", "1"]
+    result = runner.invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    slugs = ["genai-bench_SDXL_Turbo-DALLE_3", "genai-bench_SDXL_2_1-Midjourney_6", "agiqa-3k_sd1.5_normal-xl2.2_normal"]
+    for slug in slugs:
+        doc = json.loads((out / f"{slug}.json").read_text())
+        assert list(doc["routers"]) == ["random", "oracle"]
+        assert (out / f"{slug}.png").read_bytes()[:4] == b"\x89PNG"
+        assert len(read_log(out / "logs" / f"{slug}.jsonl")) == doc["log"]["records"]
+    assert len(read_log(out / "logs" / f"{slugs[0]}.jsonl")) == 527
+    table = (out / "results.md").read_text()
+    # One aggregate row per log, and AGIQA-3K's per-metric table adds a row per metric.
+    assert table.count("| oracle |") == 3 + 2 and "| router | metric |" in table
+    assert "--routers random,oracle --folds 2 --seeds 1" in table

@@ -138,10 +138,13 @@ def _run_suite(name: str, routers: list[str], folds: int, seeds: int, out_dir: P
     from router.report import plot_report
     from router.suite import SUITES
 
+    from router.base import available_routers
+
     started = time.perf_counter()
+    chosen = "" if routers == available_routers() else f" --routers {','.join(routers)}"
     sections = [
         f"Suite `{name}`: {folds} folds x {seeds} seeds, routers: {', '.join(routers)}.",
-        "Reproduce: `routet2i eval --suite " + name + f" --folds {folds} --seeds {seeds}`.",
+        f"Reproduce: `routet2i eval --suite {name}{chosen} --folds {folds} --seeds {seeds}`.",
     ]
     for entry in SUITES[name]:
         records = entry.build()
