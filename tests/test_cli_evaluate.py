@@ -159,7 +159,11 @@ def test_suite_writes_logs_tables_json_and_plots(runner: CliRunner, tmp_path: Pa
     args = ["eval", "--suite", "standard", "--routers", "random,oracle", "--folds", "2", "--seeds", "1"]
     result = runner.invoke(main, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    slugs = ["genai-bench_SDXL_Turbo-DALLE_3", "genai-bench_SDXL_2_1-Midjourney_6", "agiqa-3k_sd1.5_normal-xl2.2_normal"]
+    slugs = [
+        "genai-bench_SDXL_Turbo-DALLE_3",
+        "genai-bench_SDXL_2_1-Midjourney_6",
+        "agiqa-3k_sd1.5_normal-xl2.2_normal",
+    ]
     for slug in slugs:
         doc = json.loads((out / f"{slug}.json").read_text())
         assert list(doc["routers"]) == ["random", "oracle"]

@@ -134,11 +134,10 @@ def evaluate_command(
 
 
 def _run_suite(name: str, routers: list[str], folds: int, seeds: int, out_dir: Path, progress: bool) -> None:
+    from router.base import available_routers
     from router.log import write_log
     from router.report import plot_report
     from router.suite import SUITES
-
-    from router.base import available_routers
 
     started = time.perf_counter()
     chosen = "" if routers == available_routers() else f" --routers {','.join(routers)}"
