@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from routet2i import __version__
+from routet2i.cli.data import data
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
+from routet2i.cli.evaluate import evaluate_command, replay
 from routet2i.cli.jobs import status, submit
 from routet2i.cli.load import loadtest
 from routet2i.cli.recovery import dlq, reconcile
@@ -20,5 +22,19 @@ def main() -> None:
     """RouteT2I: route text-to-image requests between an edge and a cloud model under a cloud budget."""
 
 
-for command in (api, worker, submit, status, db, demo, tenant, reconcile, dlq, loadtest):
+for command in (
+    api,
+    worker,
+    submit,
+    status,
+    db,
+    demo,
+    tenant,
+    reconcile,
+    dlq,
+    loadtest,
+    data,
+    evaluate_command,
+    replay,
+):
     main.add_command(command)
