@@ -16,6 +16,7 @@ from db.jobs import create_job
 from db.labels import iter_labelled_jobs
 from db.models import Job
 from db.session import make_engine, make_session_factory
+from db.tenants import create_tenant
 from router.log import read_log
 from routet2i.cli import main
 
@@ -51,8 +52,10 @@ def vector(metric_set: str, **values: float) -> dict:
 def populate(session: Session, tag: str) -> dict[str, Job]:
     """Jobs in every state a labelled-jobs query must tell apart."""
     jobs = {}
+    tenant = create_tenant(session, name=f"export-{tag}-{uuid.uuid4().hex[:6]}")
+    session.flush()
     for name in ("both", "edge_only", "unscored", "other_set", "both2"):
-        jobs[name] = create_job(session, prompt=f"{tag} prompt {name}", seed=1)
+        jobs[name] = create_job(session, tenant_id=tenant.id, prompt=f"{tag} prompt {name}", seed=1)
     session.flush()
     add_generation(session, jobs["both"], "edge", vector("v1", sharpness=0.4, alignment=0.2), 0.009)
     add_generation(session, jobs["both"], "cloud", vector("v1", sharpness=0.7, alignment=0.3), 0.065)
@@ -104,7 +107,7 @@ def test_export_command_writes_a_replay_log(pg_url: str, tmp_path: Path, monkeyp
         assert dict(both.edge.values) == {"sharpness": 0.4, "alignment": 0.2}
         assert dict(both.cloud.values) == {"sharpness": 0.7, "alignment": 0.3}
         assert both.extra["cost"] == {"edge": 0.009, "cloud": 0.065}
-        assert both.extra["metric_set"] == "v1"
+        assert both.edge.metric_set == both.cloud.metric_set == "v1"
 
         # The exported log replays, with the billed costs.
         result = runner.invoke(main, ["replay", "--log", str(out), "--router", "all-cloud", "--budget", "0", "--json"])

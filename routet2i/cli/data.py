@@ -100,7 +100,6 @@ def labelled_records(
     for job in jobs:
         extra: dict[str, object] = {
             "source": "routet2i",
-            "metric_set": job.metric_set,
             "edge_model": job.edge_model,
             "cloud_model": job.cloud_model,
             "created_at": job.created_at.isoformat(),
