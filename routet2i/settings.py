@@ -28,8 +28,9 @@ class TierSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["diffusers", "http", "null"] = "diffusers"
-    """``diffusers``: a local pipeline; ``http``: a remote image API; ``null``: a zero-cost test generator."""
+    backend: Literal["diffusers", "http", "openai", "null"] = "diffusers"
+    """``diffusers``: a local pipeline; ``http``: a remote image API; ``openai``: any OpenAI-compatible images
+    endpoint (``url`` is its base URL, e.g. ``https://api.openai.com/v1``); ``null``: a zero-cost generator."""
     model: str = "offline:edge"
     """A hub id or local path for ``diffusers``; ``offline:<profile>`` builds a random-weight architecture."""
     device: str = "cpu"
@@ -44,7 +45,7 @@ class TierSettings(BaseModel):
     price_per_gpu_second: float = Field(default=0.0, ge=0.0)
     """US dollars per second of accelerator time spent generating."""
     url: str | None = None
-    """Endpoint of the ``http`` backend."""
+    """Endpoint of the ``http`` backend, base URL of the ``openai`` backend."""
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=20)
@@ -52,8 +53,8 @@ class TierSettings(BaseModel):
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> TierSettings:
-        if self.backend == "http" and not self.url:
-            raise ValueError("backend 'http' needs a url (ROUTET2I_<TIER>__URL)")
+        if self.backend in ("http", "openai") and not self.url:
+            raise ValueError(f"backend {self.backend!r} needs a url (ROUTET2I_<TIER>__URL)")
         return self
 
 
@@ -125,6 +126,13 @@ class Settings(BaseSettings):
     """How long the API trusts a looked-up key before checking it again (revocation delay); 0 disables."""
     rate_limit_per_minute: int = Field(default=600, ge=0)
     """Job submissions per tenant per minute when the tenant has no limit of its own; 0: unlimited."""
+
+    images_wait_s: float = Field(default=120.0, gt=0)
+    """How long ``POST /v1/images/generations`` waits for its images before answering 504 (the jobs go on)."""
+    url_signing_key: SecretStr | None = None
+    """Key of the signed image URLs the OpenAI-compatible endpoint returns; None: a random key kept in Redis."""
+    image_url_ttl_s: int = Field(default=3600, ge=60)
+    """How long a signed image URL stays valid."""
 
     api_url: str = "http://127.0.0.1:8000"
     """Where CLI commands such as ``submit`` and ``status`` reach the API."""

@@ -28,6 +28,8 @@ INFRA_MAX_RETRIES = 30
 """Retries of a step while the database, Redis or the broker are unreachable (about 10 minutes in all)."""
 
 BACKOFF_CAP_S = 30.0
+RETRY_AFTER_CAP_S = 300.0
+"""A remote API's Retry-After is honoured up to this many seconds."""
 
 TRANSIENT = (
     sqlalchemy.exc.OperationalError,
@@ -59,7 +61,8 @@ def _run(task: Task, stage: str, job_id: str, step: Any, *, generation_retries: 
     except GenerationError as exc:
         if exc.retryable and task.request.retries < generation_retries:
             log.warning("generation failed, retrying", extra={"job_id": job_id, "error": str(exc)})
-            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=generation_retries) from exc
+            wait = max(backoff(task.request.retries), min(exc.retry_after or 0.0, RETRY_AFTER_CAP_S))
+            raise task.retry(exc=exc, countdown=wait, max_retries=generation_retries) from exc
         pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage, dead_letter=exc.retryable)
     except Exception as exc:
         log.exception("step failed", extra={"job_id": job_id, "stage": stage})
