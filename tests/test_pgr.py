@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from router.metrics import aggregate_weights, cumulative_gain, routing_curves
+from router.pgr import aggregate_weights, cumulative_gain, routing_curves
 
 
 def curves(scores, edge, cloud, metrics=("q",), **kwargs):
