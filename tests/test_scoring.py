@@ -160,6 +160,18 @@ def test_the_embedding_of_a_metric_text_scores_as_the_formula_says(scorer: ClipS
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "texts",
+    [["a cat"], ["", "an astronaut riding a horse through a field of sunflowers at dusk"], ["word " * 100]],
+)
+def test_text_embeddings_equal_open_clips_full_context_pass(scorer: ClipScorer, texts: list[str]) -> None:
+    """Encoding only up to the last end-of-text token gives open_clip's own ``encode_text`` result."""
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(scorer.model.encode_text(scorer.tokenizer(texts)), dim=-1)
+    assert torch.allclose(scorer.embed_texts(texts), full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
 def test_metric_text_embeddings_are_computed_once(scorer: ClipScorer) -> None:
     first = scorer.metric_embeddings(ROUTET2I_V1)
     assert scorer.metric_embeddings(ROUTET2I_V1) is first
