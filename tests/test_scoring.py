@@ -214,6 +214,21 @@ def test_settings_choose_model_and_metric_set(tmp_path: Path) -> None:
     assert built.score(random_images(1), ["ignored: no alignment in this set"])[0].metrics == ("sharpness",)
 
 
+@pytest.mark.slow
+def test_local_checkpoint_weights_replace_the_random_ones(scorer: ClipScorer, tmp_path: Path) -> None:
+    """A checkpoint file given as ``pretrained`` is what the model computes with, whatever the seed."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in scorer.model.state_dict().items()}, str(checkpoint))
+    loaded = ClipScorer(model="ViT-B-32", pretrained=str(checkpoint), seed=1)
+    assert not loaded.random_weights and str(checkpoint) in loaded.description
+    images = random_images(2, seed=6)
+    assert [v.values for v in loaded.score(images, ["a kite", "a boat"])] == [
+        v.values for v in scorer.score(images, ["a kite", "a boat"])
+    ]
+
+
 def test_unknown_architecture_is_a_scorer_error() -> None:
     with pytest.raises(ScorerError, match="cannot build open_clip model 'ViT-Z-99'"):
         ClipScorer(model="ViT-Z-99")
