@@ -233,7 +233,8 @@ class ClipScorer:
             metric_set=metric_set,
         )
 
-    def _build(self, seed: int) -> tuple[torch.nn.Module, Any]:
+    def _build(self, seed: int) -> tuple[Any, Any]:
+        # Any: open_clip's model classes expose their towers as dynamic attributes mypy cannot follow.
         # Seed only the construction, then restore the caller's generator: random weights depend on the seed
         # alone, and nothing else in the process sees its random stream changed.
         state = torch.random.get_rng_state()
@@ -286,8 +287,8 @@ class ClipScorer:
 
         The tokenizer pads every text to the context length (77), but with causal attention no position
         sees a later one, and the embedding is read at the end-of-text token (the largest id, hence
-        ``argmax``), so the padding after it cannot change the result. A 15-token prompt then costs about
-        a fifth of a full pass.
+        ``argmax``), so the padding after it cannot change the result. The pass's cost grows with the number
+        of positions, and most prompts are far shorter than 77 tokens.
         """
         model = self.model
         length = int(tokens.argmax(dim=-1).max()) + 1
@@ -298,8 +299,8 @@ class ClipScorer:
         x = model.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         if isinstance(model.text_projection, torch.nn.Linear):
-            return model.text_projection(x)  # type: ignore[no-any-return]
-        return x @ model.text_projection  # type: ignore[no-any-return]
+            return model.text_projection(x)
+        return x @ model.text_projection
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image]) -> torch.Tensor:
@@ -372,12 +373,13 @@ class ClipScorer:
             batch = images[start : start + self.batch_size]
             image_embeddings = self.embed_images(batch)
             scored = self.score_embeddings(image_embeddings, metric_set=metric_set)
-            rows = [] if prompts is None or not metric_set.alignment else range(start, start + len(batch))
-            with_prompt = [i - start for i in rows if prompts[i] is not None]  # type: ignore[index]
-            if with_prompt:
-                text = self.embed_texts([prompts[start + i] for i in with_prompt])  # type: ignore[index,misc]
-                alignment = clip_scores(image_embeddings[with_prompt], text, metric_set.alignment_weight).tolist()
-                for i, value in zip(with_prompt, alignment, strict=True):
+            batch_prompts = [] if prompts is None or not metric_set.alignment else prompts[start : start + len(batch)]
+            prompted = [(i, prompt) for i, prompt in enumerate(batch_prompts) if prompt is not None]
+            if prompted:
+                rows = [i for i, _ in prompted]
+                text = self.embed_texts([prompt for _, prompt in prompted])
+                alignment = clip_scores(image_embeddings[rows], text, metric_set.alignment_weight).tolist()
+                for i, value in zip(rows, alignment, strict=True):
                     scored[i] = QualityVector({**scored[i].values, ALIGNMENT: value}, metric_set=metric_set.id)
             vectors += scored
         return vectors

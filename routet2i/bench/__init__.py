@@ -88,7 +88,8 @@ class Benchmark:
 
     def load(self) -> Callable[..., list[Measurement]]:
         module, _, function = self.target.partition(":")
-        return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+        run: Callable[..., list[Measurement]] = getattr(importlib.import_module(module), function)
+        return run
 
     def run(self, settings: Settings, *, repeats: int | None = None, **params: Any) -> list[Measurement]:
         return self.load()(settings, repeats=repeats or self.repeats, **params)

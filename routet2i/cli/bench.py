@@ -38,7 +38,7 @@ def _command(benchmark: Benchmark) -> click.Command:
         else:
             click.echo(format_table(measurements))
 
-    options = [
+    options: list[click.Parameter] = [
         click.Option(
             ["--repeats"],
             default=benchmark.repeats,
