@@ -6,17 +6,26 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.jobs import job_url, parse_query
-from api.schemas import DecisionListQuery, decision_out
+from api.openapi import documented
+from api.schemas import DecisionListQuery, DecisionPage, decision_out
 from api.state import state
 from db.decisions import list_decisions
 from db.pagination import InvalidCursor
 
 blueprint = Blueprint("decisions", __name__)
+blueprint.before_request(authenticate)
 
 
 @blueprint.get("/v1/decisions")
+@documented(
+    summary="The routing audit trail, newest first",
+    tag="decisions",
+    query=DecisionListQuery,
+    responses={200: ("One page of decisions.", DecisionPage)},
+)
 def index() -> Any:
     """Decisions, newest first, filtered by tier, router, router version and time."""
     query = parse_query(DecisionListQuery)
@@ -24,6 +33,7 @@ def index() -> Any:
         try:
             page = list_decisions(
                 session,
+                tenant_id=None if principal().is_admin else principal().tenant_id,
                 tier=query.tier,
                 router_name=query.router,
                 router_version=query.router_version,

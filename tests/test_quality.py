@@ -12,18 +12,17 @@ from pathlib import Path
 from statistics import fmean
 
 import pytest
-from sqlalchemy import select
 
 from api.app import create_app
 from db.jobs import create_job
-from db.models import Generation
 from db.session import make_engine, make_session_factory, transaction
+from db.tenants import create_tenant, issue_api_key
 from router.metrics import ALIGNMENT, METRIC_NAMES, ROUTET2I_V1
 from routet2i.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import WorkerPool, wait_for_job
 from worker import pipeline
-from worker.app import ROUTE_TASK, create_celery, publish
+from worker.app import create_celery
 from worker.context import WorkerContext
 from worker.scoring import ClipScorer, decode_image
 
@@ -37,32 +36,24 @@ PROMPTS = {
 
 @pytest.fixture()
 def client(pg_settings: Settings, stack: WorkerPool):
+    """A client of a fresh tenant allowed to choose the tier, so its statistics hold only this test's jobs."""
+    key = create_tenant_key(pg_settings, forced_tiers=("edge", "cloud"))
     with create_app(pg_settings).test_client() as test_client:
-        yield test_client
-
-
-def submit(settings: Settings, prompt: str, *, tier: str, seed: int) -> str:
-    """A job forced onto ``tier``, enqueued for routing exactly as the API enqueues one."""
-    sessions = make_session_factory(make_engine(settings.database_url))
-    with transaction(sessions) as session:
-        job = create_job(session, prompt=prompt, seed=seed, requested_tier=tier)
-        job_id = str(job.id)
-    publish(create_celery(settings), ROUTE_TASK, job_id)
-    return job_id
+        yield authorize(test_client, key)
 
 
 def test_every_image_is_scored_stored_and_averaged_per_tier(client, pg_settings: Settings) -> None:
-    ids = {
-        job_id: (tier, prompt)
-        for tier, prompts in PROMPTS.items()
-        for seed, prompt in enumerate(prompts)
-        for job_id in [submit(pg_settings, prompt, tier=tier, seed=seed)]
-    }
-    jobs = {job_id: wait_for_job(client, job_id) for job_id in ids}
+    submitted = {}
+    for tier, prompts in PROMPTS.items():
+        for seed, prompt in enumerate(prompts):
+            response = client.post("/v1/jobs", json={"prompt": prompt, "seed": seed, "tier": tier})
+            assert response.status_code == 202, response.get_json()
+            submitted[response.get_json()["id"]] = (tier, prompt)
+    jobs = {job_id: wait_for_job(client, job_id) for job_id in submitted}
     scorer = ClipScorer.from_settings(pg_settings.scorer)
 
     for job_id, job in jobs.items():
-        tier, prompt = ids[job_id]
+        tier, prompt = submitted[job_id]
         assert job["status"] == "succeeded", job["error"]
         assert job["tier"] == tier
         quality = job["result"]["quality"]
@@ -77,18 +68,13 @@ def test_every_image_is_scored_stored_and_averaged_per_tier(client, pg_settings:
         expected = scorer.score([decode_image(png)], [prompt])[0]
         assert quality["values"] == pytest.approx(dict(expected.values), abs=1e-5)
 
-    # GET /v1/stats averages every scored generation of a tier, metric by metric.
-    stats = client.get("/v1/stats").get_json()
-    sessions = make_session_factory(make_engine(pg_settings.database_url))
-    with sessions() as session:
-        rows = session.execute(select(Generation.tier, Generation.quality).where(Generation.quality.is_not(None))).all()
-    for tier in ("edge", "cloud"):
-        stored = [quality["values"] for row_tier, quality in rows if row_tier == tier]
-        assert len(stored) >= len(PROMPTS[tier])
-        mean = stats["mean_quality"][tier]
-        assert set(mean) == set(METRIC_NAMES)
-        for metric in METRIC_NAMES:
-            assert mean[metric] == pytest.approx(fmean(v[metric] for v in stored if metric in v), abs=1e-9)
+    # GET /v1/stats averages the tenant's scored images per tier, metric by metric.
+    mean_quality = client.get("/v1/stats").get_json()["mean_quality"]
+    assert set(mean_quality) == set(PROMPTS)
+    for tier in PROMPTS:
+        vectors = [j["result"]["quality"]["values"] for j in jobs.values() if j["tier"] == tier]
+        assert len(vectors) == len(PROMPTS[tier])
+        assert mean_quality[tier] == pytest.approx({m: fmean(v[m] for v in vectors) for m in METRIC_NAMES}, abs=1e-9)
 
 
 def _settings(pg_settings: Settings, tmp_path: Path, **scorer: object) -> Settings:
@@ -103,12 +89,15 @@ def _settings(pg_settings: Settings, tmp_path: Path, **scorer: object) -> Settin
 
 
 def _generate(settings: Settings, ctx: WorkerContext, prompt: str) -> dict:
+    """Create a job, run the tier worker's step on it in this process, and read it back through the API."""
     sessions = make_session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
-        job_id = str(create_job(session, prompt=prompt, seed=1, requested_tier="edge").id)
+        tenant = create_tenant(session, name=f"t-{uuid.uuid4().hex[:10]}")
+        key = issue_api_key(session, tenant=tenant)
+        job_id = str(create_job(session, tenant_id=tenant.id, prompt=prompt, seed=1, requested_tier="edge").id)
     assert pipeline.generate_job(ctx, job_id, "edge") is True
     with create_app(settings).test_client() as api:
-        return api.get(f"/v1/jobs/{job_id}").get_json()
+        return authorize(api, key).get(f"/v1/jobs/{job_id}").get_json()
 
 
 def test_a_scoring_failure_delivers_the_image_without_quality(pg_settings: Settings, tmp_path: Path) -> None:
@@ -119,7 +108,8 @@ def test_a_scoring_failure_delivers_the_image_without_quality(pg_settings: Setti
     try:
         for prompt in ("a red square", "a blue circle"):
             job = _generate(settings, ctx, prompt)
-            assert job["status"] == "succeeded" and job["error"] is None
+            assert job["status"] == "succeeded", job
+            assert job["error"] is None
             assert job["result"]["quality"] is None
             assert job["result"]["image_sha256"]
             detail = job["events"][-1]["detail"]

@@ -19,6 +19,9 @@ from routet2i.settings import Settings
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    import redis
+
+    from router.budget import BudgetController
     from router.policy import RoutingPolicy
     from worker.generation import Generator
     from worker.scoring import ClipScorer
@@ -40,6 +43,8 @@ class WorkerContext:
         self._policy: RoutingPolicy | None = None
         self._scorer: ClipScorer | None = None
         self._scorer_error: str | None = None
+        self._budgets: dict[tuple[str, float], BudgetController] = {}
+        self._redis: redis.Redis | None = None
 
     def generator(self, tier: str) -> Generator:
         if tier not in self._generators:
@@ -76,22 +81,27 @@ class WorkerContext:
 
     def policy(self) -> RoutingPolicy:
         if self._policy is None:
-            import redis
-
             from router.base import load_router
-            from router.budget import BudgetConfig, BudgetController
             from router.policy import RoutingPolicy
-            from worker.budget_store import RedisBudgetStore
 
             router = load_router(self.settings.router, self.settings.router_model)
-            store = RedisBudgetStore(
-                redis.Redis.from_url(self.settings.state_redis_url),
-                window=self.settings.budget_window,
-                name=self.settings.budget_name,
-            )
-            config = BudgetConfig(rho=self.settings.cloud_budget, window=self.settings.budget_window)
-            self._policy = RoutingPolicy(router, BudgetController(config, store))
+            self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
         return self._policy
+
+    def budget(self, name: str, rho: float) -> BudgetController:
+        """The shared budget window ``name`` (the deployment's, or a tenant's own) held to ``rho``."""
+        key = (name, rho)
+        if key not in self._budgets:
+            from db.state_redis import connect
+            from router.budget import BudgetConfig, BudgetController
+            from worker.budget_store import RedisBudgetStore
+
+            if self._redis is None:
+                self._redis = connect(self.settings.state_redis_url)
+            window = self.settings.budget_window
+            store = RedisBudgetStore(self._redis, window=window, name=name)
+            self._budgets[key] = BudgetController(BudgetConfig(rho=rho, window=window), store, name=name)
+        return self._budgets[key]
 
     def warm_up(self, queues: list[str]) -> None:
         """Load what the consumed queues need before the first message arrives."""

@@ -9,8 +9,10 @@ from routet2i.cli.bench import bench
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
 from routet2i.cli.jobs import status, submit
+from routet2i.cli.recovery import dlq, reconcile
 from routet2i.cli.score import score
 from routet2i.cli.serve import api, worker
+from routet2i.cli.tenants import tenant
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -19,5 +21,5 @@ def main() -> None:
     """RouteT2I: route text-to-image requests between an edge and a cloud model under a cloud budget."""
 
 
-for command in (api, worker, submit, status, db, demo, score, bench):
+for command in (api, worker, submit, status, db, demo, tenant, reconcile, dlq, score, bench):
     main.add_command(command)
