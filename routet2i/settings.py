@@ -72,6 +72,31 @@ class CloudSettings(TierSettings):
     price_per_image: float = Field(default=0.065, ge=0.0)
 
 
+class ScorerSettings(BaseModel):
+    """The CLIP model that scores every generated image (``ROUTET2I_SCORER__*``).
+
+    With no ``pretrained`` weights the model is built from its open_clip configuration with fixed-seed random
+    weights: every code path runs and every process gets the same numbers, but the scores say nothing about
+    quality. Set ``pretrained`` for real scores.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    """Score each generated image in the tier worker. Off: images are stored with no quality vector."""
+    model: str = "ViT-B-32"
+    """An open_clip architecture name (``open_clip.list_models()``), or ``local-dir:/path`` / ``hf-hub:org/repo``."""
+    pretrained: str | None = None
+    """An open_clip pretrained tag (e.g. ``openai``, needs the hub or its cache) or a local checkpoint file.
+    None: random weights from the architecture's configuration."""
+    metrics: str = "routet2i"
+    """A built-in metric set name, or a ``.json``/``.toml`` file defining one."""
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    """Images per forward pass when several are scored together (CLI, benchmarks)."""
+
+
 class Settings(BaseSettings):
     """Everything a RouteT2I process needs to know, with embedded defaults that run offline."""
 
@@ -88,6 +113,7 @@ class Settings(BaseSettings):
     # One class per tier so that setting one field (ROUTET2I_CLOUD__STEPS) keeps the tier's other defaults.
     edge: EdgeSettings = Field(default_factory=EdgeSettings)
     cloud: CloudSettings = Field(default_factory=CloudSettings)
+    scorer: ScorerSettings = Field(default_factory=ScorerSettings)
 
     cloud_budget: float = Field(default=0.3, ge=0.0, le=1.0)
     """ρ: the largest share of requests that may go to the cloud tier."""

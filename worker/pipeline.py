@@ -1,4 +1,4 @@
-"""The job pipeline as plain functions: route a job, generate its image, fail it.
+"""The job pipeline as plain functions: route a job, generate and score its image, fail it.
 
 Each function takes a job id, reads the job from the database (the source of truth), does its step and
 commits the outcome with the job's next state. All are idempotent: a redelivered message for a step that was
@@ -14,8 +14,10 @@ the job as orphaned.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -28,7 +30,7 @@ from db.pagination import as_utc
 from db.session import transaction
 from db.tenants import get_tenant
 from worker.app import GENERATE_TASKS, publish
-from worker.context import WorkerContext
+from worker.context import ScorerUnavailable, WorkerContext
 from worker.generation import GenerationRequest, cost_usd
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,33 @@ def route_job(ctx: WorkerContext, job_id: str) -> str | None:
     return tier
 
 
+def score_image(ctx: WorkerContext, png: bytes, prompt: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Score a generated image with the process's CLIP scorer.
+
+    A scoring failure never costs the user the image they paid for: the image is delivered with no quality
+    vector (``quality`` null) and the reason goes into the job's history. A job only fails when it has no
+    image to deliver.
+
+    Returns:
+        The quality vector as stored (``QualityVector.to_dict()``), or None when scoring is off or failed;
+        and details for the job's history (``scoring_s``, or ``scoring_error``).
+    """
+    if not ctx.settings.scorer.enabled:
+        return None, {}
+    started = time.perf_counter()
+    try:
+        from worker.scoring import decode_image
+
+        vector = ctx.scorer().score([decode_image(png, source="generated image")], [prompt])[0]
+    except ScorerUnavailable as exc:  # its traceback was logged once, when loading failed
+        log.warning("no scorer; the image is delivered without quality", extra={"error": str(exc)})
+        return None, {"scoring_error": str(exc)}
+    except Exception as exc:
+        log.exception("scoring failed; the image is delivered without quality", extra={"error": str(exc)})
+        return None, {"scoring_error": f"{type(exc).__name__}: {exc}"}
+    return vector.to_dict(), {"scoring_s": round(time.perf_counter() - started, 4)}
+
+
 def _claim(session: Session, job: Job, *, tier: str, delivery: str, ctx: WorkerContext) -> bool:
     """Take the generation lease for ``delivery``; False when another live delivery holds it."""
     now = utcnow()
@@ -106,7 +135,7 @@ def _claim(session: Session, job: Job, *, tier: str, delivery: str, ctx: WorkerC
 
 
 def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | None = None) -> bool:
-    """Generate the image of a routed job on ``tier``, store it, bill it and mark the job succeeded.
+    """Generate the image of a routed job on ``tier``, score, store and bill it, and mark the job succeeded.
 
     Args:
         ctx: the worker process's resources.
@@ -146,6 +175,7 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | 
     result = generator.generate(request)
     stored = ctx.images.put(result.png)
     cost = cost_usd(tier_settings, result.gpu_s)
+    quality, scoring = score_image(ctx, result.png, request.prompt)
 
     try:
         with transaction(ctx.sessions) as session:
@@ -170,11 +200,12 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | 
                 wall_s=result.wall_s,
                 gpu_s=result.gpu_s,
                 cost_usd=cost,
-                quality=None,
+                quality=quality,
             )
             job.lease_owner = None
             job.lease_until = None
-            transition(session, job, JobStatus.SUCCEEDED, detail={"tier": tier, "image_sha256": stored.sha256})
+            detail = {"tier": tier, "image_sha256": stored.sha256, **scoring}
+            transition(session, job, JobStatus.SUCCEEDED, detail=detail)
     except IntegrityError:
         log.warning("duplicate generation discarded", extra={"job_id": job_id, "tier": tier})
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from routet2i import __version__
+from routet2i.cli.bench import bench
 from routet2i.cli.data import data
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
@@ -12,6 +13,7 @@ from routet2i.cli.evaluate import evaluate_command, replay
 from routet2i.cli.jobs import status, submit
 from routet2i.cli.load import loadtest
 from routet2i.cli.recovery import dlq, reconcile
+from routet2i.cli.score import score
 from routet2i.cli.serve import api, worker
 from routet2i.cli.tenants import tenant
 
@@ -36,5 +38,7 @@ for command in (
     data,
     evaluate_command,
     replay,
+    score,
+    bench,
 ):
     main.add_command(command)
