@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     """Number of recent decisions over which the cloud share is held to ``cloud_budget``."""
     budget_name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Namespace of the shared budget window in Redis (deployments sharing a Redis keep separate budgets)."""
+    shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of routed jobs also generated (and scored) on the other tier, to collect training labels from
+    live traffic (``routet2i data export``). Their cloud images are paid from the cloud budget."""
     router: str = "prompt-complexity"
     """Name of the routing policy used by the router worker."""
     router_model: Path | None = None

@@ -40,7 +40,7 @@ class RedisBudgetStore:
                     state = self._read(pipe)
                     verdict = fn(state)
                     pipe.multi()
-                    pipe.lpush(self.decisions_key, 1 if verdict.cloud else 0)
+                    pipe.lpush(self.decisions_key, 1 if verdict.uses_cloud else 0)
                     pipe.ltrim(self.decisions_key, 0, self.window - 1)
                     pipe.lpush(self.scores_key, repr(float(score)))
                     pipe.ltrim(self.scores_key, 0, self.window - 1)

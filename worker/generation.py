@@ -183,7 +183,11 @@ class HttpGenerator:
             raise GenerationError(f"image API unreachable: {exc}", retryable=True) from exc
         elapsed = time.perf_counter() - started
         if response.status_code == 429 or response.status_code >= 500:
-            raise GenerationError(f"image API answered {response.status_code}: {response.text[:200]}", retryable=True)
+            raise GenerationError(
+                f"image API answered {response.status_code}: {response.text[:200]}",
+                retryable=True,
+                retry_after=_retry_after(response.headers),
+            )
         if response.status_code >= 400:
             raise GenerationError(f"image API refused the request ({response.status_code}): {response.text[:200]}")
         content_type = response.headers.get("content-type", "")

@@ -29,6 +29,7 @@ from db.models import Job, JobStatus, utcnow
 from db.pagination import as_utc
 from db.session import transaction
 from db.tenants import get_tenant
+from router.policy import shadow_sampled
 from worker.app import GENERATE_TASKS, publish
 from worker.context import ScorerUnavailable, WorkerContext
 from worker.generation import GenerationRequest, cost_usd
@@ -61,13 +62,18 @@ def route_job(ctx: WorkerContext, job_id: str) -> str | None:
 
     if existing is not None:
         # Redelivery after the decision was committed: only the hand-off may be missing.
-        tier = existing.tier
+        tier, shadow = existing.tier, existing.shadow
     else:
         policy = ctx.policy()
         # A tenant with its own cloud budget is held to it over its own window; others share the deployment's.
         budget = ctx.budget(f"tenant-{tenant_id}", tenant_budget) if tenant_budget is not None else None
-        decision = policy.decide(prompt, requested_tier=requested, budget=budget)  # type: ignore[arg-type]
-        tier = decision.tier
+        decision = policy.decide(
+            prompt,
+            requested_tier=requested,  # type: ignore[arg-type]
+            budget=budget,
+            shadow=requested is None and shadow_sampled(job_id, ctx.settings.shadow_rate),
+        )
+        tier, shadow = decision.tier, decision.shadow
         try:
             with transaction(ctx.sessions) as session:
                 job = get_job(session, key, for_update=True)
@@ -83,11 +89,16 @@ def route_job(ctx: WorkerContext, job_id: str) -> str | None:
                 winner = get_decision(session, job_id=key)
             if winner is None:
                 raise
-            tier = winner.tier
-        log.info("routed", extra={"job_id": job_id, "tier": tier, "score": decision.score})
+            tier, shadow = winner.tier, winner.shadow
+        log.info("routed", extra={"job_id": job_id, "tier": tier, "score": decision.score, "shadow": shadow})
 
     publish(ctx.app, GENERATE_TASKS[tier], job_id)
+    if shadow:
+        publish(ctx.app, GENERATE_TASKS[OTHER_TIER[tier]], job_id, role="shadow")
     return tier
+
+
+OTHER_TIER = {"edge": "cloud", "cloud": "edge"}
 
 
 def score_image(ctx: WorkerContext, png: bytes, prompt: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -210,6 +221,62 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | 
         log.warning("duplicate generation discarded", extra={"job_id": job_id, "tier": tier})
         return False
     log.info("generated", extra={"job_id": job_id, "tier": tier, "wall_s": round(result.wall_s, 3)})
+    return True
+
+
+def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
+    """Generate, score and bill the shadow image of a shadow-sampled job on ``tier``.
+
+    The shadow never changes the job's state or what the user receives; it only adds a labelled pair
+    (both tiers' quality on one prompt) for ``routet2i data export``. A duplicate message is harmless: the
+    unique key on ``(job_id, tier)`` keeps one shadow generation and one cost entry.
+
+    Returns:
+        True when this call recorded the shadow image.
+    """
+    key = uuid.UUID(job_id)
+    tier_settings = ctx.settings.tier(tier)
+    with ctx.sessions() as session:
+        job = get_job(session, key)
+        if job is None or get_generation(session, job_id=key, tier=tier) is not None:
+            return False
+        request = GenerationRequest(
+            prompt=job.prompt,
+            seed=job.seed,
+            steps=job.steps or tier_settings.steps,
+            width=job.width or tier_settings.width,
+            height=job.height or tier_settings.height,
+        )
+    result = ctx.generator(tier).generate(request)
+    stored = ctx.images.put(result.png)
+    quality, _ = score_image(ctx, result.png, request.prompt)
+    try:
+        with transaction(ctx.sessions) as session:
+            job = get_job(session, key, for_update=True)
+            if job is None:
+                return False
+            record_generation(
+                session,
+                job=job,
+                tier=tier,
+                role="shadow",
+                backend=result.backend,
+                model_id=result.model_id,
+                device=result.device,
+                seed=request.seed,
+                steps=request.steps,
+                width=request.width,
+                height=request.height,
+                image_path=stored.path,
+                image_sha256=stored.sha256,
+                wall_s=result.wall_s,
+                gpu_s=result.gpu_s,
+                cost_usd=cost_usd(tier_settings, result.gpu_s),
+                quality=quality,
+            )
+    except IntegrityError:
+        return False
+    log.info("shadow generated", extra={"job_id": job_id, "tier": tier})
     return True
 
 

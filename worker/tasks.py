@@ -70,6 +70,24 @@ def _run(task: Task, stage: str, job_id: str, step: Any, *, generation_retries: 
     return None
 
 
+def _run_shadow(task: Task, job_id: str, tier: str, *, generation_retries: int) -> bool | None:
+    """A shadow generation: retried like any other on transient faults, but its failure never touches the
+    job (the user's image does not depend on it); it is logged and the label is simply not collected."""
+    ctx = get_context(task.app)
+    try:
+        return pipeline.generate_shadow(ctx, job_id, tier)
+    except TRANSIENT as exc:
+        if task.request.retries < INFRA_MAX_RETRIES:
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=INFRA_MAX_RETRIES) from exc
+    except GenerationError as exc:
+        if exc.retryable and task.request.retries < generation_retries:
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=generation_retries) from exc
+        log.warning("shadow generation failed", extra={"job_id": job_id, "tier": tier, "error": str(exc)})
+    except Exception:
+        log.exception("shadow generation failed", extra={"job_id": job_id, "tier": tier})
+    return None
+
+
 def register_tasks(app: Celery) -> None:
     """Register the route task and one generate task per tier on ``app``, and warm up pool children."""
 
@@ -89,7 +107,9 @@ def register_tasks(app: Celery) -> None:
         settings = app.conf.routet2i_settings.tier(tier)
 
         @app.task(name=GENERATE_TASKS[tier], bind=True)
-        def generate(self: Task, job_id: str) -> bool | None:
+        def generate(self: Task, job_id: str, role: str = "primary") -> bool | None:
+            if role == "shadow":
+                return _run_shadow(self, job_id, tier, generation_retries=settings.max_retries)
             return _run(  # type: ignore[no-any-return]
                 self,
                 "generation",
