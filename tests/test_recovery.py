@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -17,6 +18,7 @@ from db.models import JobStatus, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant
 from routet2i.settings import Settings
+from tests.support import PrivateRedis
 from worker.app import create_celery
 from worker.context import WorkerContext
 from worker.pipeline import generate_job
@@ -25,13 +27,26 @@ from worker.reconcile import _job_id_of, broker_job_ids, reconcile
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[PrivateRedis]:
+    # A broker of its own: the session's worker processes must not consume what these tests publish.
+    server = PrivateRedis(tmp_path_factory.mktemp("recovery-redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture()
-def env(pg_settings: Settings, redis_client: redis.Redis):  # type: ignore[no-untyped-def]
-    settings = pg_settings.model_copy(update={"reconcile_after_s": 60.0, "max_redeliveries": 2})
+def env(pg_settings: Settings, broker: PrivateRedis):  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(broker.url)
+    client.flushdb()
+    settings = pg_settings.model_copy(
+        update={"broker_url": broker.url, "reconcile_after_s": 60.0, "max_redeliveries": 2}
+    )
     sessions = make_session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
         tenant = create_tenant(session, name=f"r-{uuid.uuid4().hex[:8]}")
-    return settings, sessions, create_celery(settings), redis_client, tenant.id
+    return settings, sessions, create_celery(settings), client, tenant.id
 
 
 def new_job(sessions, tenant_id, *, age_s: float = 600.0, status: JobStatus = JobStatus.QUEUED) -> str:  # type: ignore[no-untyped-def]

@@ -19,16 +19,16 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.decisions import get_decision, record_decision
 from db.generations import get_generation, record_generation
 from db.jobs import get_job, transition
-from db.models import Job, JobStatus, utcnow
+from db.models import Job, JobStatus, Tenant, utcnow
 from db.pagination import as_utc
 from db.session import transaction
-from db.tenants import get_tenant
 from router.policy import shadow_sampled
 from worker.app import GENERATE_TASKS, publish
 from worker.context import ScorerUnavailable, WorkerContext
@@ -44,53 +44,52 @@ def _is_done(job: Job | None) -> bool:
 def route_job(ctx: WorkerContext, job_id: str) -> str | None:
     """Decide the tier of a queued job, record the decision, and enqueue the generation.
 
+    One transaction: the job row is locked, the router decides (its shared budget window is updated in
+    Redis), and the decision is written with the job's ``routing`` and ``queued`` history entries. A
+    redelivered message finds the job already routed and only repeats the hand-off to the tier queue.
+
     Returns:
         The chosen tier, or None when the job no longer needs routing.
     """
     key = uuid.UUID(job_id)
-    with transaction(ctx.sessions) as session:
-        job = get_job(session, key, for_update=True)
-        if _is_done(job):
-            return None
-        assert job is not None
-        existing = get_decision(session, job_id=key)
-        if existing is None:
-            transition(session, job, JobStatus.ROUTING)
-        prompt, requested, tenant_id = job.prompt, job.requested_tier, job.tenant_id
-        tenant = get_tenant(session, tenant_id)
-        tenant_budget = tenant.cloud_budget if tenant is not None else None
-
-    if existing is not None:
-        # Redelivery after the decision was committed: only the hand-off may be missing.
-        tier, shadow = existing.tier, existing.shadow
-    else:
-        policy = ctx.policy()
-        # A tenant with its own cloud budget is held to it over its own window; others share the deployment's.
-        budget = ctx.budget(f"tenant-{tenant_id}", tenant_budget) if tenant_budget is not None else None
-        decision = policy.decide(
-            prompt,
-            requested_tier=requested,  # type: ignore[arg-type]
-            budget=budget,
-            shadow=requested is None and shadow_sampled(job_id, ctx.settings.shadow_rate),
-        )
-        tier, shadow = decision.tier, decision.shadow
-        try:
-            with transaction(ctx.sessions) as session:
-                job = get_job(session, key, for_update=True)
-                if _is_done(job):
-                    return None
-                assert job is not None
+    try:
+        with transaction(ctx.sessions) as session:
+            row = session.execute(
+                select(Job, Tenant.cloud_budget)
+                .join(Tenant, Tenant.id == Job.tenant_id)
+                .where(Job.id == key)
+                .with_for_update(of=Job)
+            ).first()
+            if row is None or _is_done(row[0]):
+                return None
+            job, tenant_budget = row
+            if job.tier is not None:
+                # Redelivery after the decision was committed: only the hand-off may be missing.
+                existing = get_decision(session, job_id=key)
+                tier, shadow = job.tier, bool(existing and existing.shadow)
+            else:
+                started = utcnow()
+                # A tenant with its own cloud budget is held to it over its own window; others share one.
+                budget = ctx.budget(f"tenant-{job.tenant_id}", tenant_budget) if tenant_budget is not None else None
+                decision = ctx.policy().decide(
+                    job.prompt,
+                    requested_tier=job.requested_tier,  # type: ignore[arg-type]
+                    budget=budget,
+                    shadow=job.requested_tier is None and shadow_sampled(job_id, ctx.settings.shadow_rate),
+                )
+                tier, shadow = decision.tier, decision.shadow
+                transition(session, job, JobStatus.ROUTING, at=started)
                 record_decision(session, job=job, decision=decision)
                 job.enqueued_at = utcnow()
                 transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": tier})
-        except IntegrityError:
-            # Another delivery of this message recorded its decision first; follow that one.
-            with ctx.sessions() as session:
-                winner = get_decision(session, job_id=key)
-            if winner is None:
-                raise
-            tier, shadow = winner.tier, winner.shadow
-        log.info("routed", extra={"job_id": job_id, "tier": tier, "score": decision.score, "shadow": shadow})
+                log.info("routed", extra={"job_id": job_id, "tier": tier, "score": decision.score, "shadow": shadow})
+    except IntegrityError:
+        # Without row locks (SQLite) a concurrent delivery of this message may have decided first: follow it.
+        with ctx.sessions() as session:
+            winner = get_decision(session, job_id=key)
+        if winner is None:
+            raise
+        tier, shadow = winner.tier, winner.shadow
 
     publish(ctx.app, GENERATE_TASKS[tier], job_id)
     if shadow:
@@ -165,9 +164,7 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | 
         if _is_done(job):
             return False
         assert job is not None
-        if get_generation(session, job_id=key, tier=tier) is not None:
-            transition(session, job, JobStatus.SUCCEEDED, detail={"tier": tier, "recovered": True})
-            return False
+        # No generation can exist yet: the image, its cost and ``succeeded`` are committed together.
         if job.attempts >= ctx.settings.max_attempts:
             _dead_letter(session, job, f"generation started {job.attempts} times without finishing", stage="generation")
             return False
