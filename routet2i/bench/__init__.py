@@ -143,3 +143,20 @@ register(
         ),
     )
 )
+
+register(
+    Benchmark(
+        name="pipeline",
+        summary="Job latency and throughput API -> route -> tier -> database (zero-cost generator) against a bare "
+        "Celery+Redis task round trip on the same broker.",
+        target="routet2i.bench.pipeline:run",
+        params=(
+            Param("latency_jobs", 100, "Jobs sent one at a time for the latency percentiles."),
+            Param("burst_jobs", 2000, "Jobs per throughput burst."),
+            Param("clients", 16, "Concurrent HTTP clients in a burst."),
+            Param("route_workers", 2, "Pool size of the route worker."),
+            Param("tier_workers", 2, "Pool size of each tier worker."),
+        ),
+        repeats=3,
+    )
+)
