@@ -22,7 +22,7 @@ from tests.support import PrivateRedis
 from worker.app import create_celery
 from worker.context import WorkerContext
 from worker.pipeline import generate_job
-from worker.reconcile import _job_id_of, broker_job_ids, reconcile
+from worker.reconcile import broker_job_ids, job_id_of, reconcile
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def test_lost_job_is_republished_and_a_queued_one_left_alone(env) -> None:
     later = utcnow() + timedelta(seconds=10 * settings.reconcile_after_s)
     again = reconcile(sessions, app, client, settings, now=later)
     assert lost not in again.republished and again.still_queued >= 1
-    assert [_job_id_of(raw) for raw in client.lrange("route", 0, -1)].count(lost) == 1
+    assert [job_id_of(raw) for raw in client.lrange("route", 0, -1)].count(lost) == 1
 
 
 def test_backoff_doubles_and_exhausted_jobs_are_dead_lettered(env) -> None:

@@ -62,7 +62,7 @@ class ReconcileReport:
         }
 
 
-def _job_id_of(raw: bytes | str) -> str | None:
+def job_id_of(raw: bytes | str) -> str | None:
     """The job id carried by a Celery message as kombu's Redis transport stores it."""
     try:
         message = json.loads(raw)
@@ -79,10 +79,10 @@ def broker_job_ids(client: redis.Redis) -> set[str]:
     ids: set[str] = set()
     for queue in QUEUES:
         for raw in client.lrange(queue, 0, -1):
-            if (job_id := _job_id_of(raw)) is not None:
+            if (job_id := job_id_of(raw)) is not None:
                 ids.add(job_id)
     for raw in client.hvals(UNACKED_KEY):
-        if (job_id := _job_id_of(raw)) is not None:
+        if (job_id := job_id_of(raw)) is not None:
             ids.add(job_id)
     return ids
 

@@ -160,3 +160,19 @@ register(
         repeats=3,
     )
 )
+
+register(
+    Benchmark(
+        name="api",
+        summary="Job submissions per second and p99 latency under gunicorn on the configured database, against "
+        "/healthz on the same server.",
+        target="routet2i.bench.api:run",
+        params=(
+            Param("seconds", 10.0, "Length of each load run."),
+            Param("connections", 32, "Concurrent connections."),
+            Param("api_workers", 4, "gunicorn worker processes."),
+            Param("api_threads", 4, "Threads per gunicorn worker."),
+        ),
+        repeats=3,
+    )
+)
