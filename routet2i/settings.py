@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     image_dir: Path = Path("./var/images")
     cache_dir: Path = Path("./var/cache")
     """Files built once per machine (tokenizer files of offline models)."""
+    reports_dir: Path = Path("./var/reports")
+    """Evaluation plots (PNG files, e.g. from ``routet2i eval --plot``) that the dashboard shows."""
 
     # One class per tier so that setting one field (ROUTET2I_CLOUD__STEPS) keeps the tier's other defaults.
     edge: EdgeSettings = Field(default_factory=EdgeSettings)

@@ -7,7 +7,8 @@ import click
 from routet2i import __version__
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
-from routet2i.cli.jobs import status, submit
+from routet2i.cli.jobs import stats, status, submit
+from routet2i.cli.ops import flower, queues
 from routet2i.cli.serve import api, worker
 
 
@@ -17,5 +18,5 @@ def main() -> None:
     """RouteT2I: route text-to-image requests between an edge and a cloud model under a cloud budget."""
 
 
-for command in (api, worker, submit, status, db, demo):
+for command in (api, worker, submit, status, stats, queues, flower, db, demo):
     main.add_command(command)
