@@ -169,7 +169,7 @@ class RouteT2ICollector:
 def init_app(app: Flask, st: ApiState) -> None:
     """Give the app its own registry (never the global one) holding the collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RouteT2ICollector(st))  # type: ignore[arg-type]
+    registry.register(RouteT2ICollector(st))
     app.extensions[REGISTRY_KEY] = registry
     app.register_blueprint(blueprint)
 

@@ -73,6 +73,6 @@ def bucket_index(column: Any, *, start: float, width_s: float) -> ColumnElement[
     The constants are rendered into the SQL text (they are floats computed here, never user text) so that
     PostgreSQL sees the same expression in SELECT and GROUP BY.
     """
-    origin = literal_column(repr(float(start)))
-    width = literal_column(repr(float(width_s)))
+    origin: ColumnElement[float] = literal_column(repr(float(start)))
+    width: ColumnElement[float] = literal_column(repr(float(width_s)))
     return floor_nonnegative((epoch(column) - origin) / width)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.expression import ColumnElement
 
@@ -51,55 +51,62 @@ def aligned_window(*, width_s: int, count: int, until: datetime) -> tuple[dateti
     return end - timedelta(seconds=width_s * count), end
 
 
+@dataclass(frozen=True)
+class _Window:
+    start: datetime
+    end: datetime
+    width_s: int
+
+
 def _per_bucket(
     session: Session,
     column: InstrumentedAttribute[Any],
+    window: _Window,
     *,
     keys: Sequence[InstrumentedAttribute[Any]],
     values: Sequence[ColumnElement[Any]],
-    start: datetime,
-    end: datetime,
-    width_s: int,
     where: Sequence[ColumnElement[bool]] = (),
-) -> list[Row[Any]]:
-    """Rows of ``(bucket index, *keys, *values)`` for rows whose ``column`` falls in ``[start, end)``."""
-    index = bucket_index(column, start=start.timestamp(), width_s=width_s)
-    query = select(index, *keys, *values).where(column >= start, column < end, *where).group_by(index, *keys)
-    return list(session.execute(query))
+) -> list[tuple[Any, ...]]:
+    """Rows of ``(bucket index, *keys, *values)`` for rows whose ``column`` falls in the window."""
+    index = bucket_index(column, start=window.start.timestamp(), width_s=window.width_s)
+    query = (
+        select(index, *keys, *values).where(column >= window.start, column < window.end, *where).group_by(index, *keys)
+    )
+    return [tuple(row) for row in session.execute(query)]
 
 
 def timeseries(session: Session, *, width_s: int, count: int, until: datetime) -> Series:
     """The series over ``count`` buckets of ``width_s`` seconds ending at the bucket containing ``until``."""
     start, end = aligned_window(width_s=width_s, count=count, until=until)
     buckets = [Bucket(start=start + timedelta(seconds=width_s * i)) for i in range(count)]
-    window = {"start": start, "end": end, "width_s": width_s}
+    window = _Window(start=start, end=end, width_s=width_s)
 
     def at(index: int) -> Bucket:
         # SQLite's timestamps are exact to the millisecond only: keep a row on the window's edge inside it.
         return buckets[min(max(int(index), 0), count - 1)]
 
     for index, tier, n in _per_bucket(
-        session, Decision.created_at, keys=[Decision.tier], values=[func.count()], **window
+        session, Decision.created_at, window, keys=[Decision.tier], values=[func.count()]
     ):
         at(index).routed[tier] += int(n)
     for index, tier, usd, gpu_s in _per_bucket(
         session,
         CostEntry.created_at,
+        window,
         keys=[CostEntry.tier],
         values=[func.sum(CostEntry.usd), func.sum(CostEntry.gpu_s)],
-        **window,
     ):
         at(index).spend_usd[tier] += float(usd or Decimal(0))
         at(index).gpu_s[tier] += float(gpu_s or 0.0)
-    for index, n in _per_bucket(session, Job.created_at, keys=[], values=[func.count()], **window):
+    for index, n in _per_bucket(session, Job.created_at, window, keys=[], values=[func.count()]):
         at(index).submitted += int(n)
     for index, status, n in _per_bucket(
         session,
         Job.finished_at,
+        window,
         keys=[Job.status],
         values=[func.count()],
         where=[Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED])],
-        **window,
     ):
         at(index).finished[status] += int(n)
 
