@@ -86,7 +86,7 @@
   const secs = (v) => (v === null || v === undefined ? "–" : v < 1 ? `${(v * 1000).toFixed(0)} ms` : `${v.toFixed(2)} s`);
   const num = (v, digits) => (typeof v === "number" ? v.toFixed(digits === undefined ? 3 : digits) : String(v));
   const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
-  const clock = (iso) => new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const clock = (iso) => new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false });
   const day = (iso) => new Date(iso).toLocaleDateString([], { month: "short", day: "numeric" });
   const badge = (text, kind) => el("span", { class: `badge ${kind || text || "none"}` }, text || "–");
 

@@ -4,9 +4,9 @@
 
 window.RouteCharts = (function () {
   const NS = "http://www.w3.org/2000/svg";
-  const WIDTH = 640;
-  const HEIGHT = 200;
-  const PAD = { left: 52, right: 12, top: 10, bottom: 28 };
+  const WIDTH = 480;
+  const HEIGHT = 220;
+  const PAD = { left: 48, right: 8, top: 10, bottom: 26 };
 
   function svg(tag, attrs, text) {
     const node = document.createElementNS(NS, tag);
@@ -34,8 +34,10 @@ window.RouteCharts = (function () {
     }
     const every = Math.max(1, Math.ceil(labels.length / 6));
     labels.forEach((label, i) => {
-      if (i % every === 0 || i === labels.length - 1) {
-        root.append(svg("text", { x: x(i), y: HEIGHT - 8, class: "tick", "text-anchor": "middle" }, label));
+      const last = i === labels.length - 1;
+      if ((i % every === 0 && labels.length - 1 - i >= every / 2) || last) {
+        const anchor = last ? "end" : i === 0 ? "start" : "middle";
+        root.append(svg("text", { x: x(i), y: HEIGHT - 8, class: "tick", "text-anchor": anchor }, label));
       }
     });
     return { root, x, y, plotW, plotH };
