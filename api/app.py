@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import redis
 from flask import Flask
 
+from api.auth import LOCAL_TENANT, KeyCache
 from api.errors import register_error_handlers
+from api.ratelimit import RateLimiter
 from api.schemas import job_create_model
 from api.state import EXTENSION, ApiState
 from db.images import ImageStore
@@ -15,6 +19,8 @@ from worker.app import create_celery
 
 REDIS_PROBE_TIMEOUT_S = 1.0
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API for ``settings`` (read from the environment when omitted)."""
@@ -22,19 +28,26 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("routet2i")
     app.json.sort_keys = False  # type: ignore[attr-defined]
     engine = make_engine(settings.database_url)
+    client = redis.Redis.from_url(
+        settings.broker_url, socket_timeout=REDIS_PROBE_TIMEOUT_S, socket_connect_timeout=REDIS_PROBE_TIMEOUT_S
+    )
     app.extensions[EXTENSION] = ApiState(
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
         celery=create_celery(settings),
         images=ImageStore(settings.image_dir),
-        redis=redis.Redis.from_url(
-            settings.broker_url,
-            socket_timeout=REDIS_PROBE_TIMEOUT_S,
-            socket_connect_timeout=REDIS_PROBE_TIMEOUT_S,
-        ),
+        redis=client,
         job_create_model=job_create_model(settings),
+        key_cache=KeyCache(),
+        rate_limiter=RateLimiter(client),
     )
+    if settings.auth == "disabled":
+        log.warning(
+            "AUTHENTICATION IS DISABLED: every request acts as the admin of tenant %r. "
+            "Use this for local demos only (ROUTET2I_AUTH=required in production).",
+            LOCAL_TENANT,
+        )
 
     from api.decisions import blueprint as decisions
     from api.health import blueprint as health

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.jobs import job_url, parse_query
 from api.schemas import DecisionListQuery, decision_out
@@ -14,6 +15,7 @@ from db.decisions import list_decisions
 from db.pagination import InvalidCursor
 
 blueprint = Blueprint("decisions", __name__)
+blueprint.before_request(authenticate)
 
 
 @blueprint.get("/v1/decisions")
@@ -24,6 +26,7 @@ def index() -> Any:
         try:
             page = list_decisions(
                 session,
+                tenant_id=None if principal().is_admin else principal().tenant_id,
                 tier=query.tier,
                 router_name=query.router,
                 router_version=query.router_version,

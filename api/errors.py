@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import sqlalchemy.exc
 from flask import Flask, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
     """An error answered to the client as JSON with ``status``."""
 
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers or {}
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -50,9 +64,22 @@ def register_error_handlers(app: Flask) -> None:
     def _api_error(exc: ApiError) -> Any:
         response = jsonify(exc.body())
         response.status_code = exc.status
-        if "retry_after" in exc.extra:
-            response.headers["Retry-After"] = str(exc.extra["retry_after"])
+        response.headers.update(exc.headers)
         return response
+
+    @app.errorhandler(sqlalchemy.exc.OperationalError)
+    @app.errorhandler(sqlalchemy.exc.InterfaceError)
+    @app.errorhandler(sqlalchemy.exc.TimeoutError)
+    def _database_down(exc: Exception) -> Any:
+        log.error("database unavailable: %s", exc)
+        return _api_error(
+            ApiError(
+                503,
+                "database_unavailable",
+                "the job database is unavailable; retry later",
+                headers={"Retry-After": "5"},
+            )
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:

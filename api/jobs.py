@@ -14,6 +14,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
+from api.auth import authenticate, principal
 from api.errors import ApiError, from_validation_error
 from api.schemas import (
     MAX_SEED,
@@ -35,6 +36,7 @@ from worker.app import ROUTE_TASK, publish
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("jobs", __name__)
+blueprint.before_request(authenticate)
 
 Q = TypeVar("Q", bound=BaseModel)
 
@@ -78,8 +80,9 @@ def job_url(job_id: uuid.UUID) -> str:
 
 
 def load_job(session: Session, raw_id: str) -> Job:
+    """The caller's job; another tenant's job answers exactly like a missing one."""
     job = get_job(session, parse_job_id(raw_id))
-    if job is None:
+    if job is None or not principal().sees(job.tenant_id):
         raise ApiError(404, "not_found", f"no job with id {raw_id!r}", field="job_id")
     return job
 
@@ -99,44 +102,62 @@ def _accepted(job: Job, status_code: int) -> tuple[Response, int, dict[str, str]
     return jsonify(body.model_dump(mode="json")), status_code, {"Location": url}
 
 
-def submit_job(spec: JobCreateBase, *, requested_tier: str | None = None) -> tuple[Job, bool]:
-    """Create (or find, by idempotency key) a job and enqueue it for routing.
+def submit_job(spec: JobCreateBase) -> tuple[Job, bool]:
+    """Create (or find, by idempotency key) the caller's job and enqueue it for routing.
 
     Returns:
         The job and whether it was created by this call.
 
     Raises:
-        ApiError: 409 when the idempotency key was used for a different request, 503 when the database or
-            the broker cannot take the job (a job that cannot be enqueued is failed, never left hanging).
+        ApiError: 403 for a forced tier the tenant may not use, 429 over the rate limit, 409 when the
+            idempotency key was used for a different request, 503 when the database or the broker cannot
+            take the job (a job that cannot be enqueued is failed, never left hanging).
     """
     st = state()
+    who = principal()
+    if spec.tier is not None and not (who.is_admin or spec.tier in who.forced_tiers):
+        raise ApiError(403, "forbidden", f"tenant {who.tenant_name!r} may not force tier {spec.tier!r}", field="tier")
+    limit = who.rate_limit_per_minute if who.rate_limit_per_minute is not None else st.settings.rate_limit_per_minute
+    wait = st.rate_limiter.check(who.tenant_id, limit)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"tenant {who.tenant_name!r} is over its limit of {limit} submissions per minute",
+            headers={"Retry-After": str(int(wait))},
+        )
     key = spec.idempotency_key
     try:
         try:
             with transaction(st.sessions) as session:
-                existing = get_job_by_idempotency_key(session, key) if key is not None else None
+                existing = (
+                    get_job_by_idempotency_key(session, tenant_id=who.tenant_id, key=key) if key is not None else None
+                )
                 if existing is not None:
                     return _check_replay(existing, spec), False
                 job = create_job(
                     session,
+                    tenant_id=who.tenant_id,
                     prompt=spec.prompt,
                     seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
                     steps=spec.steps,
                     width=spec.width,
                     height=spec.height,
                     idempotency_key=key,
-                    requested_tier=requested_tier,
+                    requested_tier=spec.tier,
                 )
         except sqlalchemy.exc.IntegrityError:
             # A concurrent request with the same key committed first: answer with its job.
             with st.sessions() as session:
-                existing = get_job_by_idempotency_key(session, key) if key is not None else None
+                existing = (
+                    get_job_by_idempotency_key(session, tenant_id=who.tenant_id, key=key) if key is not None else None
+                )
             if existing is None:
                 raise
             return _check_replay(existing, spec), False
     except DATABASE_DOWN as exc:
         raise ApiError(
-            503, "database_unavailable", "the job database is unavailable; retry later", retry_after=5
+            503, "database_unavailable", "the job database is unavailable; retry later", headers={"Retry-After": "5"}
         ) from exc
 
     try:
@@ -154,7 +175,10 @@ def submit_job(spec: JobCreateBase, *, requested_tier: str | None = None) -> tup
                     error=f"broker unavailable: {exc}",
                 )
         raise ApiError(
-            503, "broker_unavailable", "the job queue is unavailable; the job was not started", retry_after=5
+            503,
+            "broker_unavailable",
+            "the job queue is unavailable; the job was not started",
+            headers={"Retry-After": "5"},
         ) from exc
     return job, True
 
@@ -222,7 +246,15 @@ def index() -> Any:
     query = parse_query(JobListQuery)
     with state().sessions() as session:
         try:
-            page = list_jobs(session, status=query.status, tier=query.tier, limit=query.limit, cursor=query.cursor)
+            page = list_jobs(
+                session,
+                tenant_id=None if principal().is_admin else principal().tenant_id,
+                status=query.status,
+                tier=query.tier,
+                dead_lettered=query.dead_lettered,
+                limit=query.limit,
+                cursor=query.cursor,
+            )
         except InvalidCursor as exc:
             raise ApiError(400, "invalid_request", str(exc), field="cursor") from exc
         items = [job_out(job, url=job_url(job.id)).model_dump(mode="json", exclude={"events"}) for job in page.items]

@@ -39,6 +39,8 @@ class JobCreateBase(StrictModel):
     width: int | None = None
     height: int | None = None
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    tier: Literal["edge", "cloud"] | None = None
+    """Force a tier instead of routing (only for tenants allowed to)."""
 
     @field_validator("prompt")
     @classmethod
@@ -80,6 +82,7 @@ class JobListQuery(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     status: StatusName | None = None
+    dead_lettered: bool | None = None
     tier: TierName | None = None
     limit: int = Field(default=50, ge=1, le=MAX_PAGE_SIZE)
     cursor: str | None = None
@@ -154,6 +157,7 @@ class TimingsOut(BaseModel):
 class JobOut(BaseModel):
     id: uuid.UUID
     url: str
+    tenant_id: uuid.UUID
     status: StatusName
     tier: TierName | None
     requested_tier: TierName | None
@@ -164,6 +168,8 @@ class JobOut(BaseModel):
     height: int | None
     idempotency_key: str | None
     attempts: int
+    redeliveries: int
+    dead_lettered: bool
     error: str | None
     created_at: datetime
     updated_at: datetime
@@ -254,6 +260,7 @@ def job_out(
     return JobOut(
         id=job.id,
         url=url,
+        tenant_id=job.tenant_id,
         status=job.status,  # type: ignore[arg-type]
         tier=job.tier,  # type: ignore[arg-type]
         requested_tier=job.requested_tier,  # type: ignore[arg-type]
@@ -264,6 +271,8 @@ def job_out(
         height=job.height,
         idempotency_key=job.idempotency_key,
         attempts=job.attempts,
+        redeliveries=job.redeliveries,
+        dead_lettered=job.dead_lettered_at is not None,
         error=job.error,
         created_at=as_utc(job.created_at),
         updated_at=as_utc(job.updated_at),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from celery import Celery
@@ -12,6 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.images import ImageStore
 from routet2i.settings import Settings
+
+if TYPE_CHECKING:
+    from api.auth import KeyCache, Principal
+    from api.ratelimit import RateLimiter
 
 EXTENSION = "routet2i"
 
@@ -25,6 +30,9 @@ class ApiState:
     images: ImageStore
     redis: redis.Redis
     job_create_model: type
+    key_cache: KeyCache
+    rate_limiter: RateLimiter
+    local_principal: Principal | None = field(default=None)
 
 
 def state() -> ApiState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from sqlalchemy import select
@@ -44,6 +45,7 @@ def get_decision(session: Session, *, job_id: object) -> Decision | None:
 def list_decisions(
     session: Session,
     *,
+    tenant_id: uuid.UUID | None = None,
     tier: str | None = None,
     router_name: str | None = None,
     router_version: str | None = None,
@@ -53,6 +55,8 @@ def list_decisions(
     cursor: str | None = None,
 ) -> Page[Decision]:
     query = select(Decision)
+    if tenant_id is not None:
+        query = query.join(Job, Job.id == Decision.job_id).where(Job.tenant_id == tenant_id)
     if tier is not None:
         query = query.where(Decision.tier == tier)
     if router_name is not None:

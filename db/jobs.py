@@ -15,6 +15,7 @@ from db.pagination import Page, paginate
 def create_job(
     session: Session,
     *,
+    tenant_id: uuid.UUID,
     prompt: str,
     seed: int,
     steps: int | None = None,
@@ -24,8 +25,10 @@ def create_job(
     requested_tier: str | None = None,
 ) -> Job:
     """Add a queued job and its first event to ``session`` (the caller commits)."""
+    now = utcnow()
     job = Job(
         id=uuid.uuid4(),
+        tenant_id=tenant_id,
         prompt=prompt,
         seed=seed,
         steps=steps,
@@ -34,7 +37,11 @@ def create_job(
         idempotency_key=idempotency_key,
         requested_tier=requested_tier,
         status=JobStatus.QUEUED,
-        created_at=utcnow(),
+        attempts=0,
+        redeliveries=0,
+        created_at=now,
+        updated_at=now,
+        enqueued_at=now,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, status=JobStatus.QUEUED, at=job.created_at))
@@ -48,8 +55,8 @@ def get_job(session: Session, job_id: uuid.UUID, *, for_update: bool = False) ->
     return session.scalars(query).first()
 
 
-def get_job_by_idempotency_key(session: Session, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+def get_job_by_idempotency_key(session: Session, *, tenant_id: uuid.UUID, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)).first()
 
 
 def transition(
@@ -76,12 +83,19 @@ def transition(
 def list_jobs(
     session: Session,
     *,
+    tenant_id: uuid.UUID | None = None,
     status: str | None = None,
     tier: str | None = None,
+    dead_lettered: bool | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> Page[Job]:
+    """Jobs newest first; ``tenant_id`` None lists every tenant's (admin views)."""
     query = select(Job)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    if dead_lettered is not None:
+        query = query.where(Job.dead_lettered_at.is_not(None) if dead_lettered else Job.dead_lettered_at.is_(None))
     if status is not None:
         query = query.where(Job.status == status)
     if tier is not None:

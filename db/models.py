@@ -61,10 +61,52 @@ class Tier(enum.StrEnum):
     CLOUD = "cloud"
 
 
+class Tenant(Base):
+    """A customer of the service: owns jobs, holds API keys, may have its own cloud budget and rate limit."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Admins see every tenant's jobs and decisions."""
+    cloud_budget: Mapped[float | None] = mapped_column(Float)
+    """The tenant's own ρ, held over its own window; None: the deployment's budget."""
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    """Job submissions allowed per minute; None: the deployment's default."""
+    forced_tiers: Mapped[str] = mapped_column(String(32), default="")
+    """Comma-separated tiers the tenant may force instead of routing (e.g. ``"edge,cloud"``)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
+
+    def may_force(self, tier: str) -> bool:
+        return tier in {t for t in self.forced_tiers.split(",") if t}
+
+
+class ApiKey(Base):
+    """An API key, stored as the SHA-256 of the secret (keys are 256-bit random, so no slow hash is needed)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The first characters of the key, shown in listings to tell keys apart."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    tenant: Mapped[Tenant] = relationship(back_populates="keys")
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="RESTRICT", name="fk_jobs_tenant_id")
+    )
     prompt: Mapped[str] = mapped_column(Text)
     seed: Mapped[int] = mapped_column(BigInteger)
     steps: Mapped[int | None] = mapped_column(Integer)
@@ -78,6 +120,16 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """Generation attempts started (a redelivered or retried job counts each)."""
+    redeliveries: Mapped[int] = mapped_column(Integer, default=0)
+    """Times the reconciler re-published the job after finding it stuck."""
+    enqueued_at: Mapped[datetime | None]
+    """When the job's current step was last published to a queue."""
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    """The delivery (Celery task id) generating the job; a redelivery of the same id takes over."""
+    lease_until: Mapped[datetime | None]
+    """Until when that delivery is presumed alive; after it, the reconciler re-publishes the job."""
+    dead_lettered_at: Mapped[datetime | None]
+    """Set when the job failed because retries or redeliveries were exhausted; ``routet2i dlq replay`` revives it."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     routed_at: Mapped[datetime | None]
@@ -91,8 +143,10 @@ class Job(Base):
     generations: Mapped[list[Generation]] = relationship(back_populates="job", order_by="Generation.created_at")
 
     __table_args__ = (
-        UniqueConstraint("idempotency_key", name="uq_jobs_idempotency_key"),
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_dead_lettered", "dead_lettered_at"),
         Index("ix_jobs_tier_created", "tier", "created_at"),
         Index("ix_jobs_created", "created_at"),
     )

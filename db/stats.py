@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from db.models import CostEntry, Decision, Generation, Job, JobStatus
@@ -22,28 +23,46 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[index]
 
 
-def job_stats(session: Session) -> dict[str, Any]:
-    """Counts by status and tier, cloud share of routed jobs, spend, mean quality and latency percentiles."""
+def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None) -> dict[str, Any]:
+    """Counts by status and tier, cloud share of routed jobs, spend, mean quality and latency percentiles.
+
+    Args:
+        session: an open session.
+        tenant_id: one tenant's figures; None for the whole deployment.
+    """
+
+    def scoped(query: Select[Any], model: Any) -> Select[Any]:
+        if tenant_id is None:
+            return query
+        if model is Job:
+            return query.where(Job.tenant_id == tenant_id)
+        return query.join(Job, Job.id == model.job_id).where(Job.tenant_id == tenant_id)
+
     by_status = {s.value: 0 for s in JobStatus}
-    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+    for status, count in session.execute(scoped(select(Job.status, func.count()), Job).group_by(Job.status)):
         by_status[status] = count
+    dead_lettered = session.scalar(
+        scoped(select(func.count()).select_from(Job), Job).where(Job.dead_lettered_at.is_not(None))
+    )
 
     by_tier = {"edge": 0, "cloud": 0}
-    for tier, count in session.execute(select(Decision.tier, func.count()).group_by(Decision.tier)):
+    for tier, count in session.execute(scoped(select(Decision.tier, func.count()), Decision).group_by(Decision.tier)):
         by_tier[tier] = count
     routed = sum(by_tier.values())
 
     spend = {"edge": 0.0, "cloud": 0.0}
     gpu_s = {"edge": 0.0, "cloud": 0.0}
     for tier, usd, seconds in session.execute(
-        select(CostEntry.tier, func.sum(CostEntry.usd), func.sum(CostEntry.gpu_s)).group_by(CostEntry.tier)
+        scoped(select(CostEntry.tier, func.sum(CostEntry.usd), func.sum(CostEntry.gpu_s)), CostEntry).group_by(
+            CostEntry.tier
+        )
     ):
         spend[tier] = float(usd or 0.0)
         gpu_s[tier] = float(seconds or 0.0)
 
     quality_sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for tier, quality in session.execute(
-        select(Generation.tier, Generation.quality).where(Generation.quality.is_not(None))
+        scoped(select(Generation.tier, Generation.quality), Generation).where(Generation.quality.is_not(None))
     ):
         for metric, value in (quality or {}).get("values", {}).items():
             quality_sums[tier][metric].append(float(value))
@@ -52,7 +71,7 @@ def job_stats(session: Session) -> dict[str, Any]:
     }
 
     finished = session.execute(
-        select(Job.created_at, Job.finished_at)
+        scoped(select(Job.created_at, Job.finished_at), Job)
         .where(Job.status == JobStatus.SUCCEEDED, Job.finished_at.is_not(None))
         .order_by(Job.finished_at.desc())
         .limit(LATENCY_SAMPLE)
@@ -60,7 +79,7 @@ def job_stats(session: Session) -> dict[str, Any]:
     latencies = sorted((as_utc(end) - as_utc(start)).total_seconds() for start, end in finished)
 
     return {
-        "jobs": {"total": sum(by_status.values()), "by_status": by_status},
+        "jobs": {"total": sum(by_status.values()), "by_status": by_status, "dead_lettered": dead_lettered or 0},
         "routed": {
             "total": routed,
             "by_tier": by_tier,

@@ -185,9 +185,10 @@ class MemoryBudgetStore:
 class BudgetController:
     """Decides requests one by one against a budget held in a :class:`BudgetStore`."""
 
-    def __init__(self, config: BudgetConfig, store: BudgetStore) -> None:
+    def __init__(self, config: BudgetConfig, store: BudgetStore, *, name: str = "default") -> None:
         self.config = config
         self.store = store
+        self.name = name
 
     def decide(
         self, score: float, *, floor: float | None = None, calibrated_threshold: float | None = None

@@ -4,6 +4,7 @@ Format of one line::
 
     {"id": "00001", "prompt": "...",
      "quality": {"edge": {"alignment": 3.0}, "cloud": {"alignment": 4.3}},
+     "metric_set": "human",                            # optional: where the numbers come from
      "cost": {"edge": 0.009, "cloud": 0.065}}          # optional, and any other extra fields
 
 Both tiers must carry the same metrics. Extra fields are kept in :attr:`LogRecord.extra`.
@@ -50,6 +51,7 @@ class LogRecord:
             "id": self.id,
             "prompt": self.prompt,
             "quality": {"edge": dict(self.edge.values), "cloud": dict(self.cloud.values)},
+            "metric_set": self.edge.metric_set,
             **self.extra,
         }
 
@@ -74,7 +76,7 @@ class LogRecord:
             vectors[tier] = QualityVector(values=values, metric_set=str(data.get("metric_set", "log")))
         if set(vectors["edge"].metrics) != set(vectors["cloud"].metrics):
             raise LogFormatError(f"{where}: 'quality.edge' and 'quality.cloud' must have the same metrics")
-        extra = {k: v for k, v in data.items() if k not in ("id", "prompt", "quality")}
+        extra = {k: v for k, v in data.items() if k not in ("id", "prompt", "quality", "metric_set")}
         return cls(
             id=str(data["id"]),
             prompt=data["prompt"],

@@ -20,36 +20,40 @@ class RoutingPolicy:
         self.router = router
         self.budget = budget
 
-    def decide(self, prompt: str, *, requested_tier: Tier | None = None) -> RoutingDecision:
+    def decide(
+        self, prompt: str, *, requested_tier: Tier | None = None, budget: BudgetController | None = None
+    ) -> RoutingDecision:
         """Route one prompt.
 
         Args:
             prompt: the job's prompt.
             requested_tier: a tier the caller forced; the router still predicts (for the audit trail) but the
                 budget is neither consulted nor charged.
+            budget: a budget other than the policy's own (a tenant with its own cloud budget).
 
         Returns:
             The decision with everything the audit trail needs.
         """
         started = time.perf_counter()
+        budget = budget or self.budget
         prediction: Prediction = self.router.predict([prompt])[0]
         inputs = {"prompt_chars": len(prompt), **dict(prediction.features)}
-        config = self.budget.config
+        config = budget.config
 
         if requested_tier is not None:
             tier: Tier = requested_tier
             threshold = None
-            state = {"rho": config.rho, "window": config.window, "forced": True}
+            state = {"rho": config.rho, "window": config.window, "budget": budget.name, "forced": True}
             reason = f"tier {requested_tier!r} requested by the caller"
             inputs["requested_tier"] = requested_tier
         else:
-            verdict = self.budget.decide(
+            verdict = budget.decide(
                 prediction.score,
                 floor=prediction.max_score_for_edge,
                 calibrated_threshold=self.router.calibrated_threshold(config.rho),
             )
             tier = "cloud" if verdict.cloud else "edge"
-            threshold, state, reason = verdict.threshold, dict(verdict.state), verdict.reason
+            threshold, state, reason = verdict.threshold, {**verdict.state, "budget": budget.name}, verdict.reason
 
         return RoutingDecision(
             tier=tier,

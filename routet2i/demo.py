@@ -27,6 +27,7 @@ from worker.budget_store import RedisBudgetStore
 
 READY_TIMEOUT_S = 120.0
 DEMO_BUDGET = "demo"
+DEMO_TENANT = "demo"
 STOP_TIMEOUT_S = 30.0
 
 
@@ -156,6 +157,16 @@ def summarize(jobs: list[dict[str, Any]], stats: dict[str, Any], settings: Setti
     return "\n".join(lines)
 
 
+def demo_key(settings: Settings) -> str:
+    """A fresh API key of the ``demo`` tenant (created on first use)."""
+    from db.session import make_engine, make_session_factory, transaction
+    from db.tenants import create_tenant, get_tenant_by_name, issue_api_key
+
+    with transaction(make_session_factory(make_engine(settings.database_url))) as session:
+        tenant = get_tenant_by_name(session, DEMO_TENANT) or create_tenant(session, name=DEMO_TENANT)
+        return issue_api_key(session, tenant=tenant)
+
+
 def run_demo(settings: Settings, *, n_prompts: int, seed: int, timeout: float, log_dir: str) -> int:
     """Run the demo; returns a process exit code (0 when every job succeeded)."""
     from db.migrate import upgrade
@@ -166,6 +177,7 @@ def run_demo(settings: Settings, *, n_prompts: int, seed: int, timeout: float, l
     RedisBudgetStore(
         redis.Redis.from_url(settings.state_redis_url), window=settings.budget_window, name=DEMO_BUDGET
     ).reset()
+    key = demo_key(settings)
     prompts = sample_prompts(n_prompts, seed=seed)
     env = {
         **os.environ,
@@ -178,7 +190,7 @@ def run_demo(settings: Settings, *, n_prompts: int, seed: int, timeout: float, l
     print(f"starting API and workers (logs in {log_dir}/)", file=sys.stderr)
     stack = start_stack(env, log_dir=log_dir)
     try:
-        with httpx.Client(timeout=30.0) as http:
+        with httpx.Client(timeout=30.0, headers={"Authorization": f"Bearer {key}"}) as http:
             wait_ready(stack, http)
             started = time.monotonic()
             jobs = run_jobs(stack, http, prompts, timeout=timeout)

@@ -105,13 +105,33 @@ class Settings(BaseSettings):
     """CPU threads each model process may use (None: torch's default, all cores). Set it when several
     model workers share a machine's CPU, or they slow each other down by oversubscription."""
 
+    lease_s: float = Field(default=900.0, gt=0)
+    """How long a generation may run before the job is presumed orphaned; must exceed the slowest generation."""
+    reconcile_after_s: float = Field(default=120.0, gt=0)
+    """A queued job untouched this long, and absent from its queue, is re-published by the reconciler."""
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    """Pause between reconciler passes (``routet2i reconcile``)."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Generation attempts (deliveries that started generating) before a job is dead-lettered."""
+    max_redeliveries: int = Field(default=5, ge=0)
+    """Reconciler re-publications of one job before it is dead-lettered."""
+
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_steps: int = Field(default=150, ge=1)
     min_size: int = Field(default=64, ge=8)
     max_size: int = Field(default=2048, ge=64)
 
+    auth: Literal["required", "disabled"] = "required"
+    """``disabled`` lets every request in as the admin of a tenant named ``local``: for local demos only."""
+    auth_cache_s: float = Field(default=30.0, ge=0.0)
+    """How long the API trusts a looked-up key before checking it again (revocation delay); 0 disables."""
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    """Job submissions per tenant per minute when the tenant has no limit of its own; 0: unlimited."""
+
     api_url: str = "http://127.0.0.1:8000"
     """Where CLI commands such as ``submit`` and ``status`` reach the API."""
+    api_key: SecretStr | None = None
+    """The key CLI commands send to the API (``Authorization: Bearer``)."""
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -139,14 +159,14 @@ class Settings(BaseSettings):
                 name = f"{prefix}{key.upper()}"
                 if isinstance(value, dict):
                     put(name + "__", value)
+                elif isinstance(value, SecretStr):
+                    env[name] = value.get_secret_value()
+                elif isinstance(value, bool):
+                    env[name] = str(value).lower()
                 elif value is not None:
-                    env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+                    env[name] = str(value)
 
         data = self.model_dump()
-        for tier in TIERS:
-            key = data[tier].get("api_key")
-            if key is not None:
-                data[tier]["api_key"] = self.tier(tier).api_key.get_secret_value()  # type: ignore[union-attr]
         put("ROUTET2I_", data)
         return env
 

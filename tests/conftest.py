@@ -129,6 +129,28 @@ def db_session(pg_url: str) -> Iterator[Session]:
     engine.dispose()
 
 
+def create_tenant_key(settings: Settings, name: str | None = None, **options: object) -> str:
+    """Create a tenant (a unique name unless given) in the settings' database and return an API key for it."""
+    import uuid
+
+    from db.session import make_engine, make_session_factory, transaction
+    from db.tenants import create_tenant, issue_api_key
+
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            tenant = create_tenant(session, name=name or f"t-{uuid.uuid4().hex[:10]}", **options)  # type: ignore[arg-type]
+            return issue_api_key(session, tenant=tenant)
+    finally:
+        engine.dispose()
+
+
+def authorize(client, key: str):  # type: ignore[no-untyped-def]
+    """Make every request of a Flask test client carry ``key``."""
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client
+
+
 @pytest.fixture(scope="session")
 def stack(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
     """One real Celery worker process per queue (route, edge, cloud) on the test Redis and PostgreSQL."""

@@ -18,7 +18,7 @@ from werkzeug.serving import make_server
 
 from api.app import create_app
 from routet2i.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import WorkerPool, wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -100,7 +100,7 @@ def client(http_settings: Settings, stack: WorkerPool, tmp_path_factory):
         pool.start(queue)
     pool.wait_ready()
     with create_app(http_settings).test_client() as test_client:
-        yield test_client
+        yield authorize(test_client, create_tenant_key(http_settings))
     pool.stop_all()
     for queue in ("route", "edge", "cloud"):
         stack.start(queue)

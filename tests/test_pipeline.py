@@ -13,6 +13,7 @@ from api.app import create_app
 from db.models import CostEntry, Decision, Generation, JobEvent
 from db.session import make_engine, make_session_factory
 from routet2i.settings import Settings
+from tests.conftest import authorize, create_tenant_key
 from tests.support import WorkerPool, wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def client(pg_settings: Settings, stack: WorkerPool):
     app = create_app(pg_settings)
     with app.test_client() as test_client:
-        yield test_client
+        yield authorize(test_client, create_tenant_key(pg_settings))
 
 
 def count(settings: Settings, model: type, job_id: uuid.UUID) -> int:

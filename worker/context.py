@@ -16,6 +16,9 @@ from db.session import make_engine, make_session_factory
 from routet2i.settings import Settings
 
 if TYPE_CHECKING:
+    import redis
+
+    from router.budget import BudgetController
     from router.policy import RoutingPolicy
     from worker.generation import Generator
 
@@ -30,6 +33,8 @@ class WorkerContext:
         self.images = ImageStore(settings.image_dir)
         self._generators: dict[str, Generator] = {}
         self._policy: RoutingPolicy | None = None
+        self._budgets: dict[tuple[str, float], BudgetController] = {}
+        self._redis: redis.Redis | None = None
 
     def generator(self, tier: str) -> Generator:
         if tier not in self._generators:
@@ -40,22 +45,28 @@ class WorkerContext:
 
     def policy(self) -> RoutingPolicy:
         if self._policy is None:
-            import redis
-
             from router.base import load_router
-            from router.budget import BudgetConfig, BudgetController
             from router.policy import RoutingPolicy
-            from worker.budget_store import RedisBudgetStore
 
             router = load_router(self.settings.router, self.settings.router_model)
-            store = RedisBudgetStore(
-                redis.Redis.from_url(self.settings.state_redis_url),
-                window=self.settings.budget_window,
-                name=self.settings.budget_name,
-            )
-            config = BudgetConfig(rho=self.settings.cloud_budget, window=self.settings.budget_window)
-            self._policy = RoutingPolicy(router, BudgetController(config, store))
+            self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
         return self._policy
+
+    def budget(self, name: str, rho: float) -> BudgetController:
+        """The shared budget window ``name`` (the deployment's, or a tenant's own) held to ``rho``."""
+        key = (name, rho)
+        if key not in self._budgets:
+            import redis
+
+            from router.budget import BudgetConfig, BudgetController
+            from worker.budget_store import RedisBudgetStore
+
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(self.settings.state_redis_url)
+            window = self.settings.budget_window
+            store = RedisBudgetStore(self._redis, window=window, name=name)
+            self._budgets[key] = BudgetController(BudgetConfig(rho=rho, window=window), store, name=name)
+        return self._budgets[key]
 
     def warm_up(self, queues: list[str]) -> None:
         """Load what the consumed queues need before the first message arrives."""

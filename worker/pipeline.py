@@ -4,20 +4,29 @@ Each function takes a job id, reads the job from the database (the source of tru
 commits the outcome with the job's next state. All are idempotent: a redelivered message for a step that was
 already done only re-publishes the next step, and unique keys make a duplicate generation or cost entry
 fail at commit instead of being recorded twice.
+
+Generation is guarded by a lease: the delivery that starts generating a job records its Celery task id and
+a deadline. A redelivery of that same message (its worker died) takes over at once; a different message for
+the same job (a duplicate publication) leaves a live lease alone. After the deadline, the reconciler treats
+the job as orphaned.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from db.decisions import get_decision, record_decision
 from db.generations import get_generation, record_generation
 from db.jobs import get_job, transition
-from db.models import Job, JobStatus
+from db.models import Job, JobStatus, utcnow
+from db.pagination import as_utc
 from db.session import transaction
+from db.tenants import get_tenant
 from worker.app import GENERATE_TASKS, publish
 from worker.context import WorkerContext
 from worker.generation import GenerationRequest, cost_usd
@@ -44,13 +53,18 @@ def route_job(ctx: WorkerContext, job_id: str) -> str | None:
         existing = get_decision(session, job_id=key)
         if existing is None:
             transition(session, job, JobStatus.ROUTING)
-        prompt, requested = job.prompt, job.requested_tier
+        prompt, requested, tenant_id = job.prompt, job.requested_tier, job.tenant_id
+        tenant = get_tenant(session, tenant_id)
+        tenant_budget = tenant.cloud_budget if tenant is not None else None
 
     if existing is not None:
         # Redelivery after the decision was committed: only the hand-off may be missing.
         tier = existing.tier
     else:
-        decision = ctx.policy().decide(prompt, requested_tier=requested)  # type: ignore[arg-type]
+        policy = ctx.policy()
+        # A tenant with its own cloud budget is held to it over its own window; others share the deployment's.
+        budget = ctx.budget(f"tenant-{tenant_id}", tenant_budget) if tenant_budget is not None else None
+        decision = policy.decide(prompt, requested_tier=requested, budget=budget)  # type: ignore[arg-type]
         tier = decision.tier
         try:
             with transaction(ctx.sessions) as session:
@@ -59,6 +73,7 @@ def route_job(ctx: WorkerContext, job_id: str) -> str | None:
                     return None
                 assert job is not None
                 record_decision(session, job=job, decision=decision)
+                job.enqueued_at = utcnow()
                 transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": tier})
         except IntegrityError:
             # Another delivery of this message recorded its decision first; follow that one.
@@ -73,13 +88,37 @@ def route_job(ctx: WorkerContext, job_id: str) -> str | None:
     return tier
 
 
-def generate_job(ctx: WorkerContext, job_id: str, tier: str) -> bool:
+def _claim(session: Session, job: Job, *, tier: str, delivery: str, ctx: WorkerContext) -> bool:
+    """Take the generation lease for ``delivery``; False when another live delivery holds it."""
+    now = utcnow()
+    if (
+        job.status == JobStatus.GENERATING
+        and job.lease_owner not in (None, delivery)
+        and job.lease_until is not None
+        and as_utc(job.lease_until) > now
+    ):
+        return False
+    job.attempts += 1
+    job.lease_owner = delivery
+    job.lease_until = now + timedelta(seconds=ctx.settings.lease_s)
+    transition(session, job, JobStatus.GENERATING, detail={"tier": tier, "attempt": job.attempts})
+    return True
+
+
+def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | None = None) -> bool:
     """Generate the image of a routed job on ``tier``, store it, bill it and mark the job succeeded.
+
+    Args:
+        ctx: the worker process's resources.
+        job_id: the job.
+        tier: the tier whose worker runs this.
+        delivery: the Celery task id of the message being handled (a redelivery keeps its id).
 
     Returns:
         True when this call produced the image, False when there was nothing (left) to do.
     """
     key = uuid.UUID(job_id)
+    delivery = delivery or f"local-{uuid.uuid4()}"
     tier_settings = ctx.settings.tier(tier)
     with transaction(ctx.sessions) as session:
         job = get_job(session, key, for_update=True)
@@ -89,8 +128,12 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str) -> bool:
         if get_generation(session, job_id=key, tier=tier) is not None:
             transition(session, job, JobStatus.SUCCEEDED, detail={"tier": tier, "recovered": True})
             return False
-        job.attempts += 1
-        transition(session, job, JobStatus.GENERATING, detail={"tier": tier, "attempt": job.attempts})
+        if job.attempts >= ctx.settings.max_attempts:
+            _dead_letter(session, job, f"generation started {job.attempts} times without finishing", stage="generation")
+            return False
+        if not _claim(session, job, tier=tier, delivery=delivery, ctx=ctx):
+            log.info("duplicate message left alone: a live delivery holds the lease", extra={"job_id": job_id})
+            return False
         request = GenerationRequest(
             prompt=job.prompt,
             seed=job.seed,
@@ -129,6 +172,8 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str) -> bool:
                 cost_usd=cost,
                 quality=None,
             )
+            job.lease_owner = None
+            job.lease_until = None
             transition(session, job, JobStatus.SUCCEEDED, detail={"tier": tier, "image_sha256": stored.sha256})
     except IntegrityError:
         log.warning("duplicate generation discarded", extra={"job_id": job_id, "tier": tier})
@@ -137,13 +182,37 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str) -> bool:
     return True
 
 
-def fail_job(ctx: WorkerContext, job_id: str, error: str, *, stage: str) -> bool:
-    """Mark a job failed with a reason the user can read. Returns False if it had already ended."""
+def _dead_letter(session: Session, job: Job, reason: str, *, stage: str) -> None:
+    job.dead_lettered_at = utcnow()
+    job.lease_owner = None
+    job.lease_until = None
+    transition(
+        session, job, JobStatus.FAILED, detail={"stage": stage, "dead_lettered": True}, error=f"dead-lettered: {reason}"
+    )
+    log.error("job dead-lettered", extra={"job_id": str(job.id), "stage": stage, "reason": reason})
+
+
+def fail_job(ctx: WorkerContext, job_id: str, error: str, *, stage: str, dead_letter: bool = False) -> bool:
+    """Mark a job failed with a reason the user can read. Returns False if it had already ended.
+
+    Args:
+        ctx: the worker process's resources.
+        job_id: the job.
+        error: what went wrong, for the user.
+        stage: ``routing`` or ``generation``.
+        dead_letter: the failure may pass (exhausted retries of a transient fault): keep the job replayable
+            with ``routet2i dlq replay``.
+    """
     with transaction(ctx.sessions) as session:
         job = get_job(session, uuid.UUID(job_id), for_update=True)
         if _is_done(job):
             return False
         assert job is not None
-        transition(session, job, JobStatus.FAILED, detail={"stage": stage}, error=error)
-    log.warning("job failed", extra={"job_id": job_id, "stage": stage, "error": error})
+        if dead_letter:
+            _dead_letter(session, job, error, stage=stage)
+        else:
+            job.lease_owner = None
+            job.lease_until = None
+            transition(session, job, JobStatus.FAILED, detail={"stage": stage}, error=error)
+            log.warning("job failed", extra={"job_id": job_id, "stage": stage, "error": error})
     return True

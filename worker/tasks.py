@@ -53,12 +53,14 @@ def _run(task: Task, stage: str, job_id: str, step: Any, *, generation_retries: 
         if task.request.retries < INFRA_MAX_RETRIES:
             log.warning("transient failure, retrying", extra={"job_id": job_id, "stage": stage, "error": str(exc)})
             raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=INFRA_MAX_RETRIES) from exc
-        pipeline.fail_job(ctx, job_id, f"{stage} failed: infrastructure unavailable: {exc}", stage=stage)
+        pipeline.fail_job(
+            ctx, job_id, f"{stage} failed: infrastructure unavailable: {exc}", stage=stage, dead_letter=True
+        )
     except GenerationError as exc:
         if exc.retryable and task.request.retries < generation_retries:
             log.warning("generation failed, retrying", extra={"job_id": job_id, "error": str(exc)})
             raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=generation_retries) from exc
-        pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage)
+        pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage, dead_letter=exc.retryable)
     except Exception as exc:
         log.exception("step failed", extra={"job_id": job_id, "stage": stage})
         pipeline.fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)
@@ -89,7 +91,7 @@ def register_tasks(app: Celery) -> None:
                 self,
                 "generation",
                 job_id,
-                lambda ctx: pipeline.generate_job(ctx, job_id, tier),
+                lambda ctx: pipeline.generate_job(ctx, job_id, tier, delivery=self.request.id),
                 generation_retries=settings.max_retries,
             )
 

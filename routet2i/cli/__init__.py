@@ -9,7 +9,9 @@ from routet2i.cli.db import db
 from routet2i.cli.demo import demo
 from routet2i.cli.jobs import stats, status, submit
 from routet2i.cli.ops import flower, queues
+from routet2i.cli.recovery import dlq, reconcile
 from routet2i.cli.serve import api, worker
+from routet2i.cli.tenants import tenant
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -18,5 +20,5 @@ def main() -> None:
     """RouteT2I: route text-to-image requests between an edge and a cloud model under a cloud budget."""
 
 
-for command in (api, worker, submit, status, stats, queues, flower, db, demo):
+for command in (api, worker, submit, status, stats, queues, flower, db, demo, tenant, reconcile, dlq):
     main.add_command(command)

@@ -28,8 +28,9 @@ class ApiClientError(click.ClickException):
 class ApiClient:
     """A small client of the RouteT2I HTTP API."""
 
-    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(self, base_url: str, *, key: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 
     def _check(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:
@@ -63,7 +64,8 @@ class ApiClient:
 
 def client(api_url: str | None) -> ApiClient:
     settings = load_settings()
-    return ApiClient(api_url or settings.api_url)
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    return ApiClient(api_url or settings.api_url, key=key)
 
 
 def describe(job: dict[str, Any]) -> str:

@@ -1,0 +1,242 @@
+"""The jobs API against real PostgreSQL and Redis: what is accepted, what is refused, and that refusals
+leave no row and no queue message behind."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from api.app import create_app
+from db.models import Job, JobEvent
+from db.session import make_engine, make_session_factory
+from routet2i.settings import Settings
+from tests.conftest import authorize, create_tenant_key
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def app(pg_settings: Settings, redis_client: redis.Redis):
+    return create_app(pg_settings)
+
+
+@pytest.fixture()
+def key(pg_settings: Settings) -> str:
+    return create_tenant_key(pg_settings)
+
+
+@pytest.fixture()
+def client(app, key):
+    with app.test_client() as test_client:
+        yield authorize(test_client, key)
+
+
+def job_count(settings: Settings) -> int:
+    with make_session_factory(make_engine(settings.database_url))() as session:
+        return session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+def route_queue_length(client_redis: redis.Redis) -> int:
+    return int(client_redis.llen("route"))
+
+
+def test_accepted_job_is_queued_with_its_parameters(client, redis_client) -> None:
+    response = client.post(
+        "/v1/jobs", json={"prompt": "  a cat  ", "seed": 3, "steps": 10, "width": 512, "height": 256}
+    )
+    assert response.status_code == 202
+    job = client.get(response.get_json()["url"]).get_json()
+    assert job["prompt"] == "a cat"  # surrounding whitespace is not part of the prompt
+    assert (job["seed"], job["steps"], job["width"], job["height"]) == (3, 10, 512, 256)
+    assert job["status"] == "queued" and job["tier"] is None and job["decision"] is None
+    assert [e["status"] for e in job["events"]] == ["queued"]
+    assert route_queue_length(redis_client) == 1
+
+
+def test_seed_is_chosen_and_recorded_when_not_given(client) -> None:
+    first = client.get(client.post("/v1/jobs", json={"prompt": "a dog"}).get_json()["url"]).get_json()
+    second = client.get(client.post("/v1/jobs", json={"prompt": "a dog"}).get_json()["url"]).get_json()
+    assert isinstance(first["seed"], int) and first["seed"] >= 0
+    assert first["seed"] != second["seed"]
+
+
+BAD_BODIES = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   \n\t "}, "prompt"),
+    ({"prompt": "x" * 2001}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": "a\x00b"}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "a cat", "colour": "red"}, "colour"),
+    ({"prompt": "a cat", "steps": 0}, "steps"),
+    ({"prompt": "a cat", "steps": 151}, "steps"),
+    ({"prompt": "a cat", "steps": "20"}, "steps"),
+    ({"prompt": "a cat", "steps": 2.5}, "steps"),
+    ({"prompt": "a cat", "steps": True}, "steps"),
+    ({"prompt": "a cat", "width": 100}, "width"),
+    ({"prompt": "a cat", "width": 56}, "width"),
+    ({"prompt": "a cat", "height": 4096}, "height"),
+    ({"prompt": "a cat", "seed": -1}, "seed"),
+    ({"prompt": "a cat", "seed": 2**64}, "seed"),
+    ({"prompt": "a cat", "idempotency_key": ""}, "idempotency_key"),
+    ({"prompt": "a cat", "idempotency_key": "k" * 256}, "idempotency_key"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_BODIES)
+def test_bad_bodies_are_refused_naming_the_field_and_create_nothing(
+    client, pg_settings, redis_client, body, field
+) -> None:
+    before = job_count(pg_settings)
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert error["field"] == field
+    assert field in error["message"]
+    assert job_count(pg_settings) == before
+    assert route_queue_length(redis_client) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [("not json", "application/json"), ('{"prompt": "a cat"', "application/json"), ("prompt=a cat", "text/plain")],
+)
+def test_non_json_bodies_are_refused(client, pg_settings, redis_client, data, content_type) -> None:
+    before = job_count(pg_settings)
+    response = client.post("/v1/jobs", data=data, content_type=content_type)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["field"] == "body"
+    assert job_count(pg_settings) == before
+    assert route_queue_length(redis_client) == 0
+
+
+def test_json_that_is_not_an_object_is_refused(client) -> None:
+    response = client.post("/v1/jobs", json=["a cat"])
+    assert response.status_code == 422
+    assert response.get_json()["error"]["field"] == "body"
+
+
+@pytest.mark.parametrize("job_id", ["not-a-uuid", "123", str(uuid.uuid4())])
+def test_unknown_or_malformed_job_ids_are_404_naming_the_field(client, job_id) -> None:
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/image"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert response.get_json()["error"]["field"] == "job_id"
+
+
+def test_image_of_an_unfinished_job_is_409(client) -> None:
+    url = client.post("/v1/jobs", json={"prompt": "a cat"}).get_json()["url"]
+    response = client.get(url + "/image")
+    assert response.status_code == 409
+    assert response.get_json()["error"]["job_status"] == "queued"
+
+
+def test_idempotency_key_returns_the_same_job(client, pg_settings, redis_client) -> None:
+    body = {"prompt": "a cat", "idempotency_key": "order-17"}
+    first = client.post("/v1/jobs", json=body)
+    second = client.post("/v1/jobs", json=body)
+    assert (first.status_code, second.status_code) == (202, 200)
+    assert first.get_json()["id"] == second.get_json()["id"]
+    assert route_queue_length(redis_client) == 1
+
+    header = client.post("/v1/jobs", json={"prompt": "a cat"}, headers={"Idempotency-Key": "order-17"})
+    assert header.status_code == 200 and header.get_json()["id"] == first.get_json()["id"]
+
+
+def test_idempotency_key_reused_for_another_request_is_409(client) -> None:
+    client.post("/v1/jobs", json={"prompt": "a cat", "idempotency_key": "order-18"})
+    response = client.post("/v1/jobs", json={"prompt": "a dog", "idempotency_key": "order-18"})
+    assert response.status_code == 409
+    assert response.get_json()["error"]["field"] == "idempotency_key"
+
+
+def test_conflicting_idempotency_header_and_field_are_refused(client) -> None:
+    response = client.post(
+        "/v1/jobs", json={"prompt": "a cat", "idempotency_key": "a"}, headers={"Idempotency-Key": "b"}
+    )
+    assert response.status_code == 422
+    assert response.get_json()["error"]["field"] == "idempotency_key"
+
+
+def test_concurrent_submissions_with_one_key_make_one_job(app, key, pg_settings, redis_client) -> None:
+    before = job_count(pg_settings)
+
+    def submit(_: int) -> tuple[int, str]:
+        with authorize(app.test_client(), key) as c:
+            r = c.post("/v1/jobs", json={"prompt": "a race", "idempotency_key": "race-1"})
+            return r.status_code, r.get_json()["id"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(submit, range(16)))
+    assert {job_id for _, job_id in results} == {results[0][1]}
+    assert sorted(code for code, _ in results).count(202) == 1
+    assert job_count(pg_settings) == before + 1
+    assert route_queue_length(redis_client) == 1
+
+
+LIST_ERRORS = [
+    ("/v1/jobs?status=done", "status"),
+    ("/v1/jobs?tier=gpu", "tier"),
+    ("/v1/jobs?limit=0", "limit"),
+    ("/v1/jobs?limit=501", "limit"),
+    ("/v1/jobs?limit=ten", "limit"),
+    ("/v1/jobs?cursor=garbage", "cursor"),
+    ("/v1/jobs?colour=red", "colour"),
+    ("/v1/decisions?tier=gpu", "tier"),
+    ("/v1/decisions?since=yesterday", "since"),
+    ("/v1/decisions?cursor=%%%", "cursor"),
+]
+
+
+@pytest.mark.parametrize(("url", "field"), LIST_ERRORS)
+def test_bad_listing_parameters_are_400_naming_the_field(client, url, field) -> None:
+    response = client.get(url)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["field"] == field
+
+
+def test_listing_pages_through_every_job_once(client) -> None:
+    ids = {client.post("/v1/jobs", json={"prompt": f"page {n}"}).get_json()["id"] for n in range(7)}
+    seen: list[str] = []
+    cursor = None
+    while True:
+        url = "/v1/jobs?limit=3&status=queued" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(url).get_json()
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert ids <= set(seen)
+    assert len(seen) == len(set(seen))
+
+
+def test_broker_outage_fails_the_job_visibly_with_503(pg_settings, key) -> None:
+    settings = pg_settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    app = create_app(settings)
+    with authorize(app.test_client(), key) as client:
+        response = client.post("/v1/jobs", json={"prompt": "a cat"})
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == "broker_unavailable"
+        assert response.headers["Retry-After"] == "5"
+        failed = client.get("/v1/jobs?status=failed&limit=1").get_json()["items"][0]
+        assert failed["prompt"] == "a cat" and "broker unavailable" in failed["error"]
+        assert client.get("/readyz").status_code == 503
+
+
+def test_health_and_readiness(client) -> None:
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_events_record_each_state(client, pg_settings) -> None:
+    job_id = client.post("/v1/jobs", json={"prompt": "a cat"}).get_json()["id"]
+    with make_session_factory(make_engine(pg_settings.database_url))() as session:
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == uuid.UUID(job_id))).all()
+    assert [e.status for e in events] == ["queued"]

@@ -1,0 +1,93 @@
+"""Replay log format, importers of the carried ratings, and the prompt-complexity rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.base import RouterError, available_routers, load_router
+from router.complexity import PromptComplexityRouter, content_words
+from router.datasets import DatasetError, agiqa_3k, genai_bench
+from router.log import LogFormatError, read_log, write_log
+
+
+def test_genai_bench_import_has_every_prompt_and_the_mean_rating() -> None:
+    records = genai_bench("SDXL_Turbo", "DALLE_3")
+    assert len(records) == 527
+    first = records[0]
+    assert first.prompt == "A baker pulling freshly baked bread out of an oven in a bakery."
+    assert first.edge["alignment"] == pytest.approx(3.0)  # ratings 2, 4, 3
+    assert first.cloud["alignment"] == pytest.approx(5.0)  # ratings 5, 5, 5
+
+
+def test_agiqa_import_pairs_configurations_by_prompt_index() -> None:
+    records = agiqa_3k("sd1.5_normal", "xl2.2_normal")
+    assert len(records) == 300
+    assert set(records[0].metrics) == {"quality", "alignment"}
+    assert len(agiqa_3k("sd1.5_normal", "DALLE2_normal")) == 290  # DALL-E 2 rendered 290 prompts
+
+
+@pytest.mark.parametrize("call", [lambda: genai_bench("SDXL", "DALLE_3"), lambda: agiqa_3k("sd1.5_normal", "sdxl")])
+def test_importers_name_the_unknown_model(call) -> None:
+    with pytest.raises(DatasetError, match="choose one of"):
+        call()
+
+
+def test_log_round_trip(tmp_path) -> None:
+    records = genai_bench("SDXL_2_1", "Midjourney_6")[:20]
+    path = tmp_path / "log.jsonl"
+    assert write_log(path, records) == 20
+    assert read_log(path) == records
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not valid JSON"),
+        ('{"id": "1", "prompt": "a", "quality": {"edge": {"q": 1}}}', "exactly the keys"),
+        ('{"id": "1", "prompt": "", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}}', "'prompt'"),
+        ('{"id": "1", "prompt": "a", "quality": {"edge": {"q": "x"}, "cloud": {"q": 2}}}', "quality.edge.q"),
+        ('{"id": "1", "prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"r": 2}}}', "same metrics"),
+        ('{"prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}}', "'id'"),
+    ],
+)
+def test_malformed_lines_are_refused_with_their_line_number(tmp_path, line, message) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps({"id": "0", "prompt": "ok", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}}) + "\n" + line + "\n"
+    )
+    with pytest.raises(LogFormatError, match=message) as info:
+        read_log(path)
+    assert f"{path}:2" in str(info.value)
+
+
+def test_duplicate_ids_are_refused(tmp_path) -> None:
+    line = json.dumps({"id": "7", "prompt": "ok", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}})
+    path = tmp_path / "dup.jsonl"
+    path.write_text(line + "\n" + line + "\n")
+    with pytest.raises(LogFormatError, match="duplicate id"):
+        read_log(path)
+
+
+def test_complexity_counts_content_words_and_breaks_ties_by_length() -> None:
+    assert content_words("A red car and a tree on the hill") == ["red", "car", "tree", "hill"]
+    scores = PromptComplexityRouter().score(["a cat", "a black cat", "a black cat!!"])
+    assert scores[0] < scores[1] < scores[2] < 3
+
+
+def test_complexity_calibration_sends_about_rho_of_partiprompts() -> None:
+    from routet2i.data import partiprompts
+
+    router = PromptComplexityRouter()
+    scores = router.score(partiprompts())
+    for rho in (0.1, 0.3, 0.5):
+        share = float((scores > router.calibrated_threshold(rho)).mean())
+        assert abs(share - rho) < 0.05
+
+
+def test_registry() -> None:
+    assert "prompt-complexity" in available_routers()
+    assert load_router("prompt-complexity", None).name == "prompt-complexity"
+    with pytest.raises(RouterError, match="unknown router"):
+        load_router("nope", None)

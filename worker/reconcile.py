@@ -1,0 +1,215 @@
+"""The reconciler: find jobs whose message was lost and publish them again, dead-letter the hopeless.
+
+Messages can vanish without the database knowing: the broker restarted without persistence, a publish
+failed after the commit, a worker host disappeared with the message unacknowledged. The database knows every
+job that is not finished, so a periodic pass compares it with the broker:
+
+* a ``queued`` or ``routing`` job untouched for ``reconcile_after_s`` (doubling with each re-publication)
+  whose id is in neither its queue nor the broker's unacknowledged set is re-published to the step it needs;
+* a ``generating`` job whose lease has expired is re-published to its tier;
+* a job re-published ``max_redeliveries`` times is dead-lettered (failed, replayable with
+  ``routet2i dlq replay``).
+
+Re-publishing is always safe, because every step is idempotent; looking in the broker first only keeps a
+job that is merely waiting in a long queue from being published twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import redis
+from celery import Celery
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.decisions import get_decision
+from db.jobs import transition
+from db.models import Job, JobStatus, utcnow
+from db.pagination import as_utc
+from db.session import transaction
+from routet2i.settings import Settings
+from worker.app import GENERATE_TASKS, QUEUES, ROUTE_TASK, publish
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+"""Jobs examined per pass; a backlog of stuck jobs is worked off over several passes."""
+
+UNACKED_KEY = "unacked"
+"""Where kombu's Redis transport keeps delivered, unacknowledged messages (a hash: tag -> message)."""
+
+
+@dataclass
+class ReconcileReport:
+    examined: int = 0
+    republished: list[str] = field(default_factory=list)
+    dead_lettered: list[str] = field(default_factory=list)
+    still_queued: int = 0
+    """Stale jobs found in the broker (waiting in a long queue or being worked on), left alone."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "examined": self.examined,
+            "republished": self.republished,
+            "dead_lettered": self.dead_lettered,
+            "still_queued": self.still_queued,
+        }
+
+
+def _job_id_of(raw: bytes | str) -> str | None:
+    """The job id carried by a Celery message as kombu's Redis transport stores it."""
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):  # the unacked hash stores [message, exchange, routing_key]
+            message = message[0]
+        args = message["headers"].get("argsrepr") or ""
+        return args.strip("[]()'\" ,") or None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def broker_job_ids(client: redis.Redis) -> set[str]:
+    """Ids of every job with a message waiting in a queue or delivered but not yet acknowledged."""
+    ids: set[str] = set()
+    for queue in QUEUES:
+        for raw in client.lrange(queue, 0, -1):
+            if (job_id := _job_id_of(raw)) is not None:
+                ids.add(job_id)
+    for raw in client.hvals(UNACKED_KEY):
+        if (job_id := _job_id_of(raw)) is not None:
+            ids.add(job_id)
+    return ids
+
+
+def _stale(settings: Settings, now: datetime) -> Iterable[object]:
+    """SQL conditions of a job that may have lost its message."""
+    base = now - timedelta(seconds=settings.reconcile_after_s)
+    waiting = and_(
+        Job.status.in_((JobStatus.QUEUED, JobStatus.ROUTING)),
+        or_(Job.enqueued_at.is_(None), Job.enqueued_at < base),
+    )
+    orphaned = and_(Job.status == JobStatus.GENERATING, or_(Job.lease_until.is_(None), Job.lease_until < now))
+    return (or_(waiting, orphaned),)
+
+
+def _due(job: Job, settings: Settings, now: datetime) -> bool:
+    """Apply the per-job backoff: each re-publication doubles the wait before the next one."""
+    if job.status == JobStatus.GENERATING:
+        return True
+    wait = timedelta(seconds=settings.reconcile_after_s * 2**job.redeliveries)
+    return job.enqueued_at is None or as_utc(job.enqueued_at) < now - wait
+
+
+def reconcile(
+    sessions: sessionmaker[Session],
+    app: Celery,
+    client: redis.Redis,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+) -> ReconcileReport:
+    """One reconciler pass; safe to run from several processes at once (rows are locked, skipping locked)."""
+    now = now or utcnow()
+    report = ReconcileReport()
+    in_broker: set[str] | None = None
+    to_publish: list[tuple[str, str]] = []
+
+    with transaction(sessions) as session:
+        query = select(Job).where(*_stale(settings, now)).order_by(Job.created_at).limit(BATCH)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        for job in session.scalars(query):
+            report.examined += 1
+            if not _due(job, settings, now):
+                continue
+            if job.status != JobStatus.GENERATING:
+                if in_broker is None:
+                    in_broker = broker_job_ids(client)
+                if str(job.id) in in_broker:
+                    report.still_queued += 1
+                    continue
+            if job.redeliveries >= settings.max_redeliveries:
+                job.dead_lettered_at = now
+                job.lease_owner = job.lease_until = None
+                transition(
+                    session,
+                    job,
+                    JobStatus.FAILED,
+                    detail={"stage": "reconcile", "dead_lettered": True},
+                    error=f"dead-lettered: lost {job.redeliveries + 1} times (last seen {job.status})",
+                )
+                report.dead_lettered.append(str(job.id))
+                continue
+            decision = get_decision(session, job_id=job.id)
+            task = GENERATE_TASKS[decision.tier] if decision is not None else ROUTE_TASK
+            was = job.status
+            job.redeliveries += 1
+            job.enqueued_at = now
+            job.lease_owner = job.lease_until = None
+            transition(session, job, JobStatus.QUEUED, detail={"stage": "reconciled", "was": was, "task": task})
+            to_publish.append((task, str(job.id)))
+
+    for task, job_id in to_publish:  # after the commit, so a worker never sees the job before its new state
+        publish(app, task, job_id)
+        report.republished.append(job_id)
+    if report.republished or report.dead_lettered:
+        log.warning("reconciled", extra=report.to_dict())
+    return report
+
+
+def replay_dead_letters(
+    sessions: sessionmaker[Session], app: Celery, job_ids: Iterable[uuid.UUID], *, tier: str | None = None
+) -> list[tuple[str, str]]:
+    """Revive dead-lettered jobs: reset their counters and publish them to the step they need.
+
+    Args:
+        sessions: session factory.
+        app: the Celery app to publish with.
+        job_ids: jobs to replay; each must be dead-lettered.
+        tier: send the jobs straight to this tier's queue instead of routing them (again).
+
+    Returns:
+        (job id, task name) per replayed job.
+
+    Raises:
+        ValueError: a job is unknown or not dead-lettered (nothing is replayed then).
+    """
+    to_publish: list[tuple[str, str]] = []
+    with transaction(sessions) as session:
+        for job_id in job_ids:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise ValueError(f"no job with id {job_id}")
+            if job.dead_lettered_at is None:
+                raise ValueError(f"job {job_id} is not dead-lettered (status {job.status})")
+            decision = get_decision(session, job_id=job.id)
+            if tier is not None:
+                job.tier = tier
+                task = GENERATE_TASKS[tier]
+            else:
+                task = GENERATE_TASKS[decision.tier] if decision is not None else ROUTE_TASK
+            job.dead_lettered_at = None
+            job.error = None
+            job.finished_at = None
+            job.attempts = job.redeliveries = 0
+            job.lease_owner = job.lease_until = None
+            job.enqueued_at = utcnow()
+            transition(session, job, JobStatus.QUEUED, detail={"stage": "replayed", "task": task})
+            to_publish.append((str(job.id), task))
+    for job_id, task in to_publish:
+        publish(app, task, job_id)
+    return to_publish
+
+
+def list_dead_letters(session: Session, *, limit: int = 100) -> list[Job]:
+    return list(
+        session.scalars(
+            select(Job).where(Job.dead_lettered_at.is_not(None)).order_by(Job.dead_lettered_at.desc()).limit(limit)
+        )
+    )
