@@ -9,12 +9,14 @@ import redis
 from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict
 
+from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.jobs import parse_query
 from api.state import state
 from worker.queues import queue_status
 
 blueprint = Blueprint("queues", __name__)
+blueprint.before_request(authenticate)
 
 WORKERS_TIMEOUT_S = 0.5
 """How long ``?workers=true`` waits for workers to answer the broadcast."""
@@ -29,6 +31,9 @@ class QueuesQuery(BaseModel):
 
 @blueprint.get("/v1/queues")
 def index() -> Any:
+    """Every queue's depth and backlog (the whole deployment's: admin keys only)."""
+    if not principal().is_admin:
+        raise ApiError(403, "forbidden", "queue depths cover every tenant: they need an admin key")
     query = parse_query(QueuesQuery)
     st = state()
     try:
@@ -42,6 +47,9 @@ def index() -> Any:
             )
     except redis.exceptions.RedisError as exc:
         raise ApiError(
-            503, "broker_unavailable", "the broker does not answer; queue depths unknown", retry_after=5
+            503,
+            "broker_unavailable",
+            "the broker does not answer; queue depths unknown",
+            headers={"Retry-After": "5"},
         ) from exc
     return jsonify({"items": [s.to_dict() for s in statuses], "workers_included": query.workers})

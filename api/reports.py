@@ -8,10 +8,12 @@ from typing import Any
 
 from flask import Blueprint, jsonify, send_from_directory, url_for
 
+from api.auth import authenticate
 from api.errors import ApiError
 from api.state import state
 
 blueprint = Blueprint("reports", __name__)
+blueprint.before_request(authenticate)
 
 REPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
 """Plot file names the API serves: plain names (no folders) ending in ``.png``."""

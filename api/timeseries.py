@@ -8,12 +8,14 @@ from typing import Any, Literal
 from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.auth import authenticate, principal
 from api.jobs import parse_query
 from api.state import state
 from db.pagination import as_utc
 from db.timeseries import BUCKET_SECONDS, timeseries
 
 blueprint = Blueprint("timeseries", __name__)
+blueprint.before_request(authenticate)
 
 MAX_BUCKETS = 1440
 """At most a day of minutes (or two months of hours) per request."""
@@ -35,8 +37,11 @@ def index() -> Any:
     st = state()
     until = as_utc(query.until) if query.until else datetime.now(UTC)
     width = BUCKET_SECONDS[query.bucket]
+    who = principal()
     with st.sessions() as session:
-        series = timeseries(session, width_s=width, count=query.buckets, until=until)
+        series = timeseries(
+            session, width_s=width, count=query.buckets, until=until, tenant_id=None if who.is_admin else who.tenant_id
+        )
     items = [
         {
             "start": b.start.isoformat(),
@@ -57,6 +62,7 @@ def index() -> Any:
             "end": (series.buckets[-1].start + timedelta(seconds=width)).isoformat(),
             "budget": {"cloud_fraction": st.settings.cloud_budget, "window": st.settings.budget_window},
             "spend_before_usd": round(series.spend_before_usd, 6),
+            "scope": "all tenants" if who.is_admin else who.tenant_name,
             "items": items,
         }
     )

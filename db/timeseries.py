@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.expression import ColumnElement
 
@@ -56,6 +57,16 @@ class _Window:
     start: datetime
     end: datetime
     width_s: int
+    tenant_id: uuid.UUID | None
+
+
+def _scoped(query: Select[Any], model: Any, tenant_id: uuid.UUID | None) -> Select[Any]:
+    """``query`` restricted to one tenant's jobs (rows of other tables through their job)."""
+    if tenant_id is None:
+        return query
+    if model is Job:
+        return query.where(Job.tenant_id == tenant_id)
+    return query.join(Job, Job.id == model.job_id).where(Job.tenant_id == tenant_id)
 
 
 def _per_bucket(
@@ -69,17 +80,26 @@ def _per_bucket(
 ) -> list[tuple[Any, ...]]:
     """Rows of ``(bucket index, *keys, *values)`` for rows whose ``column`` falls in the window."""
     index = bucket_index(column, start=window.start.timestamp(), width_s=window.width_s)
-    query = (
-        select(index, *keys, *values).where(column >= window.start, column < window.end, *where).group_by(index, *keys)
-    )
+    query = select(index, *keys, *values).where(column >= window.start, column < window.end, *where)
+    query = _scoped(query, column.class_, window.tenant_id).group_by(index, *keys)
     return [tuple(row) for row in session.execute(query)]
 
 
-def timeseries(session: Session, *, width_s: int, count: int, until: datetime) -> Series:
-    """The series over ``count`` buckets of ``width_s`` seconds ending at the bucket containing ``until``."""
+def timeseries(
+    session: Session, *, width_s: int, count: int, until: datetime, tenant_id: uuid.UUID | None = None
+) -> Series:
+    """The series over ``count`` buckets of ``width_s`` seconds ending at the bucket containing ``until``.
+
+    Args:
+        session: an open session.
+        width_s: bucket width in seconds.
+        count: number of buckets.
+        until: the last bucket is the one containing this instant.
+        tenant_id: one tenant's series; None for the whole deployment.
+    """
     start, end = aligned_window(width_s=width_s, count=count, until=until)
     buckets = [Bucket(start=start + timedelta(seconds=width_s * i)) for i in range(count)]
-    window = _Window(start=start, end=end, width_s=width_s)
+    window = _Window(start=start, end=end, width_s=width_s, tenant_id=tenant_id)
 
     def at(index: int) -> Bucket:
         # SQLite's timestamps are exact to the millisecond only: keep a row on the window's edge inside it.
@@ -110,5 +130,9 @@ def timeseries(session: Session, *, width_s: int, count: int, until: datetime) -
     ):
         at(index).finished[status] += int(n)
 
-    before = session.scalar(select(func.coalesce(func.sum(CostEntry.usd), 0)).where(CostEntry.created_at < start))
+    before = session.scalar(
+        _scoped(select(func.coalesce(func.sum(CostEntry.usd), 0)), CostEntry, tenant_id).where(
+            CostEntry.created_at < start
+        )
+    )
     return Series(width_s=width_s, buckets=buckets, spend_before_usd=float(before or 0))

@@ -20,8 +20,10 @@ from db.jobs import create_job
 from db.migrate import upgrade
 from db.models import CostEntry, Decision, Generation, JobStatus
 from db.session import make_engine, make_session_factory, transaction
+from db.tenants import create_tenant, get_tenant_by_name, issue_api_key
 from db.timeseries import aligned_window, timeseries
 from routet2i.settings import Settings
+from tests.conftest import authorize, create_tenant_key
 
 UNTIL = datetime(2031, 5, 17, 12, 34, 56, tzinfo=UTC)
 """Far from any other test's rows, so a window ending here holds only this module's rows."""
@@ -40,11 +42,25 @@ def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]
     engine.dispose()
 
 
+def tenant_id(session: Session, name: str = "series") -> uuid.UUID:
+    tenant = get_tenant_by_name(session, name)
+    if tenant is None:
+        tenant = create_tenant(session, name=name)
+        session.flush()
+    return tenant.id
+
+
 def add_routed(
-    session: Session, *, tier: str, at: datetime, usd: float, status: JobStatus = JobStatus.SUCCEEDED
+    session: Session,
+    *,
+    tier: str,
+    at: datetime,
+    usd: float,
+    status: JobStatus = JobStatus.SUCCEEDED,
+    tenant: str = "series",
 ) -> None:
     """A job submitted, decided, billed and finished at ``at``."""
-    job = create_job(session, prompt="series", seed=1)
+    job = create_job(session, tenant_id=tenant_id(session, tenant), prompt="series", seed=1)
     job.created_at, job.tier, job.status, job.finished_at = at, tier, status, at
     session.add(
         Decision(
@@ -127,7 +143,8 @@ def settings(tmp_path: Path, redis_url: str) -> Settings:
 
 @pytest.fixture()
 def client(settings: Settings) -> FlaskClient:
-    return create_app(settings).test_client()
+    """A client with an admin key: it sees every tenant."""
+    return authorize(create_app(settings).test_client(), create_tenant_key(settings, is_admin=True))
 
 
 def test_timeseries_endpoint(client: FlaskClient, settings: Settings) -> None:
@@ -146,7 +163,26 @@ def test_timeseries_endpoint(client: FlaskClient, settings: Settings) -> None:
     assert [i["cloud_fraction"] for i in body["items"]] == [0.0, 1.0]
     assert body["items"][1]["spend_usd"] == {"edge": 0.0, "cloud": 0.065}
     assert body["spend_before_usd"] == 0.0
+    assert body["scope"] == "all tenants"
     assert len(client.get("/v1/stats/timeseries").get_json()["items"]) == 60
+
+
+def test_timeseries_of_a_tenant_counts_only_its_jobs_and_needs_a_key(settings: Settings) -> None:
+    engine = make_engine(settings.database_url)
+    with transaction(make_session_factory(engine)) as s:
+        add_routed(s, tier="cloud", at=at_time(12, 0, 1), usd=0.065, tenant="other")
+        add_routed(s, tier="edge", at=at_time(12, 0, 2), usd=0.009, tenant="mine")
+        mine = get_tenant_by_name(s, "mine")
+        assert mine is not None
+        key = issue_api_key(s, tenant=mine)
+    engine.dispose()
+    app = create_app(settings)
+    query = f"/v1/stats/timeseries?bucket=hour&buckets=1&until={UNTIL.isoformat().replace('+', '%2B')}"
+    assert app.test_client().get(query).status_code == 401
+    body = authorize(app.test_client(), key).get(query).get_json()
+    assert body["scope"] == "mine"
+    assert body["items"][0]["routed"] == {"edge": 1, "cloud": 0}
+    assert body["items"][0]["spend_usd"] == {"edge": 0.009, "cloud": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -197,6 +233,17 @@ def test_queues_endpoint_reports_depth_and_backlog(client: FlaskClient) -> None:
     assert body["workers_included"] is False
     assert all(q["workers"] == [] and q["depth"] >= 0 for q in body["items"])
     assert client.get("/v1/queues?workers=maybe").status_code == 400
+
+
+def test_queues_need_an_admin_key_and_reports_a_key(settings: Settings) -> None:
+    app = create_app(settings)
+    tenant = authorize(app.test_client(), create_tenant_key(settings))
+    forbidden = tenant.get("/v1/queues")
+    assert forbidden.status_code == 403 and forbidden.get_json()["error"]["code"] == "forbidden"
+    assert tenant.get("/v1/reports").status_code == 200
+    assert app.test_client().get("/v1/reports").status_code == 401
+    assert app.test_client().get("/v1/queues").status_code == 401
+    assert app.test_client().get("/dashboard").status_code == 200  # the page holds no data
 
 
 def test_dashboard_page_and_assets_carry_a_strict_content_security_policy(client: FlaskClient) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from db.images import ImageStore
 from db.jobs import create_job, transition
 from db.models import JobStatus
 from db.session import make_engine, make_session_factory, transaction
+from db.tenants import create_tenant
 from router.types import RoutingDecision
 from routet2i.settings import Settings
+from tests.conftest import create_tenant_key
 from tests.servers import ApiServer
 from tests.support import WorkerPool
 
@@ -65,7 +68,9 @@ def insert_audited_job(settings: Settings) -> str:
     engine = make_engine(settings.database_url)
     stored = ImageStore(settings.image_dir).put(png())
     with transaction(make_session_factory(engine)) as session:
-        job = create_job(session, prompt="a castle on a hill at sunset, highly detailed", seed=11)
+        tenant = create_tenant(session, name=f"audit-{uuid.uuid4().hex[:8]}")
+        session.flush()
+        job = create_job(session, tenant_id=tenant.id, prompt="a castle on a hill at sunset, highly detailed", seed=11)
         session.flush()
         transition(session, job, JobStatus.ROUTING)
         record_decision(
@@ -177,10 +182,20 @@ def test_dashboard_submits_a_job_shows_its_image_decisions_charts_and_plots(
     tab, problems = page
     audited = insert_audited_job(pg_settings)
 
+    admin_key = create_tenant_key(pg_settings, is_admin=True)
+
+    # Without a key the API refuses, and the page says what to do.
     tab.goto(f"{api_server.url}/dashboard")
     tab.wait_for_selector("body[data-loaded=true]", timeout=WAIT_MS)
     assert tab.title() == "RouteT2I dashboard"
+    assert "enter an API key" in tab.inner_text("#status-line")
+    problems.clear()  # the browser logs the refused requests (401) as console errors
+
+    tab.fill("#api-key", admin_key)
+    tab.press("#api-key", "Tab")
+    tab.wait_for_selector("#summary .card", timeout=WAIT_MS)
     assert tab.locator("#summary .card").count() == 6
+    assert tab.locator("#queues tbody tr").count() == 3
     assert "No evaluation plots yet" in tab.inner_text("#reports")
 
     # The inserted decision: predicted qualities of both tiers and the tokens behind them.

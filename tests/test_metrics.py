@@ -35,6 +35,7 @@ from db.metrics import (
 from db.migrate import upgrade
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
 from db.session import make_engine, make_session_factory, transaction
+from db.tenants import create_tenant, get_tenant_by_name
 from routet2i.demo import free_port
 from routet2i.settings import Settings
 from tests.servers import ApiServer, PrivateRedis
@@ -74,7 +75,7 @@ def add_job(
     decided_at: datetime | None = None,
 ) -> Job:
     """A job whose stage durations are exactly the given seconds, with its decision and cost when routed."""
-    job = create_job(session, prompt="metrics test", seed=1)
+    job = create_job(session, tenant_id=tenant_of(session), prompt="metrics test", seed=1)
     job.created_at = T0
     at = T0
     if route_wait is not None:
@@ -131,6 +132,15 @@ def add_job(
         session.add(CostEntry(job_id=job.id, generation=generation, tier=tier, usd=Decimal(str(usd)), gpu_s=gpu_s))
     session.flush()
     return job
+
+
+def tenant_of(session: Session) -> uuid.UUID:
+    """The id of this module's tenant in the session's database, created on first use."""
+    tenant = get_tenant_by_name(session, "metrics-test")
+    if tenant is None:
+        tenant = create_tenant(session, name="metrics-test")
+        session.flush()
+    return tenant.id
 
 
 def histograms(session: Session) -> dict[tuple[str, str], Histogram]:
@@ -366,7 +376,7 @@ def test_alert_rules_use_metrics_the_api_exports(sqlite_settings: Settings) -> N
 
 def test_metrics_survive_a_job_without_a_routing_event(session: Session) -> None:
     # A job failed while being enqueued has no events but its first: it must not break any stage query.
-    job = create_job(session, prompt="never routed", seed=1)
+    job = create_job(session, tenant_id=tenant_of(session), prompt="never routed", seed=1)
     session.flush()
     transition(session, job, JobStatus.FAILED, error="broker unavailable")
     session.flush()

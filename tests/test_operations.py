@@ -22,9 +22,10 @@ import redis as redis_lib
 
 from db.jobs import create_job
 from db.models import JobStatus
+from db.tenants import create_tenant
 from routet2i.demo import free_port
 from routet2i.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import create_tenant_key, make_settings
 from tests.servers import ApiServer, PrivateRedis, Process, cli_env, wait_http
 from tests.support import WorkerPool, wait_until
 from worker.app import create_celery
@@ -58,6 +59,12 @@ def ops_settings(pg_url: str, private_redis: PrivateRedis, tmp_path_factory, mod
 
 
 @pytest.fixture(scope="module")
+def ops_key(ops_settings: Settings) -> str:
+    """An admin API key (the API requires keys, as in production)."""
+    return create_tenant_key(ops_settings, is_admin=True)
+
+
+@pytest.fixture(scope="module")
 def ops_pool(ops_settings: Settings, tmp_path_factory) -> Iterator[WorkerPool]:
     """One route worker and two edge workers (two nodes on one queue), no cloud worker."""
     pool = WorkerPool(ops_settings, log_dir=tmp_path_factory.mktemp("ops-worker-logs"))
@@ -78,11 +85,13 @@ def ops_api(ops_settings: Settings, ops_pool: WorkerPool, tmp_path_factory) -> I
     server.stop()
 
 
-def routet2i(settings: Settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the ``routet2i`` CLI in a child process configured by ``settings``."""
+def routet2i(
+    settings: Settings, *args: str, key: str | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``routet2i`` CLI in a child process configured by ``settings`` (with an API key if given)."""
     return subprocess.run(
         [sys.executable, "-m", "routet2i.cli", *args],
-        env=cli_env(settings),
+        env=cli_env(settings, **({"ROUTET2I_API_KEY": key} if key else {})),
         input=stdin,
         capture_output=True,
         text=True,
@@ -101,9 +110,13 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return records
 
 
-def wait_job(api: ApiServer, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait_job(api: ApiServer, key: str, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
-        job = httpx.get(f"{api.url}/v1/jobs/{job_id}", timeout=10).json()
+        job = httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=bearer(key), timeout=10).json()
         return job if job["status"] in ("succeeded", "failed") else None
 
     return wait_until(done, timeout=timeout, what=f"job {job_id}")  # type: ignore[no-any-return]
@@ -156,9 +169,11 @@ def test_depth_counts_every_priority_list_as_kombu_does(ops_settings: Settings, 
 
 def test_oldest_waiting_job_comes_from_the_database(db_session, ops_settings: Settings) -> None:
     long_ago = datetime(2001, 1, 1, tzinfo=UTC)
-    route_job = create_job(db_session, prompt="waiting to be routed", seed=1)
+    tenant = create_tenant(db_session, name=f"backlog-{uuid.uuid4().hex[:8]}")
+    db_session.flush()
+    route_job = create_job(db_session, tenant_id=tenant.id, prompt="waiting to be routed", seed=1)
     route_job.created_at = long_ago
-    edge_job = create_job(db_session, prompt="routed, waiting for an edge worker", seed=2)
+    edge_job = create_job(db_session, tenant_id=tenant.id, prompt="routed, waiting for an edge worker", seed=2)
     edge_job.created_at = long_ago
     edge_job.tier = "edge"
     edge_job.routed_at = long_ago + timedelta(minutes=30)
@@ -183,11 +198,15 @@ def test_oldest_waiting_job_comes_from_the_database(db_session, ops_settings: Se
 # --- logs ----------------------------------------------------------------------------------------
 
 
-def test_api_and_worker_logs_are_json_lines_with_the_job_id(ops_api: ApiServer, ops_pool: WorkerPool) -> None:
-    response = httpx.post(f"{ops_api.url}/v1/jobs", json={"prompt": "a lighthouse in fog", "seed": 3}, timeout=10)
+def test_api_and_worker_logs_are_json_lines_with_the_job_id(
+    ops_api: ApiServer, ops_pool: WorkerPool, ops_key: str
+) -> None:
+    response = httpx.post(
+        f"{ops_api.url}/v1/jobs", json={"prompt": "a lighthouse in fog", "seed": 3}, headers=bearer(ops_key), timeout=10
+    )
     assert response.status_code == 202
     job_id = response.json()["id"]
-    job = wait_job(ops_api, job_id)
+    job = wait_job(ops_api, ops_key, job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["tier"] == "edge"
 
@@ -248,14 +267,16 @@ def test_flower_runs_on_the_app_and_sees_its_workers(ops_settings: Settings, ops
 
 
 def test_submit_file_submits_each_prompt_and_reports_rejected_lines(
-    ops_settings: Settings, ops_api: ApiServer, tmp_path: Path
+    ops_settings: Settings, ops_api: ApiServer, ops_key: str, tmp_path: Path
 ) -> None:
     too_long = "x" * (ops_settings.max_prompt_chars + 1)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(
         f"# a batch of prompts\na red bicycle\n\n   \ntwo cats on a sofa\n{too_long}\n# the end\na lighthouse at night"
     )
-    result = routet2i(ops_settings, "submit", "--file", str(prompts), "--wait", "--json", "--api", ops_api.url)
+    result = routet2i(
+        ops_settings, "submit", "--file", str(prompts), "--wait", "--json", "--api", ops_api.url, key=ops_key
+    )
     assert result.returncode == 1, result.stderr  # one line was refused
     report = json.loads(result.stdout)
     assert [j["line"] for j in report["jobs"]] == [2, 5, 8]
@@ -272,46 +293,49 @@ def test_submit_file_submits_each_prompt_and_reports_rejected_lines(
 
 
 def test_submit_file_is_idempotent_with_a_key_and_prints_a_summary(
-    ops_settings: Settings, ops_api: ApiServer, tmp_path: Path
+    ops_settings: Settings, ops_api: ApiServer, ops_key: str, tmp_path: Path
 ) -> None:
     prompts = tmp_path / "batch.txt"
     prompts.write_text("a blue whale\na green apple\n")
     key = f"batch-{uuid.uuid4().hex[:8]}"
     args = ["submit", "--file", str(prompts), "--idempotency-key", key, "--api", ops_api.url]
-    first = routet2i(ops_settings, *args, "--json")
-    second = routet2i(ops_settings, *args, "--json")
+    first = routet2i(ops_settings, *args, "--json", key=ops_key)
+    second = routet2i(ops_settings, *args, "--json", key=ops_key)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     first_ids = [j["id"] for j in json.loads(first.stdout)["jobs"]]
     assert first_ids == [j["id"] for j in json.loads(second.stdout)["jobs"]]
     assert len(set(first_ids)) == 2
 
-    text = routet2i(ops_settings, *args, "--wait")
+    text = routet2i(ops_settings, *args, "--wait", key=ops_key)
     assert text.returncode == 0, text.stderr
     assert "submitted 2 jobs, 0 rejected" in text.stdout
     assert "status: 2 succeeded" in text.stdout
 
 
 def test_submit_refuses_prompt_and_file_together_and_empty_files(
-    ops_settings: Settings, ops_api: ApiServer, tmp_path: Path
+    ops_settings: Settings, ops_api: ApiServer, ops_key: str, tmp_path: Path
 ) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
-    both = routet2i(ops_settings, "submit", "a cat", "--file", str(empty), "--api", ops_api.url)
+    both = routet2i(ops_settings, "submit", "a cat", "--file", str(empty), "--api", ops_api.url, key=ops_key)
     assert both.returncode == 2 and "either PROMPT or --file" in both.stderr
-    neither = routet2i(ops_settings, "submit", "--api", ops_api.url)
+    neither = routet2i(ops_settings, "submit", "--api", ops_api.url, key=ops_key)
     assert neither.returncode == 2 and "either PROMPT or --file" in neither.stderr
-    nothing = routet2i(ops_settings, "submit", "--file", str(empty), "--api", ops_api.url)
+    nothing = routet2i(ops_settings, "submit", "--file", str(empty), "--api", ops_api.url, key=ops_key)
     assert nothing.returncode == 2 and "--file" in nothing.stderr and "no prompts" in nothing.stderr
-    single = routet2i(ops_settings, "submit", "a single prompt", "--wait", "--json", "--api", ops_api.url)
+    single = routet2i(ops_settings, "submit", "a single prompt", "--wait", "--json", "--api", ops_api.url, key=ops_key)
     assert single.returncode == 0, single.stderr
     assert json.loads(single.stdout)["status"] == "succeeded"
 
 
-def test_read_commands_print_json(ops_settings: Settings, ops_api: ApiServer) -> None:
-    stats = routet2i(ops_settings, "stats", "--json", "--api", ops_api.url)
+def test_read_commands_print_json(ops_settings: Settings, ops_api: ApiServer, ops_key: str) -> None:
+    stats = routet2i(ops_settings, "stats", "--json", "--api", ops_api.url, key=ops_key)
     assert stats.returncode == 0, stats.stderr
-    assert json.loads(stats.stdout)["jobs"] == httpx.get(f"{ops_api.url}/v1/stats", timeout=10).json()["jobs"]
-    text = routet2i(ops_settings, "stats", "--api", ops_api.url)
+    assert (
+        json.loads(stats.stdout)["jobs"]
+        == httpx.get(f"{ops_api.url}/v1/stats", headers=bearer(ops_key), timeout=10).json()["jobs"]
+    )
+    text = routet2i(ops_settings, "stats", "--api", ops_api.url, key=ops_key)
     assert text.returncode == 0 and "against a budget of 0.0%" in text.stdout
 
     current = routet2i(ops_settings, "db", "current", "--json")
@@ -319,7 +343,9 @@ def test_read_commands_print_json(ops_settings: Settings, ops_api: ApiServer) ->
     revisions = json.loads(current.stdout)
     assert revisions["current"] == revisions["head"] and revisions["up_to_date"] is True
 
-    job_id = httpx.post(f"{ops_api.url}/v1/jobs", json={"prompt": "a kite"}, timeout=10).json()["id"]
-    status = routet2i(ops_settings, "status", job_id, "--json", "--api", ops_api.url)
+    job_id = httpx.post(
+        f"{ops_api.url}/v1/jobs", json={"prompt": "a kite"}, headers=bearer(ops_key), timeout=10
+    ).json()["id"]
+    status = routet2i(ops_settings, "status", job_id, "--json", "--api", ops_api.url, key=ops_key)
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == job_id
-    assert wait_job(ops_api, job_id)["status"] == "succeeded"
+    assert wait_job(ops_api, ops_key, job_id)["status"] == "succeeded"

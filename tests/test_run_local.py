@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,10 +62,17 @@ def test_run_local_serves_jobs_and_stops_every_process(tmp_path: Path, model_cac
     try:
         wait_http(f"{api}/readyz", script, timeout=STARTUP_S)
         wait_http(f"http://127.0.0.1:{flower_port}/healthcheck", script, timeout=STARTUP_S)
-        job_id = httpx.post(f"{api}/v1/jobs", json={"prompt": "a paper boat on a pond"}, timeout=10).json()["id"]
+        # The operator's first step once the database exists: a tenant and its key.
+        created = subprocess.run(
+            [str(shim), "tenant", "create", "ops", "--json"], env=env, capture_output=True, text=True, check=True
+        )
+        headers = {"Authorization": f"Bearer {json.loads(created.stdout)['api_key']}"}
+        job_id = httpx.post(
+            f"{api}/v1/jobs", json={"prompt": "a paper boat on a pond"}, headers=headers, timeout=10
+        ).json()["id"]
 
         def finished() -> dict | None:
-            job = httpx.get(f"{api}/v1/jobs/{job_id}", timeout=10).json()
+            job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
             return job if job["status"] in ("succeeded", "failed") else None
 
         job = wait_until(finished, timeout=STARTUP_S, interval=0.5, what="the job")

@@ -120,8 +120,16 @@
   // ---- queues ---------------------------------------------------------------------------------------
 
   async function loadQueues() {
-    const q = await api("/v1/queues");
-    document.querySelector("#queues tbody").replaceChildren(
+    const body = document.querySelector("#queues tbody");
+    let q;
+    try {
+      q = await api("/v1/queues");
+    } catch (error) {
+      if (error.status !== 403) throw error;
+      body.replaceChildren(el("tr", {}, el("td", { colspan: "4", class: "muted" }, "Queues cover every tenant: they are shown to admin keys only.")));
+      return;
+    }
+    body.replaceChildren(
       ...q.items.map((item) => el("tr", {}, el("td", {}, item.name), el("td", { class: "num" }, String(item.depth)), el("td", { class: "num" }, String(item.waiting_jobs)), el("td", { class: "num" }, age(item.oldest_age_s))))
     );
   }
