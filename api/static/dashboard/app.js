@@ -113,7 +113,7 @@
       card("Spend", usd(s.spend_usd.total), `edge ${usd(s.spend_usd.by_tier.edge)} · cloud ${usd(s.spend_usd.by_tier.cloud)}`),
       card("GPU time", `${num(s.gpu_seconds.total, 1)} s`, `edge ${num(s.gpu_seconds.by_tier.edge, 1)} s · cloud ${num(s.gpu_seconds.by_tier.cloud, 1)} s`),
       card("Latency", secs(s.latency_s.p50), `p90 ${secs(s.latency_s.p90)} over ${s.latency_s.count} jobs`),
-      card("Router", s.router, `budget window ${s.budget.window} decisions`)
+      card("Router", s.router, `budget window ${s.budget.window} decisions${s.scope ? ` · showing ${s.scope}` : ""}`)
     );
   }
 
