@@ -370,3 +370,36 @@ def test_parse_cli_refuses_what_the_cli_refuses(argv: list[str]) -> None:
 def test_check_env_name_refuses_unknown_settings(name: str) -> None:
     with pytest.raises(AssertionError):
         check_env_name(name)
+
+
+# --- the operations guide ------------------------------------------------------------------------------
+
+
+def documented_commands() -> list[list[str]]:
+    """``routet2i ...`` invocations in the shell blocks of docs/operations.md."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            for part in re.split(r";|&&", line.split(" #")[0]):
+                words = shlex.split(part.strip().rstrip("&").strip())
+                if words and words[0] == "routet2i":
+                    commands.append(words)
+    return commands
+
+
+def test_every_command_in_the_operations_guide_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = documented_commands()
+    assert len(commands) >= 10
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a prompt\n")  # --file opens its file while parsing
+    for argv in commands:
+        parse_cli(argv)
+
+
+@pytest.mark.parametrize(
+    "argv", [["status"], ["stats"], ["queues"], ["db", "current"], ["tenant", "list"], ["dlq", "list"], ["reconcile"]]
+)
+def test_read_commands_offer_json(argv: list[str]) -> None:
+    command, _ = parse_cli(["routet2i", *argv, *(["JOB_ID"] if argv == ["status"] else [])])
+    assert "--json" in {opt for param in command.params for opt in getattr(param, "opts", [])}
