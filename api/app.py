@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from flask import Flask
 
 from api.auth import LOCAL_TENANT, KeyCache
@@ -14,6 +13,7 @@ from api.schemas import job_create_model
 from api.state import EXTENSION, ApiState
 from db.images import ImageStore
 from db.session import make_engine, make_session_factory
+from db.state_redis import connect as connect_redis
 from routet2i.settings import Settings
 from worker.app import create_celery
 
@@ -28,9 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("routet2i")
     app.json.sort_keys = False  # type: ignore[attr-defined]
     engine = make_engine(settings.database_url)
-    client = redis.Redis.from_url(
-        settings.broker_url, socket_timeout=REDIS_PROBE_TIMEOUT_S, socket_connect_timeout=REDIS_PROBE_TIMEOUT_S
-    )
+    client = connect_redis(settings.broker_url, timeout=REDIS_PROBE_TIMEOUT_S)
     app.extensions[EXTENSION] = ApiState(
         settings=settings,
         engine=engine,
@@ -52,9 +50,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.decisions import blueprint as decisions
     from api.health import blueprint as health
     from api.jobs import blueprint as jobs
+    from api.openapi import blueprint as openapi
     from api.stats import blueprint as stats
 
-    for blueprint in (health, jobs, decisions, stats):
+    for blueprint in (health, jobs, decisions, stats, openapi):
         app.register_blueprint(blueprint)
     register_operations(app)
     register_error_handlers(app)

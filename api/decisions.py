@@ -9,7 +9,8 @@ from flask import Blueprint, jsonify
 from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.jobs import job_url, parse_query
-from api.schemas import DecisionListQuery, decision_out
+from api.openapi import documented
+from api.schemas import DecisionListQuery, DecisionPage, decision_out
 from api.state import state
 from db.decisions import list_decisions
 from db.pagination import InvalidCursor
@@ -19,6 +20,12 @@ blueprint.before_request(authenticate)
 
 
 @blueprint.get("/v1/decisions")
+@documented(
+    summary="The routing audit trail, newest first",
+    tag="decisions",
+    query=DecisionListQuery,
+    responses={200: ("One page of decisions.", DecisionPage)},
+)
 def index() -> Any:
     """Decisions, newest first, filtered by tier, router, router version and time."""
     query = parse_query(DecisionListQuery)

@@ -86,4 +86,7 @@ def register_error_handlers(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         response = jsonify({"error": {"code": code, "message": exc.description or exc.name}})
         response.status_code = exc.code or 500
+        for name, value in exc.get_headers():  # keeps e.g. the Allow header of a 405
+            if name.lower() != "content-type":
+                response.headers[name] = value
         return response

@@ -8,6 +8,8 @@ import redis
 import sqlalchemy.exc
 from flask import Blueprint, jsonify
 
+from api.openapi import documented
+from api.schemas import HealthOut, ReadyOut
 from api.state import state
 from db.session import ping
 
@@ -15,12 +17,19 @@ blueprint = Blueprint("health", __name__)
 
 
 @blueprint.get("/healthz")
+@documented(summary="Liveness", tag="health", secured=False, responses={200: ("The process is up.", HealthOut)})
 def healthz() -> Any:
     """The process is up (no dependency is checked)."""
     return jsonify({"status": "ok"})
 
 
 @blueprint.get("/readyz")
+@documented(
+    summary="Readiness: the database and the broker answer",
+    tag="health",
+    secured=False,
+    responses={200: ("Ready.", ReadyOut), 503: ("A dependency is down.", ReadyOut)},
+)
 def readyz() -> Any:
     """Ready to accept jobs: the database answers and the broker answers."""
     checks: dict[str, str] = {}

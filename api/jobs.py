@@ -16,11 +16,14 @@ from sqlalchemy.orm import Session
 
 from api.auth import authenticate, principal
 from api.errors import ApiError, from_validation_error
+from api.openapi import PNG, documented
 from api.schemas import (
     MAX_SEED,
     JobAccepted,
     JobCreateBase,
     JobListQuery,
+    JobOut,
+    JobPage,
     decision_out,
     job_out,
     result_out,
@@ -196,6 +199,13 @@ def _check_replay(job: Job, spec: JobCreateBase) -> Job:
 
 
 @blueprint.post("/v1/jobs")
+@documented(
+    summary="Submit a prompt as a job",
+    tag="jobs",
+    body=lambda st: st.job_create_model,
+    responses={202: ("The job was accepted.", JobAccepted), 200: ("The idempotency key's earlier job.", JobAccepted)},
+    extra_errors=(403, 409, 429),
+)
 def create() -> Any:
     """Submit a prompt. 202 with the new job; 200 with the earlier job when the idempotency key repeats."""
     spec: JobCreateBase = parse_body(state().job_create_model)
@@ -218,6 +228,9 @@ def create() -> Any:
 
 
 @blueprint.get("/v1/jobs/<job_id>")
+@documented(
+    summary="A job with its history, decision, result and timings", tag="jobs", responses={200: ("The job.", JobOut)}
+)
 def get(job_id: str) -> Any:
     """A job with its status history, routing decision, result and timings."""
     with state().sessions() as session:
@@ -241,6 +254,9 @@ def get(job_id: str) -> Any:
 
 
 @blueprint.get("/v1/jobs")
+@documented(
+    summary="List jobs, newest first", tag="jobs", query=JobListQuery, responses={200: ("One page of jobs.", JobPage)}
+)
 def index() -> Any:
     """Jobs, newest first, filtered by status and tier, one page at a time."""
     query = parse_query(JobListQuery)
@@ -262,6 +278,12 @@ def index() -> Any:
 
 
 @blueprint.get("/v1/jobs/<job_id>/image")
+@documented(
+    summary="The delivered image",
+    tag="jobs",
+    responses={200: ("The PNG.", PNG)},
+    extra_errors=(409, 410),
+)
 def image(job_id: str) -> Any:
     """The delivered PNG. 409 while the job has no image yet."""
     st = state()

@@ -22,6 +22,9 @@ SIZE_MULTIPLE = 8
 
 MAX_SEED = 2**63 - 1
 
+Cursor = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9_-]+$")]
+"""An opaque ``next_cursor`` from an earlier page."""
+
 StatusName = Literal["queued", "routing", "generating", "succeeded", "failed"]
 TierName = Literal["edge", "cloud"]
 
@@ -42,11 +45,17 @@ class JobCreateBase(StrictModel):
     tier: Literal["edge", "cloud"] | None = None
     """Force a tier instead of routing (only for tenants allowed to)."""
 
-    @field_validator("prompt")
+    @field_validator("prompt", "idempotency_key")
     @classmethod
-    def _printable(cls, value: str) -> str:
+    def _storable_text(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (no lone surrogates)") from None
         return value
 
     @field_validator("width", "height")
@@ -85,19 +94,30 @@ class JobListQuery(StrictModel):
     dead_lettered: bool | None = None
     tier: TierName | None = None
     limit: int = Field(default=50, ge=1, le=MAX_PAGE_SIZE)
-    cursor: str | None = None
+    cursor: Cursor | None = None
 
 
 class DecisionListQuery(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     tier: TierName | None = None
-    router: str | None = None
-    router_version: str | None = None
+    router: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    router_version: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     since: datetime | None = None
     until: datetime | None = None
     limit: int = Field(default=50, ge=1, le=MAX_PAGE_SIZE)
-    cursor: str | None = None
+    cursor: Cursor | None = None
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: object) -> object:
+        # pydantic would read "0.5" as a Unix timestamp; the documented format is an ISO 8601 date-time.
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z") from None
+        return value
 
 
 # --- responses ------------------------------------------------------------------------------------------
@@ -186,9 +206,64 @@ class JobAccepted(BaseModel):
     status: StatusName
 
 
-class Page(BaseModel):
-    items: list[Any]
+class JobPage(BaseModel):
+    items: list[JobOut]
     next_cursor: str | None
+
+
+class DecisionPage(BaseModel):
+    items: list[DecisionOut]
+    next_cursor: str | None
+
+
+class JobCounts(BaseModel):
+    total: int
+    by_status: dict[str, int]
+    dead_lettered: int
+
+
+class RoutedCounts(BaseModel):
+    total: int
+    by_tier: dict[str, int]
+    cloud_fraction: float
+
+
+class Amounts(BaseModel):
+    total: float
+    by_tier: dict[str, float]
+
+
+class Latency(BaseModel):
+    count: int
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class BudgetOut(BaseModel):
+    cloud_fraction: float
+    window: int
+
+
+class StatsOut(BaseModel):
+    jobs: JobCounts
+    routed: RoutedCounts
+    spend_usd: Amounts
+    gpu_seconds: Amounts
+    mean_quality: dict[str, dict[str, float]]
+    latency_s: Latency
+    budget: BudgetOut
+    router: str
+    scope: str = Field(description="'all tenants' for an admin, else the tenant's name.")
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:

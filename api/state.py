@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -33,6 +33,7 @@ class ApiState:
     key_cache: KeyCache
     rate_limiter: RateLimiter
     local_principal: Principal | None = field(default=None)
+    openapi: dict[str, Any] | None = field(default=None)
 
 
 def state() -> ApiState:

@@ -7,6 +7,8 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from api.auth import authenticate, principal
+from api.openapi import documented
+from api.schemas import StatsOut
 from api.state import state
 from db.stats import job_stats
 
@@ -15,6 +17,11 @@ blueprint.before_request(authenticate)
 
 
 @blueprint.get("/v1/stats")
+@documented(
+    summary="Jobs per status and tier, cloud fraction against the budget, spend, latency",
+    tag="stats",
+    responses={200: ("The caller's figures (every tenant's for an admin).", StatsOut)},
+)
 def index() -> Any:
     st = state()
     with st.sessions() as session:
@@ -22,4 +29,4 @@ def index() -> Any:
     stats["budget"] = {"cloud_fraction": st.settings.cloud_budget, "window": st.settings.budget_window}
     stats["router"] = st.settings.router
     stats["scope"] = "all tenants" if principal().is_admin else principal().tenant_name
-    return jsonify(stats)
+    return jsonify(StatsOut.model_validate(stats).model_dump(mode="json"))

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from router.log import LogRecord
-from router.types import Prediction
+from router.types import Prediction, Tier
 
 
 class RouterError(Exception):
@@ -35,14 +35,49 @@ class Router(ABC):
     name: ClassVar[str]
     learned: ClassVar[bool] = False
     """True when :meth:`fit` learns from the log (such routers are judged only by cross-validation)."""
+    needs_labels: ClassVar[bool] = False
+    """True for reference routers that read the log's true qualities (the per-prompt oracle): they can only
+    score through :meth:`score_records` and can never route live traffic."""
+    fixed_tier: ClassVar[Tier | None] = None
+    """A tier the router always chooses whatever the budget (the all-edge and all-cloud references)."""
 
     def fit(self, records: Sequence[LogRecord], *, seed: int = 0) -> Router:
-        """Learn from a replay log. Routers that learn nothing return themselves unchanged."""
+        """Learn from a replay log. Routers that learn nothing return themselves unchanged.
+
+        Args:
+            records: the training prompts with both tiers' qualities. In cross-validation this is the
+                training fold only; a router that needs a validation split (early stopping, hyper-parameter
+                search) must carve it out of these records.
+            seed: makes every random choice of the fit (splits, initialisation, sampling) reproducible.
+        """
         return self
 
     @abstractmethod
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """Expected cloud advantage per prompt; larger means send to the cloud first."""
+
+    def score_records(self, records: Sequence[LogRecord]) -> np.ndarray:
+        """Scores of a log's prompts, as replay evaluation asks for them.
+
+        Only :attr:`needs_labels` routers may look at anything but ``record.prompt``.
+        """
+        return self.score([record.prompt for record in records])
+
+    def warm(self, prompts: Sequence[str]) -> None:
+        """Precompute per-prompt features (e.g. text embeddings) for prompts it will be fitted on or scored on.
+
+        Evaluation calls it once with every prompt of the log before any split, so work shared across
+        folds and seeds is done once, in large batches. It must not depend on labels. Default: nothing.
+        """
+        return None
+
+    def edge_floor(self) -> float | None:
+        """Scores at or below this never go to the cloud whatever the budget (``None``: no such floor).
+
+        A router whose :meth:`predict` sets ``Prediction.max_score_for_edge`` returns the same value here, so
+        replay evaluation honours the rule exactly as live routing does.
+        """
+        return None
 
     def predict(self, prompts: Sequence[str]) -> list[Prediction]:
         """Scores with whatever else the router knows (predicted qualities, explanations)."""
@@ -155,3 +190,18 @@ def load_router(name: str, directory: Path | None) -> Router:
     if manifest.get("router") != name:
         raise RouterError(f"artifact {directory} holds router {manifest.get('router')!r}, not {name!r}")
     return router_class(name).load(directory)
+
+
+# Baselines every evaluation shows side by side (docs/evaluation.md describes each).
+for _name, _target in {
+    "random": "router.baselines:RandomRouter",
+    "all-edge": "router.baselines:AllEdgeRouter",
+    "all-cloud": "router.baselines:AllCloudRouter",
+    "longest-prompt-first": "router.baselines:LongestPromptFirstRouter",
+    "noun-count": "router.baselines:NounCountRouter",
+    "oracle": "router.baselines:OracleRouter",
+    "cloud-win-classifier": "router.learned:CloudWinClassifierRouter",
+    "gap-regressor": "router.learned:GapRegressorRouter",
+    "knn": "router.learned:KNNRouter",
+}.items():
+    register_builtin(_name, _target)

@@ -7,14 +7,11 @@ HTTP, waits for every job to reach a terminal state, prints what happened, and s
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,84 +20,11 @@ from tqdm import tqdm
 
 from routet2i.data import sample_prompts
 from routet2i.settings import Settings
+from routet2i.stack import Stack, StackError, check_redis, start_stack
 from worker.budget_store import RedisBudgetStore
 
-READY_TIMEOUT_S = 120.0
 DEMO_BUDGET = "demo"
 DEMO_TENANT = "demo"
-STOP_TIMEOUT_S = 30.0
-
-
-class DemoError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def check_redis(url: str) -> None:
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.exceptions.RedisError as exc:
-        raise DemoError(
-            f"Redis is not reachable at {url} ({exc}).\n"
-            "Start one with: redis-server --daemonize yes --save '' --appendonly no\n"
-            "or point ROUTET2I_BROKER_URL at yours."
-        ) from exc
-
-
-@dataclass
-class Stack:
-    """The child processes of the demo."""
-
-    processes: list[subprocess.Popen[bytes]]
-    api_url: str
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for process in self.processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def check_alive(self) -> None:
-        for process in self.processes:
-            if process.poll() is not None:
-                raise DemoError(f"{' '.join(process.args)} exited with code {process.returncode}")  # type: ignore[arg-type]
-
-
-def start_stack(env: dict[str, str], *, log_dir: str) -> Stack:
-    port = free_port()
-    command = [sys.executable, "-m", "routet2i.cli"]
-    specs = [("api", [*command, "api", "--port", str(port), "--workers", "1"])]
-    specs += [(q, [*command, "worker", "--queue", q]) for q in ("route", "edge", "cloud")]
-    processes = []
-    os.makedirs(log_dir, exist_ok=True)
-    for name, argv in specs:
-        log = open(os.path.join(log_dir, f"{name}.log"), "wb")  # noqa: SIM115 (kept open for the child's life)
-        processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
-    return Stack(processes=processes, api_url=f"http://127.0.0.1:{port}")
-
-
-def wait_ready(stack: Stack, http: httpx.Client) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        stack.check_alive()
-        try:
-            if http.get(f"{stack.api_url}/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise DemoError(f"the API was not ready after {READY_TIMEOUT_S:.0f}s")
 
 
 def run_jobs(stack: Stack, http: httpx.Client, prompts: list[str], *, timeout: float) -> list[dict[str, Any]]:
@@ -109,14 +33,14 @@ def run_jobs(stack: Stack, http: httpx.Client, prompts: list[str], *, timeout: f
         accepted = list(pool.map(lambda p: http.post(f"{stack.api_url}/v1/jobs", json={"prompt": p}), prompts))
     for response in accepted:
         if response.status_code != 202:
-            raise DemoError(f"submission refused: {response.status_code} {response.text[:200]}")
+            raise StackError(f"submission refused: {response.status_code} {response.text[:200]}")
     pending = {r.json()["id"] for r in accepted}
     done: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     with tqdm(total=len(pending), desc="jobs", unit="job", file=sys.stderr) as bar:
         while pending:
             if time.monotonic() > deadline:
-                raise DemoError(f"{len(pending)} jobs unfinished after {timeout:.0f}s")
+                raise StackError(f"{len(pending)} jobs unfinished after {timeout:.0f}s")
             stack.check_alive()
             for job_id in list(pending):
                 job = http.get(f"{stack.api_url}/v1/jobs/{job_id}").json()
@@ -188,10 +112,10 @@ def run_demo(settings: Settings, *, n_prompts: int, seed: int, timeout: float, l
         "OMP_NUM_THREADS": "1",
     }
     print(f"starting API and workers (logs in {log_dir}/)", file=sys.stderr)
-    stack = start_stack(env, log_dir=log_dir)
+    stack = start_stack(env, log_dir=Path(log_dir))
     try:
         with httpx.Client(timeout=30.0, headers={"Authorization": f"Bearer {key}"}) as http:
-            wait_ready(stack, http)
+            stack.wait_ready()
             started = time.monotonic()
             jobs = run_jobs(stack, http, prompts, timeout=timeout)
             elapsed = time.monotonic() - started

@@ -56,6 +56,8 @@ class WorkerPool:
 
     def wait_ready(self, nodes: list[str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
         """Block until every node answers a control ping (its consumer is connected)."""
+        import redis
+
         from worker.app import create_celery
 
         wanted = set(nodes or self.processes)
@@ -66,8 +68,11 @@ class WorkerPool:
             for node, process in self.processes.items():
                 if node in wanted and process.poll() is not None:
                     raise RuntimeError(f"worker {node} exited with {process.returncode}:\n{self.log(node)[-3000:]}")
-            for reply in app.control.ping(timeout=0.5) or []:
-                seen.update(reply)
+            try:
+                for reply in app.control.ping(timeout=0.5) or []:
+                    seen.update(reply)
+            except (OSError, ConnectionError, redis.exceptions.ConnectionError):
+                time.sleep(0.2)  # the broker itself is (re)starting
             if wanted <= seen:
                 return
         raise TimeoutError(f"workers not ready after {timeout}s: {sorted(wanted - seen)}")
@@ -118,3 +123,138 @@ def wait_for_job(client: Any, job_id: str, *, timeout: float = 120.0) -> dict[st
 
     result: dict[str, Any] = wait_until(terminal, timeout=timeout, what=f"job {job_id} to finish")
     return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, so it can be restarted (losing everything, as without persistence)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _answers(lambda: redis.Redis(port=self.port).ping()), timeout=10, what="redis-server")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb in a temporary folder), so it can be stopped and started."""
+
+    BIN = Path("/usr/lib/postgresql")
+
+    def __init__(self) -> None:
+        import tempfile
+
+        versions = sorted(self.BIN.iterdir()) if self.BIN.is_dir() else []
+        if not versions:
+            raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql")
+        self.bin = versions[-1] / "bin"
+        # Not under pytest's private tmp folder: the server runs as the postgres user, who must reach it.
+        self.directory = Path(tempfile.mkdtemp(prefix="routet2i-pg-"))
+        self.data = self.directory / "data"
+        self.port = free_port()
+        owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.owner = owner
+        if owner:
+            subprocess.run(["chown", "-R", "postgres", str(self.directory)], check=True)
+        subprocess.run(
+            [
+                *owner,
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "root",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://root@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            [
+                *self.owner,
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-l",
+                str(self.directory / "log"),
+                "-w",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def stop(self) -> None:
+        subprocess.run(
+            [*self.owner, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+            check=False,
+            capture_output=True,
+        )
+
+    def remove(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _answers(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+        return True
+    except Exception:
+        return False

@@ -42,7 +42,7 @@ def test_bad_arguments_name_the_argument() -> None:
 
 @pytest.fixture(scope="module")
 def api_server(pg_settings: Settings, stack: WorkerPool, tmp_path_factory) -> Iterator[str]:
-    from routet2i.demo import free_port
+    from routet2i.stack import free_port
 
     port = free_port()
     env = {**os.environ, **pg_settings.to_env()}

@@ -36,6 +36,7 @@ class ImageApi:
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self.auth: list[str | None] = []
+        self.busy = True
         app = Flask("image-api")
 
         @app.post("/generate")
@@ -47,6 +48,8 @@ class ImageApi:
             if "refuse" in prompt:
                 return Response("content policy violation", status=400)
             if "flaky" in prompt and self.calls[prompt] < 3:
+                return Response("overloaded", status=503)
+            if "busy" in prompt and self.busy:
                 return Response("overloaded", status=503)
             if "json" in prompt:
                 return jsonify({"b64_json": base64.b64encode(png((0, 0, 255), body["width"])).decode()})
@@ -139,3 +142,28 @@ def test_refusal_fails_the_job_with_the_reason(client, image_api: ImageApi) -> N
     assert job["result"] is None
     assert image_api.calls["please refuse this"] == 1
     assert client.get(f"/v1/jobs/{job['id']}/image").status_code == 409
+
+
+def test_exhausted_retries_dead_letter_the_job_and_replay_revives_it(
+    client, image_api: ImageApi, http_settings
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    job = wait_for_job(client, client.post("/v1/jobs", json={"prompt": "busy painter"}).get_json()["id"], timeout=120)
+    assert job["status"] == "failed" and job["dead_lettered"]
+    assert "503" in job["error"] and job["error"].startswith("dead-lettered")
+    assert image_api.calls["busy painter"] == 1 + http_settings.edge.max_retries
+    assert job["id"] in {j["id"] for j in client.get("/v1/jobs?dead_lettered=true").get_json()["items"]}
+
+    image_api.busy = False
+    replay = subprocess.run(
+        [sys.executable, "-m", "routet2i.cli", "dlq", "replay", job["id"]],
+        env={**os.environ, **http_settings.to_env()},
+        capture_output=True,
+        text=True,
+    )
+    assert replay.returncode == 0, replay.stderr
+    revived = wait_for_job(client, job["id"])
+    assert revived["status"] == "succeeded" and not revived["dead_lettered"] and revived["error"] is None

@@ -1,383 +1,138 @@
-"""``/metrics``: aggregates computed by the database (PostgreSQL and SQLite), and the exposition served by the API.
-
-Aggregates are checked as differences before and after inserting rows with known timestamps, because the
-session's PostgreSQL database also holds the jobs of other tests.
-"""
+"""Replay metrics on hand-made numbers whose right answers are worked out in the comments."""
 
 from __future__ import annotations
 
-import re
-import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from pathlib import Path
+import itertools
+import math
 
-import httpx
+import numpy as np
 import pytest
-import redis as redis_lib
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.orm import Session
 
-from api.app import create_app
-from db.jobs import create_job, transition
-from db.metrics import (
-    LATENCY_BUCKETS_S,
-    STAGES,
-    Histogram,
-    cost_totals,
-    decisions_by_router,
-    jobs_by_status_and_tier,
-    recent_cloud_fraction,
-    stage_histograms,
-)
-from db.migrate import upgrade
-from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
-from db.session import make_engine, make_session_factory, transaction
-from db.tenants import create_tenant, get_tenant_by_name
-from routet2i.demo import free_port
-from routet2i.settings import Settings
-from tests.servers import ApiServer, PrivateRedis
-from worker.app import create_celery
-
-OPS = Path(__file__).resolve().parents[1] / "ops"
-T0 = datetime(2020, 1, 1, tzinfo=UTC)
+from router.metrics import aggregate_weights, cumulative_gain, routing_curves
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
-    """A session on a migrated SQLite file or inside the PostgreSQL test transaction."""
-    if request.param == "postgresql":
-        yield request.getfixturevalue("db_session")
-        return
-    url = f"sqlite:///{tmp_path / 'metrics.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    with make_session_factory(engine)() as sqlite_session:
-        yield sqlite_session
-    engine.dispose()
-
-
-def add_job(
-    session: Session,
-    *,
-    tier: str | None,
-    status: JobStatus,
-    route_wait: float | None = None,
-    routing: float | None = None,
-    tier_wait: float | None = None,
-    generating: float | None = None,
-    total: float | None = None,
-    version: str = "v1",
-    usd: float = 0.0,
-    gpu_s: float = 0.0,
-    decided_at: datetime | None = None,
-) -> Job:
-    """A job whose stage durations are exactly the given seconds, with its decision and cost when routed."""
-    job = create_job(session, tenant_id=tenant_of(session), prompt="metrics test", seed=1)
-    job.created_at = T0
-    at = T0
-    if route_wait is not None:
-        at += timedelta(seconds=route_wait)
-        session.add(JobEvent(job_id=job.id, status=JobStatus.ROUTING, at=at))
-    if routing is not None:
-        at += timedelta(seconds=routing)
-        job.routed_at = at
-        job.tier = tier
-        session.add(
-            Decision(
-                job_id=job.id,
-                router_name="metrics-test",
-                router_version=version,
-                inputs={},
-                score=0.0,
-                budget=0.3,
-                budget_state={},
-                tier=tier,
-                reason="test",
-                latency_ms=1.0,
-                created_at=decided_at or at,
-            )
-        )
-    if tier_wait is not None:
-        at += timedelta(seconds=tier_wait)
-        job.started_at = at
-    if generating is not None:
-        at += timedelta(seconds=generating)
-    if total is not None:
-        at = T0 + timedelta(seconds=total)
-    job.status = status
-    if status.terminal:
-        job.finished_at = at
-    if usd or gpu_s:
-        generation = Generation(
-            id=uuid.uuid4(),
-            job_id=job.id,
-            tier=tier,
-            role="primary",
-            backend="null",
-            model_id="m",
-            device="cpu",
-            seed=1,
-            steps=1,
-            width=64,
-            height=64,
-            image_path="x.png",
-            image_sha256="0" * 64,
-            wall_s=gpu_s,
-            gpu_s=gpu_s,
-        )
-        session.add(generation)
-        session.add(CostEntry(job_id=job.id, generation=generation, tier=tier, usd=Decimal(str(usd)), gpu_s=gpu_s))
-    session.flush()
-    return job
-
-
-def tenant_of(session: Session) -> uuid.UUID:
-    """The id of this module's tenant in the session's database, created on first use."""
-    tenant = get_tenant_by_name(session, "metrics-test")
-    if tenant is None:
-        tenant = create_tenant(session, name="metrics-test")
-        session.flush()
-    return tenant.id
-
-
-def histograms(session: Session) -> dict[tuple[str, str], Histogram]:
-    return {(h.stage, h.tier): h for stage in STAGES for h in stage_histograms(session, stage)}
-
-
-def bucket_delta(before: Histogram | None, after: Histogram) -> list[int]:
-    old = dict(before.buckets) if before else {}
-    return [count - old.get(bound, 0) for bound, count in after.buckets]
-
-
-def expected_buckets(*durations: float) -> list[int]:
-    return [sum(d <= bound for d in durations) for bound in LATENCY_BUCKETS_S]
-
-
-def test_stage_histograms_bucket_each_stage_from_the_timestamps(session: Session) -> None:
-    before = histograms(session)
-    # edge job: 0.2 s before routing, 0.07 s routing, 1.7 s waiting for a worker, 3 s generating
-    add_job(
-        session, tier="edge", status=JobStatus.SUCCEEDED, route_wait=0.2, routing=0.07, tier_wait=1.7, generating=3.0
+def curves(scores, edge, cloud, metrics=("q",), **kwargs):
+    return routing_curves(
+        np.asarray(scores, dtype=float),
+        np.asarray(edge, dtype=float).reshape(len(scores), -1),
+        np.asarray(cloud, dtype=float).reshape(len(scores), -1),
+        metrics=metrics,
+        **kwargs,
     )
-    add_job(
-        session, tier="cloud", status=JobStatus.SUCCEEDED, route_wait=0.02, routing=0.03, tier_wait=20, generating=61
-    )
-    add_job(session, tier=None, status=JobStatus.FAILED, total=7.0)  # failed before routing
-    add_job(session, tier=None, status=JobStatus.QUEUED)  # still waiting: in no stage yet
-    after = histograms(session)
-
-    expected = {
-        ("route_wait", "edge"): [0.2],
-        ("routing", "edge"): [0.07],
-        ("tier_wait", "edge"): [1.7],
-        ("generating", "edge"): [3.0],
-        ("total", "edge"): [4.97],
-        ("route_wait", "cloud"): [0.02],
-        ("routing", "cloud"): [0.03],
-        ("tier_wait", "cloud"): [20.0],
-        ("generating", "cloud"): [61.0],
-        ("total", "cloud"): [81.05],
-        ("total", "none"): [7.0],
-    }
-    for key, durations in expected.items():
-        old = before.get(key)
-        new = after[key]
-        assert new.count - (old.count if old else 0) == len(durations), key
-        assert new.sum_s - (old.sum_s if old else 0.0) == pytest.approx(sum(durations), abs=5e-3), key
-        assert bucket_delta(old, new) == expected_buckets(*durations), key
-    changed = {k for k, h in after.items() if h.count != (before[k].count if k in before else 0)}
-    assert changed == set(expected)
 
 
-def test_job_decision_cost_and_cloud_fraction_aggregates(session: Session) -> None:
-    jobs_before, costs_before = jobs_by_status_and_tier(session), cost_totals(session)
-    version = f"v-{uuid.uuid4().hex[:8]}"
-    future = datetime(2100, 1, 1, tzinfo=UTC)  # newer than any other test's decisions: they form the window
-    tiers = ["cloud", "edge", "cloud", "cloud"]
-    for i, tier in enumerate(tiers):
-        add_job(
-            session,
-            tier=tier,
-            status=JobStatus.SUCCEEDED,
-            route_wait=0.1,
-            routing=0.1,
-            tier_wait=0.1,
-            generating=0.1,
-            version=version,
-            usd=0.065 if tier == "cloud" else 0.009,
-            gpu_s=2.0 if tier == "cloud" else 0.5,
-            decided_at=future + timedelta(seconds=i),
+def test_cumulative_gain_takes_prompts_by_decreasing_score() -> None:
+    # Scores rank prompt 0, 1, 2; their gains are 1, -1, 2: G = 0, 1, 1-1, 1-1+2.
+    assert cumulative_gain(np.array([3.0, 2.0, 1.0]), np.array([1.0, -1.0, 2.0])).tolist() == [0, 1, 0, 2]
+    # Same prompts in another log order: identical curve.
+    assert cumulative_gain(np.array([1.0, 3.0, 2.0]), np.array([2.0, 1.0, -1.0])).tolist() == [0, 1, 0, 2]
+
+
+def test_tied_scores_count_at_their_expectation() -> None:
+    # Two tied prompts with gains 2 and 0: sending one at random gains 1 on average.
+    assert cumulative_gain(np.array([1.0, 1.0]), np.array([2.0, 0.0])).tolist() == [0, 1, 2]
+    # A tie block in the middle: [5] then tie {3, 1} then [-2].
+    got = cumulative_gain(np.array([9.0, 4.0, 4.0, 0.0]), np.array([5.0, 3.0, 1.0, -2.0]))
+    assert got.tolist() == [0, 5, 7, 9, 7]
+
+
+def test_pgr_cpt_apgr_arithmetic() -> None:
+    # Gains 4, 2, 0, -2 (total 4), ranked best first: G = 0, 4, 6, 6, 4 -> PGR = 0, 1, 1.5, 1.5, 1.
+    c = curves([4, 3, 2, 1], [0, 0, 0, 2], [4, 2, 0, 0])
+    assert c.pgr.tolist() == [0, 1, 1.5, 1.5, 1]
+    # PGR at budget 0.5 is k = 2; at 0.1 it is k = 0.4 -> 0.4 by interpolation; 0.9 -> k=3.6 -> 1.5-0.6*0.5.
+    assert c.at(c.pgr, [0.5, 0.1, 0.9]).tolist() == pytest.approx([1.5, 0.4, 1.2])
+    # CPT(50%): PGR reaches 0.5 halfway to the first prompt: share 0.5/4. CPT(80%): 0.8/4.
+    assert c.cpt(0.5) == pytest.approx(0.125)
+    assert c.cpt(0.8) == pytest.approx(0.2)
+    # APGR: trapezoid over k/4 = (0 + 1 + 1.5 + 1.5 + 1 - (0 + 1)/2) / 4.
+    assert c.apgr() == pytest.approx(4.5 / 4)
+    # Quality: mean edge 0.5, mean cloud 1.5; at k=2 the routed mean is (4 + 2 + 0 + 2) / 4.
+    assert c.quality[2, 0] == pytest.approx(2.0)
+    assert c.edge_mean[0] == 0.5 and c.cloud_mean[0] == 1.5
+
+
+def test_apgr_of_a_perfect_and_of_a_random_router() -> None:
+    edge, cloud = [0, 0, 0, 0], [1, 0, 0, 0]  # only prompt 0 gains
+    perfect = curves([1, 0, 0, 0], edge, cloud)
+    # PGR = 0, 1, 1, 1, 1 -> APGR = (4 - 1/2) / 4.
+    assert perfect.apgr() == pytest.approx(0.875)
+    # Constant scores: every order equally likely -> PGR(f) = f exactly, APGR 1/2, CPT(x) = x.
+    constant = curves([7, 7, 7, 7], edge, cloud)
+    assert constant.pgr.tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert constant.apgr() == pytest.approx(0.5)
+    assert constant.cpt(0.8) == pytest.approx(0.8)
+    # The worst router takes the gaining prompt last: PGR 0, 0, 0, 0, 1 -> APGR 1/8.
+    assert curves([0, 1, 1, 1], edge, cloud).apgr() == pytest.approx(0.125)
+
+
+def test_fixed_tier_routers_ignore_the_budget() -> None:
+    edge, cloud = [1, 2, 3], [2, 2, 5]
+    all_edge = curves([0, 0, 0], edge, cloud, fixed_tier="edge")
+    assert all_edge.pgr.tolist() == [0, 0, 0, 0]
+    assert all_edge.share.tolist() == [0, 0, 0, 0]
+    assert math.isnan(all_edge.cpt(0.5))
+    all_cloud = curves([1, 1, 1], edge, cloud, fixed_tier="cloud")
+    assert all_cloud.pgr.tolist() == [1, 1, 1, 1]
+    assert all_cloud.share.tolist() == [1, 1, 1, 1]
+    assert all_cloud.cpt(0.5) == 1.0  # it reaches any PGR only by spending the whole cloud
+    assert all_cloud.quality[0].tolist() == [3.0]
+
+
+def test_edge_floor_stops_the_cloud_share() -> None:
+    # Scores 2, 1, -1 with floor 0: the third prompt never goes to the cloud.
+    c = curves([2, 1, -1], [0, 0, 0], [1, 1, 1], floor=0.0)
+    assert c.gain[:, 0].tolist() == [0, 1, 2, 2]
+    assert c.share.tolist() == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3])
+    assert math.isnan(c.cpt(0.9))  # PGR stops at 2/3
+    assert c.cpt(0.5) == pytest.approx(0.5)
+
+
+def test_aggregate_is_mean_of_per_metric_pgr_and_the_oracle_maximises_it() -> None:
+    rng = np.random.default_rng(3)
+    edge = rng.normal(size=(7, 2))
+    cloud = edge + rng.normal(loc=(0.5, 0.2), size=(7, 2))
+    weights = aggregate_weights(edge, cloud)
+    oracle = (cloud - edge) @ weights
+    c = routing_curves(oracle, edge, cloud, metrics=("a", "b"))
+    assert c.pgr.tolist() == pytest.approx(c.metric_pgr.mean(axis=1).tolist())
+    # The aggregate PGR is the PGR of the composite gain: cumulative oracle scores.
+    assert c.pgr.tolist() == pytest.approx(cumulative_gain(oracle, oracle).tolist())
+    # No subset of k prompts beats the oracle's top k (brute force).
+    gains = cloud - edge
+    for k in range(8):
+        best = max(
+            (
+                np.mean([gains[list(s), i].sum() / gains[:, i].sum() for i in range(2)])
+                for s in itertools.combinations(range(7), k)
+            ),
+            default=0.0,
         )
-    add_job(session, tier=None, status=JobStatus.QUEUED)
-
-    jobs_after = jobs_by_status_and_tier(session)
-    delta = {k: jobs_after[k] - jobs_before[k] for k in jobs_after if jobs_after[k] != jobs_before[k]}
-    assert delta == {("succeeded", "cloud"): 3, ("succeeded", "edge"): 1, ("queued", "none"): 1}
-    assert len(jobs_after) == 15  # every status x (none, edge, cloud), zeros included
-
-    decisions = decisions_by_router(session)
-    assert decisions[("cloud", "metrics-test", version)] == 3
-    assert decisions[("edge", "metrics-test", version)] == 1
-
-    assert recent_cloud_fraction(session, window=4) == (0.75, 4)
-    assert recent_cloud_fraction(session, window=2) == (1.0, 2)  # the two newest are both cloud
-
-    costs_after = cost_totals(session)
-    assert costs_after["cloud"].usd - costs_before["cloud"].usd == pytest.approx(3 * 0.065)
-    assert costs_after["cloud"].gpu_s - costs_before["cloud"].gpu_s == pytest.approx(6.0)
-    assert costs_after["edge"].images - costs_before["edge"].images == 1
+        assert c.pgr[k] == pytest.approx(best)
 
 
-# --- the exposition ----------------------------------------------------------------------------------------
+def test_pareto_no_worse_share() -> None:
+    # Two metrics. Prompt 0: cloud dominates edge. Prompt 1: edge dominates. Prompt 2: a trade-off.
+    edge = np.array([[1.0, 1.0], [3.0, 3.0], [1.0, 3.0]])
+    cloud = np.array([[2.0, 2.0], [2.0, 2.0], [3.0, 1.0]])
+    c = routing_curves(np.array([3.0, 2.0, 1.0]), edge, cloud, metrics=("a", "b"))
+    # k=0: all edge -> prompt 0 is dominated, others fine: 2/3. k=1: prompt 0 on cloud: 3/3.
+    # k=2: prompt 1 on cloud is dominated: 2/3. k=3: still 2/3 (prompt 2 trade-off is fine either way).
+    assert c.no_worse.tolist() == pytest.approx([2 / 3, 1, 2 / 3, 2 / 3])
+    # Per metric "a": edge >= cloud holds for prompt 1 only at k=0, cloud >= edge for prompts 0 and 2.
+    assert c.metric_no_worse[:, 0].tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 3, 2 / 3])
 
 
-@pytest.fixture(scope="module")
-def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(log_path=tmp_path_factory.mktemp("metrics-redis") / "redis.log")
-    yield server
-    server.stop()
+def test_metric_without_gain_is_left_out_of_the_aggregate() -> None:
+    edge = np.array([[0.0, 1.0], [0.0, 1.0]])
+    cloud = np.array([[1.0, 1.0], [0.0, 1.0]])  # metric b: no gain anywhere
+    c = routing_curves(np.array([1.0, 0.0]), edge, cloud, metrics=("a", "b"))
+    assert np.isnan(c.metric_pgr[:, 1]).all()
+    assert c.pgr.tolist() == [0, 1, 1]
 
 
-@pytest.fixture()
-def sqlite_settings(tmp_path: Path, private_redis: PrivateRedis) -> Settings:
-    url = f"sqlite:///{tmp_path / 'exposition.db'}"
-    upgrade(url)
-    redis_lib.Redis.from_url(private_redis.url).flushdb()
-    return Settings(database_url=url, broker_url=private_redis.url, image_dir=tmp_path / "images", cloud_budget=0.25)
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(parsed: dict, name: str, **labels: str) -> float:
-    return parsed[(name, tuple(sorted(labels.items())))]
-
-
-def insert(settings: Settings, **job: object) -> None:
-    engine = make_engine(settings.database_url)
-    with transaction(make_session_factory(engine)) as s:
-        add_job(s, **job)  # type: ignore[arg-type]
-    engine.dispose()
-
-
-def test_metrics_endpoint_exposes_every_family(sqlite_settings: Settings) -> None:
-    insert(
-        sqlite_settings,
-        tier="cloud",
-        status=JobStatus.SUCCEEDED,
-        route_wait=0.2,
-        routing=0.07,
-        tier_wait=1.7,
-        generating=3.0,
-        usd=0.065,
-        gpu_s=2.5,
-    )
-    insert(
-        sqlite_settings,
-        tier="edge",
-        status=JobStatus.SUCCEEDED,
-        route_wait=0.2,
-        routing=0.07,
-        tier_wait=1.7,
-        generating=3.0,
-        usd=0.009,
-        gpu_s=0.4,
-    )
-    insert(sqlite_settings, tier=None, status=JobStatus.QUEUED)
-    app = create_celery(sqlite_settings)
-    for _ in range(2):
-        app.send_task("edge.generate", args=[str(uuid.uuid4())], queue="edge")
-    app.close()
-
-    response = create_app(sqlite_settings).test_client().get("/metrics")
-    assert response.status_code == 200
-    assert response.content_type.startswith("text/plain")
-    parsed = samples(response.get_data(as_text=True))
-
-    assert value(parsed, "routet2i_jobs", status="succeeded", tier="cloud") == 1
-    assert value(parsed, "routet2i_jobs", status="queued", tier="none") == 1
-    assert value(parsed, "routet2i_decisions_total", tier="cloud", router="metrics-test", router_version="v1") == 1
-    assert value(parsed, "routet2i_cloud_fraction", window="all") == 0.5
-    assert value(parsed, "routet2i_cloud_fraction", window="recent") == 0.5
-    assert value(parsed, "routet2i_cloud_budget") == 0.25
-    assert value(parsed, "routet2i_cost_usd_total", tier="cloud") == pytest.approx(0.065)
-    assert value(parsed, "routet2i_gpu_seconds_total", tier="edge") == pytest.approx(0.4)
-    assert value(parsed, "routet2i_images_total", tier="edge") == 1
-    assert value(parsed, "routet2i_queue_depth", queue="edge") == 2
-    assert value(parsed, "routet2i_queue_depth", queue="cloud") == 0
-    assert value(parsed, "routet2i_queue_waiting_jobs", queue="route") == 1
-    assert value(parsed, "routet2i_queue_oldest_age_seconds", queue="route") > 0
-    assert value(parsed, "routet2i_job_stage_seconds_count", stage="generating", tier="edge") == 1
-    assert value(parsed, "routet2i_job_stage_seconds_bucket", stage="generating", tier="edge", le="2.5") == 0
-    assert value(parsed, "routet2i_job_stage_seconds_bucket", stage="generating", tier="edge", le="5.0") == 1
-    assert value(parsed, "routet2i_job_stage_seconds_bucket", stage="total", tier="cloud", le="+Inf") == 1
-    assert value(parsed, "routet2i_metrics_source_up", source="database") == 1
-    assert value(parsed, "routet2i_metrics_source_up", source="broker") == 1
-
-
-def test_an_unreachable_broker_is_reported_not_fatal(sqlite_settings: Settings) -> None:
-    down = sqlite_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
-    response = create_app(down).test_client().get("/metrics")
-    assert response.status_code == 200
-    parsed = samples(response.get_data(as_text=True))
-    assert value(parsed, "routet2i_metrics_source_up", source="broker") == 0
-    assert value(parsed, "routet2i_metrics_source_up", source="database") == 1
-    assert not any(name == "routet2i_queue_depth" for name, _ in parsed)
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_every_gunicorn_worker_answers_with_the_shared_state(sqlite_settings: Settings, tmp_path: Path) -> None:
-    server = ApiServer(sqlite_settings, log_path=tmp_path / "api.log", workers=3)
-    try:
-
-        def scrape() -> dict:
-            parsed = samples(httpx.get(f"{server.url}/metrics", timeout=10).text)
-            return {k: v for k, v in parsed.items() if k[0] != "routet2i_metrics_scrape_seconds"}
-
-        first = [scrape() for _ in range(9)]
-        assert all(s == first[0] for s in first)
-        insert(
-            sqlite_settings,
-            tier="edge",
-            status=JobStatus.SUCCEEDED,
-            route_wait=0.1,
-            routing=0.1,
-            tier_wait=0.1,
-            generating=0.1,
-            usd=0.009,
-            gpu_s=0.3,
-        )
-        for parsed in (scrape() for _ in range(9)):
-            assert value(parsed, "routet2i_jobs", status="succeeded", tier="edge") == 1
-            assert value(parsed, "routet2i_cost_usd_total", tier="edge") == pytest.approx(0.009)
-    finally:
-        server.stop()
-
-
-def test_alert_rules_use_metrics_the_api_exports(sqlite_settings: Settings) -> None:
-    exported = {
-        name for name, _ in samples(create_app(sqlite_settings).test_client().get("/metrics").get_data(as_text=True))
-    }
-    rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
-    used = {
-        m for group in rules["groups"] for rule in group["rules"] for m in re.findall(r"routet2i_[a-z_]+", rule["expr"])
-    }
-    assert used and used <= exported, used - exported
-
-
-def test_metrics_survive_a_job_without_a_routing_event(session: Session) -> None:
-    # A job failed while being enqueued has no events but its first: it must not break any stage query.
-    job = create_job(session, tenant_id=tenant_of(session), prompt="never routed", seed=1)
-    session.flush()
-    transition(session, job, JobStatus.FAILED, error="broker unavailable")
-    session.flush()
-    assert all(isinstance(h.count, int) for stage in STAGES for h in stage_histograms(session, stage))
+def test_bad_scores_are_refused() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        cumulative_gain(np.array([1.0, np.nan]), np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="shape"):
+        cumulative_gain(np.array([1.0]), np.array([1.0, 2.0]))

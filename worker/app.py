@@ -22,6 +22,9 @@ GENERATE_TASKS = {"edge": "edge.generate", "cloud": "cloud.generate"}
 VISIBILITY_TIMEOUT_S = 4 * 3600
 """Redis redelivers an unacknowledged message after this long; it must exceed the longest generation."""
 
+PROC_ALIVE_TIMEOUT_S = 600.0
+"""A new pool child loads its models before reporting for work; Celery's 4 s default would kill it meanwhile."""
+
 PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.5}
 """How long a publisher insists when the broker is briefly unreachable (about one second in all)."""
 
@@ -47,6 +50,7 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT_S,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -56,13 +56,12 @@ class WorkerContext:
         """The shared budget window ``name`` (the deployment's, or a tenant's own) held to ``rho``."""
         key = (name, rho)
         if key not in self._budgets:
-            import redis
-
+            from db.state_redis import connect
             from router.budget import BudgetConfig, BudgetController
             from worker.budget_store import RedisBudgetStore
 
             if self._redis is None:
-                self._redis = redis.Redis.from_url(self.settings.state_redis_url)
+                self._redis = connect(self.settings.state_redis_url)
             window = self.settings.budget_window
             store = RedisBudgetStore(self._redis, window=window, name=name)
             self._budgets[key] = BudgetController(BudgetConfig(rho=rho, window=window), store, name=name)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import click
 
 from routet2i import __version__
+from routet2i.cli.data import data
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
+from routet2i.cli.evaluate import evaluate_command, replay
 from routet2i.cli.jobs import stats, status, submit
+from routet2i.cli.load import loadtest
 from routet2i.cli.ops import flower, queues
 from routet2i.cli.recovery import dlq, reconcile
 from routet2i.cli.serve import api, worker
@@ -20,5 +23,22 @@ def main() -> None:
     """RouteT2I: route text-to-image requests between an edge and a cloud model under a cloud budget."""
 
 
-for command in (api, worker, submit, status, stats, queues, flower, db, demo, tenant, reconcile, dlq):
+for command in (
+    api,
+    worker,
+    submit,
+    status,
+    stats,
+    queues,
+    flower,
+    db,
+    demo,
+    tenant,
+    reconcile,
+    dlq,
+    loadtest,
+    data,
+    evaluate_command,
+    replay,
+):
     main.add_command(command)

@@ -27,11 +27,12 @@ from routet2i.cli.common import load_settings
 @click.option("--log-dir", default="var/demo-logs", show_default=True, help="Where the children's logs go.")
 def demo(n_prompts: int, seed: int, timeout: float, log_dir: str) -> None:
     """Start the API and one worker per queue, run real prompts through them, print a summary, stop."""
-    from routet2i.demo import DemoError, run_demo
+    from routet2i.demo import run_demo
+    from routet2i.stack import StackError
 
     settings = load_settings()
     try:
         code = run_demo(settings, n_prompts=n_prompts, seed=seed, timeout=timeout, log_dir=log_dir)
-    except DemoError as exc:
+    except StackError as exc:
         raise click.ClickException(str(exc)) from exc
     raise SystemExit(code)

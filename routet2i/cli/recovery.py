@@ -21,16 +21,15 @@ from routet2i.cli.common import echo_json, load_settings
 @click.option("--json", "as_json", is_flag=True, help="Print each pass's report as JSON.")
 def reconcile(once: bool, interval: float | None, as_json: bool) -> None:
     """Re-publish jobs whose queue message was lost; dead-letter jobs lost too often."""
-    import redis
-
     from db.session import make_engine, make_session_factory
+    from db.state_redis import connect
     from worker.app import create_celery
     from worker.reconcile import reconcile as run_pass
 
     settings = load_settings()
     sessions = make_session_factory(make_engine(settings.database_url))
     app = create_celery(settings)
-    client = redis.Redis.from_url(settings.broker_url)
+    client = connect(settings.broker_url)
     pause = interval or settings.reconcile_interval_s
     while True:
         report = run_pass(sessions, app, client, settings)

