@@ -1,13 +1,12 @@
-"""Real server processes for tests: the API under gunicorn, a private Redis, Flower.
+"""Real server processes for tests: the API under gunicorn, Flower, the no-container runner.
 
-Each is started exactly as an operator would start it (``routet2i api``, ``redis-server``,
-``routet2i flower``) on a free loopback port, and stopped (with its process group) at the end.
+Each is started exactly as an operator would start it (``routet2i api``, ``routet2i flower``,
+``ops/run-local.sh``) on a free loopback port, and stopped (with its process group) at the end.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-import redis as redis_lib
 
-from routet2i.demo import free_port
 from routet2i.settings import Settings
+from tests.support import free_port
 
 READY_TIMEOUT_S = 60.0
 
@@ -80,26 +78,3 @@ class ApiServer(Process):
         argv = [sys.executable, "-m", "routet2i.cli", "api", "--port", str(self.port), "--workers", str(workers)]
         super().__init__(argv, env=cli_env(settings, **extra_env), log_path=log_path)
         wait_http(f"{self.url}/readyz", self)
-
-
-class PrivateRedis(Process):
-    """A throwaway ``redis-server`` on a free port: a broker no other test run's workers consume from."""
-
-    def __init__(self, *, log_path: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        super().__init__(argv, env=dict(os.environ), log_path=log_path)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            self.check_alive()
-            try:
-                redis_lib.Redis.from_url(self.url, socket_connect_timeout=1).ping()
-                return
-            except redis_lib.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)

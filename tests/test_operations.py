@@ -23,11 +23,10 @@ import redis as redis_lib
 from db.jobs import create_job
 from db.models import JobStatus
 from db.tenants import create_tenant
-from routet2i.demo import free_port
 from routet2i.settings import Settings
 from tests.conftest import create_tenant_key, make_settings
-from tests.servers import ApiServer, PrivateRedis, Process, cli_env, wait_http
-from tests.support import WorkerPool, wait_until
+from tests.servers import ApiServer, Process, cli_env, wait_http
+from tests.support import PrivateRedis, WorkerPool, free_port, wait_until
 from worker.app import create_celery
 from worker.queues import queue_depths, queue_status, redis_keys
 
@@ -39,7 +38,8 @@ EDGE_NODES = ("edge-a@test", "edge-b@test")
 
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(log_path=tmp_path_factory.mktemp("private-redis") / "redis.log")
+    server = PrivateRedis(tmp_path_factory.mktemp("private-redis"))
+    server.start()
     yield server
     server.stop()
 

@@ -36,9 +36,9 @@ from db.migrate import upgrade
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant, get_tenant_by_name
-from routet2i.demo import free_port
 from routet2i.settings import Settings
-from tests.servers import ApiServer, PrivateRedis
+from tests.servers import ApiServer
+from tests.support import PrivateRedis, free_port
 from worker.app import create_celery
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
@@ -236,7 +236,8 @@ def test_job_decision_cost_and_cloud_fraction_aggregates(session: Session) -> No
 
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(log_path=tmp_path_factory.mktemp("metrics-redis") / "redis.log")
+    server = PrivateRedis(tmp_path_factory.mktemp("metrics-redis"))
+    server.start()
     yield server
     server.stop()
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from routet2i.demo import free_port
 from routet2i.settings import Settings
 from tests.conftest import make_settings
-from tests.servers import PrivateRedis, Process, cli_env, wait_http
-from tests.support import wait_until
+from tests.servers import Process, cli_env, wait_http
+from tests.support import PrivateRedis, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +33,8 @@ def group_alive(pgid: int) -> bool:
 
 
 def test_run_local_serves_jobs_and_stops_every_process(tmp_path: Path, model_cache: Path) -> None:
-    redis_server = PrivateRedis(log_path=tmp_path / "redis.log")
+    redis_server = PrivateRedis(tmp_path)
+    redis_server.start()
     settings: Settings = make_settings(
         database_url=f"sqlite:///{tmp_path / 'local.db'}",  # the embedded default: the script migrates it
         broker_url=redis_server.url,

@@ -364,7 +364,7 @@
     const box = document.getElementById("reports");
     if (!list.items.length) {
       box.replaceChildren(
-        el("p", { class: "muted placeholder-text" }, "No evaluation plots yet. Plots are the PNG files in the reports directory (ROUTET2I_REPORTS_DIR), for example written by routet2i eval --plot.")
+        el("p", { class: "muted placeholder-text" }, "No evaluation plots yet. Plots are the PNG files in the reports directory (ROUTET2I_REPORTS_DIR), for example written by routet2i eval --suite or routet2i eval --plot.")
       );
       return;
     }
