@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -17,6 +18,7 @@ from db.models import JobStatus, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant
 from routet2i.settings import Settings
+from tests.support import PrivateRedis
 from worker.app import create_celery
 from worker.context import WorkerContext
 from worker.pipeline import generate_job
@@ -25,9 +27,23 @@ from worker.reconcile import _job_id_of, broker_job_ids, reconcile
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    """A broker of these tests' own: the session's workers (``stack``) consume the shared one and would take the
+    messages these tests expect to find waiting."""
+    server = PrivateRedis(tmp_path_factory.mktemp("recovery-redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture()
-def env(pg_settings: Settings, redis_client: redis.Redis):  # type: ignore[no-untyped-def]
-    settings = pg_settings.model_copy(update={"reconcile_after_s": 60.0, "max_redeliveries": 2})
+def env(pg_settings: Settings, private_broker: PrivateRedis):  # type: ignore[no-untyped-def]
+    redis_client = redis.Redis.from_url(private_broker.url)
+    redis_client.flushdb()
+    settings = pg_settings.model_copy(
+        update={"broker_url": private_broker.url, "reconcile_after_s": 60.0, "max_redeliveries": 2}
+    )
     sessions = make_session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
         tenant = create_tenant(session, name=f"r-{uuid.uuid4().hex[:8]}")
