@@ -46,6 +46,8 @@ class Doc:
     query: type[BaseModel] | None = None
     secured: bool = True
     extra_errors: tuple[int, ...] = field(default=())
+    error_model: type[BaseModel] | None = None
+    """The body of error responses (None: the API's usual :class:`ErrorBody`)."""
 
 
 def documented(**kwargs: Any) -> Callable[[F], F]:
@@ -85,7 +87,9 @@ ERROR_TEXT = {
     410: "The resource existed but is gone.",
     422: "The body does not validate; the field is named.",
     429: "Over the tenant's rate limit; see Retry-After.",
+    500: "The work failed; the message says why.",
     503: "The database or the broker is unavailable; see Retry-After.",
+    504: "The result was not ready in time; the work continues.",
 }
 
 
@@ -121,6 +125,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
         for _, model in doc.responses.values():
             if isinstance(model, type):
                 models[(model, "serialization")] = None
+        models[(doc.error_model or ErrorBody, "serialization")] = None
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             operations.append((_path(rule.rule), method.lower(), doc, body))
 
@@ -172,17 +177,15 @@ def build_spec(app: Flask) -> dict[str, Any]:
             operation["security"] = [{"bearer": []}]
         if body is not None:
             errors |= {400, 422}
-        if doc.query is not None or "{" in path:
-            errors |= {400} if doc.query is not None else set()
+        if doc.query is not None:
+            errors |= {400}
         if "{" in path:
             errors |= {404}
+        error_schema = refs[(doc.error_model or ErrorBody, "serialization")]
         for status in sorted(errors):
             operation["responses"].setdefault(
                 str(status),
-                {
-                    "description": ERROR_TEXT[status],
-                    "content": {"application/json": {"schema": refs[(ErrorBody, "serialization")]}},
-                },
+                {"description": ERROR_TEXT[status], "content": {"application/json": {"schema": error_schema}}},
             )
         paths.setdefault(path, {})[method] = operation
 

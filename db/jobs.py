@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -66,9 +67,11 @@ def transition(
     *,
     detail: dict[str, Any] | None = None,
     error: str | None = None,
+    at: datetime | None = None,
 ) -> None:
-    """Move ``job`` to ``status``, stamping its timestamps and appending to its history."""
-    now = utcnow()
+    """Move ``job`` to ``status``, stamping its timestamps and appending to its history (``at``: when it
+    happened, if not now)."""
+    now = at or utcnow()
     job.status = status
     job.updated_at = now
     if status == JobStatus.GENERATING:

@@ -15,7 +15,7 @@ import numpy as np
 
 from router.base import Router, RouterError
 from router.log import LogRecord, metric_names
-from router.metrics import aggregate_weights, quality_arrays
+from router.pgr import aggregate_weights, quality_arrays
 from router.types import Prediction, Tier
 
 
@@ -118,7 +118,7 @@ class OracleRouter(Router):
 
     It is the upper bound of what any router can reach on a log, not a router: it can only score records
     that carry labels (:meth:`score_records`), never bare prompts. On a log with several metrics its score is
-    the composite gain that the aggregate PGR is linear in (see :mod:`router.metrics`), computed on the
+    the composite gain that the aggregate PGR is linear in (see :mod:`router.pgr`), computed on the
     records it is given, so it maximises the aggregate PGR exactly at every budget.
     """
 

@@ -15,7 +15,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from router.types import BudgetVerdict
@@ -84,6 +84,7 @@ def decide(
     *,
     floor: float | None = None,
     calibrated_threshold: float | None = None,
+    shadow: bool = False,
 ) -> BudgetVerdict:
     """Decide one request against the budget.
 
@@ -93,6 +94,8 @@ def decide(
         config: ρ, window and gain.
         floor: scores at or below it never go to the cloud (RouteT2I's α ≤ ½ rule), whatever the budget.
         calibrated_threshold: threshold from offline calibration, used until enough scores were seen.
+        shadow: the request was sampled to run on both tiers. It is shadowed only if the budget has room for
+            its cloud generation: shadow samples are paid from the same budget as routed requests.
 
     Returns:
         The verdict with the threshold used and a snapshot of the window for the audit trail.
@@ -127,7 +130,28 @@ def decide(
         "threshold_source": source,
     }
 
-    # 3. The hard constraints, in order of precedence.
+    # 3. The hard constraints, in order of precedence, then the threshold.
+    verdict = _route(score, config, cloud_recent, len(recent), cap_now, threshold, snapshot, floor)
+    # 4. Shadow sampling: run the request on both tiers if the window has room for one more cloud image.
+    if shadow and not verdict.cloud:
+        if config.cap > 0 and cloud_recent + 1 <= cap_now:
+            return replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the cloud too")
+        return replace(verdict, reason=verdict.reason + "; no budget left to shadow-sample")
+    if shadow:
+        return replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the edge too")
+    return verdict
+
+
+def _route(
+    score: float,
+    config: BudgetConfig,
+    cloud_recent: int,
+    n_recent: int,
+    cap_now: int,
+    threshold: float | None,
+    snapshot: dict[str, Any],
+    floor: float | None,
+) -> BudgetVerdict:
     if config.cap == 0:
         return BudgetVerdict(False, threshold, snapshot, "cloud budget is zero")
     if floor is not None and score <= floor:
@@ -137,7 +161,7 @@ def decide(
             False,
             threshold,
             snapshot,
-            f"budget full: {cloud_recent} of the last {len(recent)} went to the cloud",
+            f"budget full: {cloud_recent} of the last {n_recent} went to the cloud",
         )
     if threshold is None:
         return BudgetVerdict(False, None, snapshot, "no score history or calibration yet; edge until there is")
@@ -169,7 +193,7 @@ class MemoryBudgetStore:
     def transact(self, fn: Callable[[BudgetState], BudgetVerdict], score: float) -> BudgetVerdict:
         with self._lock:
             verdict = fn(self.snapshot())
-            self._decisions.appendleft(1 if verdict.cloud else 0)
+            self._decisions.appendleft(1 if verdict.uses_cloud else 0)
             self._scores.appendleft(float(score))
             return verdict
 
@@ -191,9 +215,16 @@ class BudgetController:
         self.name = name
 
     def decide(
-        self, score: float, *, floor: float | None = None, calibrated_threshold: float | None = None
+        self,
+        score: float,
+        *,
+        floor: float | None = None,
+        calibrated_threshold: float | None = None,
+        shadow: bool = False,
     ) -> BudgetVerdict:
         return self.store.transact(
-            lambda state: decide(score, state, self.config, floor=floor, calibrated_threshold=calibrated_threshold),
+            lambda state: decide(
+                score, state, self.config, floor=floor, calibrated_threshold=calibrated_threshold, shadow=shadow
+            ),
             score,
         )

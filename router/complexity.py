@@ -163,13 +163,18 @@ class PromptComplexityRouter(Router):
         return np.array([len(content_words(p)) + len(p) / 10_000 for p in prompts], dtype=np.float64)
 
     def calibrated_threshold(self, rho: float) -> float | None:
-        return quantile(_reference_scores(), 1.0 - rho)
+        return _reference_threshold(rho)
 
     def predict(self, prompts: Sequence[str]) -> list[Prediction]:
         return [
             Prediction(score=float(s), features={"content_words": len(content_words(p)), "chars": len(p)})
             for p, s in zip(prompts, self.score(prompts), strict=True)
         ]
+
+
+@cache
+def _reference_threshold(rho: float) -> float:
+    return quantile(_reference_scores(), 1.0 - rho)
 
 
 @cache

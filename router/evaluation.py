@@ -8,7 +8,7 @@ Protocol (:func:`evaluate`):
    ``1000·seed + fold`` (fixed routers ignore the records; ``random`` draws its scores from the seed), and
    scores the held-out fold. Learned routers are therefore never scored on their own training prompts, and
    all routers are scored on exactly the same test sets. The oracle reads the held-out fold's labels.
-3. Each (router, seed, fold) routing is measured with :mod:`router.metrics` on its test fold alone (scores of
+3. Each (router, seed, fold) routing is measured with :mod:`router.pgr` on its test fold alone (scores of
    models fitted on different folds are never ranked against each other).
 4. Reported numbers are the mean and sample standard deviation over the ``folds × seeds`` runs.
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from router.base import Router, RouterError, create_router, router_class
 from router.log import LogRecord, metric_names
-from router.metrics import CURVE_FRACTIONS, FRACTIONS, quality_arrays, routing_curves
+from router.pgr import CURVE_FRACTIONS, FRACTIONS, quality_arrays, routing_curves
 from router.splits import group_ids, split_folds
 
 CPT_TARGETS: tuple[float, ...] = (0.5, 0.8)
@@ -58,7 +58,7 @@ class RunResult:
         values: every scalar measured, by key: ``apgr``, ``cpt_50``, ``cpt_80``, ``pgr@0.5``,
             ``pareto@0.5``, ``share@0.5`` and per metric ``<metric>:apgr``, ``<metric>:pgr@0.5``,
             ``<metric>:cpt_50``, ``<metric>:no_worse@0.5``, ``<metric>:quality@0.5`` (NaN: CPT never reached).
-        curves: ``pgr`` and ``<metric>:quality`` read at :data:`router.metrics.CURVE_FRACTIONS`.
+        curves: ``pgr`` and ``<metric>:quality`` read at :data:`router.pgr.CURVE_FRACTIONS`.
     """
 
     router: str

@@ -7,8 +7,8 @@
   predicted gain.
 - ``knn`` (RouterBench style): the mean gain of the k most similar training prompts (cosine similarity).
 
-All three learn the composite gain of :mod:`router.metrics`: per-metric gain divided by the training fold's
-scale of that metric (:func:`router.metrics.gain_scales`), averaged over metrics, so a multi-metric log is
+All three learn the composite gain of :mod:`router.pgr`: per-metric gain divided by the training fold's
+scale of that metric (:func:`router.pgr.gain_scales`), averaged over metrics, so a multi-metric log is
 learned in the same units the aggregate PGR is reported in. Features are the mean-pooled, normalised MiniLM
 embeddings of :mod:`router.embeddings`, standardised with the training fold's statistics for the linear models.
 
@@ -30,7 +30,7 @@ import numpy as np
 from router.base import Router, RouterError, read_manifest, write_manifest
 from router.embeddings import SentenceEncoder, default_encoder
 from router.log import LogRecord, metric_names
-from router.metrics import composite_gain, gain_scales, quality_arrays
+from router.pgr import composite_gain, gain_scales, quality_arrays
 from router.splits import inner_splits
 
 INNER_FOLDS = 5

@@ -6,6 +6,7 @@ given (in memory for tests and replay, Redis for router workers).
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from router.base import Router
@@ -21,7 +22,12 @@ class RoutingPolicy:
         self.budget = budget
 
     def decide(
-        self, prompt: str, *, requested_tier: Tier | None = None, budget: BudgetController | None = None
+        self,
+        prompt: str,
+        *,
+        requested_tier: Tier | None = None,
+        budget: BudgetController | None = None,
+        shadow: bool = False,
     ) -> RoutingDecision:
         """Route one prompt.
 
@@ -30,6 +36,7 @@ class RoutingPolicy:
             requested_tier: a tier the caller forced; the router still predicts (for the audit trail) but the
                 budget is neither consulted nor charged.
             budget: a budget other than the policy's own (a tenant with its own cloud budget).
+            shadow: the job was sampled to run on both tiers (done only if the budget has room).
 
         Returns:
             The decision with everything the audit trail needs.
@@ -40,6 +47,7 @@ class RoutingPolicy:
         inputs = {"prompt_chars": len(prompt), **dict(prediction.features)}
         config = budget.config
 
+        shadowed = False
         if requested_tier is not None:
             tier: Tier = requested_tier
             threshold = None
@@ -51,7 +59,9 @@ class RoutingPolicy:
                 prediction.score,
                 floor=prediction.max_score_for_edge,
                 calibrated_threshold=self.router.calibrated_threshold(config.rho),
+                shadow=shadow,
             )
+            shadowed = verdict.shadow
             tier = "cloud" if verdict.cloud else "edge"
             threshold, state, reason = verdict.threshold, {**verdict.state, "budget": budget.name}, verdict.reason
 
@@ -67,5 +77,14 @@ class RoutingPolicy:
             inputs=inputs,
             predicted=prediction.predicted_dict(),
             explanation=dict(prediction.explanation) if prediction.explanation else None,
+            shadow=shadowed,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
+
+
+def shadow_sampled(job_id: str, rate: float) -> bool:
+    """Whether a job belongs to the shadow sample: a stable hash of its id, so a redelivery agrees."""
+    if rate <= 0.0:
+        return False
+    digest = hashlib.sha256(job_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate

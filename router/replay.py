@@ -2,7 +2,7 @@
 
 Decisions are whole: with budget ``ρ`` and ``n`` prompts, the ``floor(ρ·n)`` highest-scoring prompts go to the
 cloud (never more than the budget allows), except prompts at or below the router's edge floor; fixed-tier
-routers ignore the budget. Equal scores are taken in log order. (Evaluation, :mod:`router.metrics`, counts ties
+routers ignore the budget. Equal scores are taken in log order. (Evaluation, :mod:`router.pgr`, counts ties
 and the fractional marginal prompt at their expectation instead, so its numbers can differ from a replay's in
 the last prompt.)
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from router.base import Router
 from router.log import LogFormatError, LogRecord, metric_names
-from router.metrics import quality_arrays
+from router.pgr import quality_arrays
 from router.types import Tier
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.metrics import CURVE_FRACTIONS
+from router.pgr import CURVE_FRACTIONS
 
 if TYPE_CHECKING:
     from router.evaluation import Report

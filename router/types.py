@@ -78,16 +78,23 @@ class BudgetVerdict:
     """The budget controller's answer for one score.
 
     Attributes:
-        cloud: whether the request may go to the cloud.
+        cloud: whether the request goes to the cloud.
         threshold: the score a request had to exceed at this moment.
         state: a JSON snapshot of the shared budget window, for the audit trail.
         reason: one sentence a human can read.
+        shadow: the request is also generated on the other tier, to collect a label (shadow sampling).
     """
 
     cloud: bool
     threshold: float | None
     state: Mapping[str, Any]
     reason: str
+    shadow: bool = False
+
+    @property
+    def uses_cloud(self) -> bool:
+        """Whether the cloud is used at all (as the delivered tier or as the shadow), i.e. spends budget."""
+        return self.cloud or self.shadow
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """A load run: thousands of jobs through the real stack, then an audit of the database for lost or
 duplicated work.
 
-The generators are the zero-cost ``null`` backend, so what is measured is the job system itself: the API,
-the broker, the router worker, the tier workers and the database. The audit counts, per job, decisions,
+The generators are the zero-cost ``null`` backend and images are not scored, so what is measured is the job
+system itself: the API, the broker, the router worker, the tier workers and the database. The audit counts, per job, decisions,
 generations and cost entries; a job is lost if it never reached a terminal state.
 """
 
@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from db.stats import percentile
 from db.tenants import create_tenant, issue_api_key
 from routet2i.data import partiprompts
 from routet2i.settings import Settings
-from routet2i.stack import StackError, check_redis, child_env, start_stack
+from routet2i.stack import Stack, StackError, check_redis, child_env, start_stack
 
 
 @dataclass
@@ -113,6 +115,110 @@ def audit(settings: Settings, tenant_id: uuid.UUID) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class LocalRun:
+    """A local stack with zero-cost generators and a fresh unlimited tenant, ready for traffic."""
+
+    settings: Settings
+    stack: Stack
+    tenant_id: uuid.UUID
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def submit(self, jobs: int, *, clients: int, progress: bool = False, first: int = 0) -> int:
+        """Submit ``jobs`` PartiPrompts from ``clients`` threads; returns how many were accepted."""
+        prompts = partiprompts()
+        accepted = 0
+        lock = threading.Lock()
+        local = threading.local()
+        bar = tqdm(total=jobs, desc="submitted", unit="job", file=sys.stderr, disable=not progress)
+
+        def one(i: int) -> None:
+            nonlocal accepted
+            if not hasattr(local, "http"):
+                local.http = httpx.Client(base_url=self.stack.api_url, headers=self.headers, timeout=30.0)
+            response = local.http.post("/v1/jobs", json={"prompt": prompts[i % len(prompts)], "seed": i})
+            if response.status_code != 202:
+                raise StackError(f"submission {i} refused: {response.status_code} {response.text[:200]}")
+            with lock:
+                accepted += 1
+                bar.update(1)
+
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            list(pool.map(one, range(first, first + jobs)))
+        bar.close()
+        return accepted
+
+    def finished(self) -> int:
+        engine = make_engine(self.settings.database_url)
+        try:
+            with make_session_factory(engine)() as session:
+                return int(
+                    session.scalar(
+                        select(func.count())
+                        .select_from(Job)
+                        .where(Job.tenant_id == self.tenant_id, Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)))
+                    )
+                    or 0
+                )
+        finally:
+            engine.dispose()
+
+    def wait_finished(self, total: int, *, timeout: float, progress: bool = False, interval: float = 0.5) -> bool:
+        """Wait until ``total`` of the tenant's jobs are terminal; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with tqdm(total=total, desc="finished", unit="job", file=sys.stderr, disable=not progress) as bar:
+            while True:
+                self.stack.check_alive()
+                done = self.finished()
+                bar.update(done - bar.n)
+                if done >= total:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(interval)
+
+
+@contextmanager
+def local_run(
+    settings: Settings,
+    *,
+    concurrency: dict[str, int] | None = None,
+    api_workers: int = 2,
+    log_dir: Path = Path("var/load-logs"),
+) -> Iterator[LocalRun]:
+    """Start the stack with zero-cost generators (``null`` backend, no image scoring), stop it afterwards."""
+    from db.migrate import upgrade
+
+    check_redis(settings.broker_url)
+    upgrade(settings.database_url)
+    with transaction(make_session_factory(make_engine(settings.database_url))) as session:
+        tenant = create_tenant(session, name=f"load-{uuid.uuid4().hex[:8]}", rate_limit_per_minute=0)
+        key = issue_api_key(session, tenant=tenant)
+        tenant_id = tenant.id
+    env = child_env(
+        **{
+            **settings.to_env(),
+            "ROUTET2I_EDGE__BACKEND": "null",
+            "ROUTET2I_CLOUD__BACKEND": "null",
+            "ROUTET2I_SCORER__ENABLED": "false",
+            "ROUTET2I_BUDGET_NAME": f"load-{tenant_id}",
+            "ROUTET2I_LOG_LEVEL": "WARNING",
+        }
+    )
+    stack = start_stack(
+        env, log_dir=log_dir, api_workers=api_workers, concurrency=concurrency or {"route": 2, "edge": 2, "cloud": 1}
+    )
+    try:
+        stack.wait_ready()
+        yield LocalRun(settings=settings, stack=stack, tenant_id=tenant_id, key=key)
+    finally:
+        stack.stop()
+
+
 def run_load(
     settings: Settings,
     *,
@@ -125,73 +231,13 @@ def run_load(
     progress: bool = True,
 ) -> LoadReport:
     """Run ``jobs`` jobs through a freshly started local stack with zero-cost generators and audit them."""
-    from db.migrate import upgrade
-
-    check_redis(settings.broker_url)
-    upgrade(settings.database_url)
-    with transaction(make_session_factory(make_engine(settings.database_url))) as session:
-        tenant = create_tenant(session, name=f"load-{uuid.uuid4().hex[:8]}", rate_limit_per_minute=0)
-        key = issue_api_key(session, tenant=tenant)
-        tenant_id = tenant.id
-
-    env = child_env(
-        **{
-            **settings.to_env(),
-            "ROUTET2I_EDGE__BACKEND": "null",
-            "ROUTET2I_CLOUD__BACKEND": "null",
-            "ROUTET2I_BUDGET_NAME": f"load-{tenant_id}",
-            "ROUTET2I_LOG_LEVEL": "WARNING",
-        }
-    )
-    stack = start_stack(
-        env, log_dir=log_dir, api_workers=api_workers, concurrency=concurrency or {"route": 2, "edge": 2, "cloud": 1}
-    )
-    prompts = partiprompts()
-    accepted = 0
-    lock = threading.Lock()
-    local = threading.local()
-    headers = {"Authorization": f"Bearer {key}"}
-    try:
-        stack.wait_ready()
-        bar = tqdm(total=jobs, desc="submitted", unit="job", file=sys.stderr, disable=not progress)
-
-        def submit(i: int) -> None:
-            nonlocal accepted
-            if not hasattr(local, "http"):
-                local.http = httpx.Client(base_url=stack.api_url, headers=headers, timeout=30.0)
-            response = local.http.post("/v1/jobs", json={"prompt": prompts[i % len(prompts)], "seed": i})
-            if response.status_code != 202:
-                raise StackError(f"submission {i} refused: {response.status_code} {response.text[:200]}")
-            with lock:
-                accepted += 1
-                bar.update(1)
-
+    with local_run(settings, concurrency=concurrency, api_workers=api_workers, log_dir=log_dir) as run:
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            list(pool.map(submit, range(jobs)))
+        accepted = run.submit(jobs, clients=clients, progress=progress)
         submit_seconds = time.monotonic() - started
-        bar.close()
-
-        engine = make_engine(settings.database_url)
-        sessions = make_session_factory(engine)
-        deadline = time.monotonic() + timeout
-        with tqdm(total=jobs, desc="finished", unit="job", file=sys.stderr, disable=not progress) as done_bar:
-            while True:
-                stack.check_alive()
-                with sessions() as session:
-                    finished = session.scalar(
-                        select(func.count())
-                        .select_from(Job)
-                        .where(Job.tenant_id == tenant_id, Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)))
-                    )
-                done_bar.update(int(finished or 0) - done_bar.n)
-                if finished == jobs or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+        run.wait_finished(jobs, timeout=timeout, progress=progress)
         drain_seconds = time.monotonic() - started
-        engine.dispose()
-    finally:
-        stack.stop()
+        tenant_id = run.tenant_id
 
     found = audit(settings, tenant_id)
     statuses = found["by_status"]

@@ -28,8 +28,9 @@ class TierSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["diffusers", "http", "null"] = "diffusers"
-    """``diffusers``: a local pipeline; ``http``: a remote image API; ``null``: a zero-cost test generator."""
+    backend: Literal["diffusers", "http", "openai", "null"] = "diffusers"
+    """``diffusers``: a local pipeline; ``http``: a remote image API; ``openai``: any OpenAI-compatible images
+    endpoint (``url`` is its base URL, e.g. ``https://api.openai.com/v1``); ``null``: a zero-cost generator."""
     model: str = "offline:edge"
     """A hub id or local path for ``diffusers``; ``offline:<profile>`` builds a random-weight architecture."""
     device: str = "cpu"
@@ -44,7 +45,7 @@ class TierSettings(BaseModel):
     price_per_gpu_second: float = Field(default=0.0, ge=0.0)
     """US dollars per second of accelerator time spent generating."""
     url: str | None = None
-    """Endpoint of the ``http`` backend."""
+    """Endpoint of the ``http`` backend, base URL of the ``openai`` backend."""
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=20)
@@ -52,8 +53,8 @@ class TierSettings(BaseModel):
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> TierSettings:
-        if self.backend == "http" and not self.url:
-            raise ValueError("backend 'http' needs a url (ROUTET2I_<TIER>__URL)")
+        if self.backend in ("http", "openai") and not self.url:
+            raise ValueError(f"backend {self.backend!r} needs a url (ROUTET2I_<TIER>__URL)")
         return self
 
 
@@ -69,6 +70,31 @@ class CloudSettings(TierSettings):
 
     model: str = "offline:cloud"
     price_per_image: float = Field(default=0.065, ge=0.0)
+
+
+class ScorerSettings(BaseModel):
+    """The CLIP model that scores every generated image (``ROUTET2I_SCORER__*``).
+
+    With no ``pretrained`` weights the model is built from its open_clip configuration with fixed-seed random
+    weights: every code path runs and every process gets the same numbers, but the scores say nothing about
+    quality. Set ``pretrained`` for real scores.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    """Score each generated image in the tier worker. Off: images are stored with no quality vector."""
+    model: str = "ViT-B-32"
+    """An open_clip architecture name (``open_clip.list_models()``), or ``local-dir:/path`` / ``hf-hub:org/repo``."""
+    pretrained: str | None = None
+    """An open_clip pretrained tag (e.g. ``openai``, needs the hub or its cache) or a local checkpoint file.
+    None: random weights from the architecture's configuration."""
+    metrics: str = "routet2i"
+    """A built-in metric set name, or a ``.json``/``.toml`` file defining one."""
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    """Images per forward pass when several are scored together (CLI, benchmarks)."""
 
 
 class Settings(BaseSettings):
@@ -90,6 +116,7 @@ class Settings(BaseSettings):
     # One class per tier so that setting one field (ROUTET2I_CLOUD__STEPS) keeps the tier's other defaults.
     edge: EdgeSettings = Field(default_factory=EdgeSettings)
     cloud: CloudSettings = Field(default_factory=CloudSettings)
+    scorer: ScorerSettings = Field(default_factory=ScorerSettings)
 
     cloud_budget: float = Field(default=0.3, ge=0.0, le=1.0)
     """ρ: the largest share of requests that may go to the cloud tier."""
@@ -97,6 +124,9 @@ class Settings(BaseSettings):
     """Number of recent decisions over which the cloud share is held to ``cloud_budget``."""
     budget_name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Namespace of the shared budget window in Redis (deployments sharing a Redis keep separate budgets)."""
+    shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of routed jobs also generated (and scored) on the other tier, to collect training labels from
+    live traffic (``routet2i data export``). Their cloud images are paid from the cloud budget."""
     router: str = "prompt-complexity"
     """Name of the routing policy used by the router worker."""
     router_model: Path | None = None
@@ -128,6 +158,13 @@ class Settings(BaseSettings):
     """How long the API trusts a looked-up key before checking it again (revocation delay); 0 disables."""
     rate_limit_per_minute: int = Field(default=600, ge=0)
     """Job submissions per tenant per minute when the tenant has no limit of its own; 0: unlimited."""
+
+    images_wait_s: float = Field(default=120.0, gt=0)
+    """How long ``POST /v1/images/generations`` waits for its images before answering 504 (the jobs go on)."""
+    url_signing_key: SecretStr | None = None
+    """Key of the signed image URLs the OpenAI-compatible endpoint returns; None: a random key kept in Redis."""
+    image_url_ttl_s: int = Field(default=3600, ge=60)
+    """How long a signed image URL stays valid."""
 
     api_url: str = "http://127.0.0.1:8000"
     """Where CLI commands such as ``submit`` and ``status`` reach the API."""

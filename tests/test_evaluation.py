@@ -13,8 +13,8 @@ from router.base import Router, RouterError, available_routers, create_router
 from router.baselines import OracleRouter, RandomRouter
 from router.evaluation import evaluate
 from router.log import LogRecord
-from router.metrics import FRACTIONS
 from router.nouns import count_nouns, nouns
+from router.pgr import FRACTIONS
 from router.splits import prompt_key, split_folds
 from router.types import QualityVector
 

@@ -1,138 +1,174 @@
-"""Replay metrics on hand-made numbers whose right answers are worked out in the comments."""
+"""Metric sets as data: the built-in set, user files in JSON and TOML, and errors that name the field."""
 
 from __future__ import annotations
 
-import itertools
-import math
+import json
+from pathlib import Path
 
-import numpy as np
 import pytest
 
-from router.metrics import aggregate_weights, cumulative_gain, routing_curves
+from router.metrics import (
+    ALIGNMENT,
+    BUILTIN_SETS,
+    METRIC_NAMES,
+    ROUTET2I_V1,
+    Metric,
+    MetricSet,
+    MetricSetError,
+    load_metric_set,
+    parse_metric_set,
+    resolve_metric_set,
+)
+
+PAPER_METRICS = (
+    "definition",
+    "detail",
+    "clarity",
+    "sharpness",
+    "harmony",
+    "realism",
+    "color",
+    "consistency",
+    "layout",
+    "integrity",
+)
+
+CUSTOM_TOML = """
+name = "product-photos"
+version = 2
+alignment = false
+
+[[metrics]]
+name = "definition"
+positive = "High definition photo"
+negative = "Low definition photo"
+
+[[metrics]]
+name = "background"
+positive = "Photo on a clean white background"
+negative = "Photo on a cluttered background"
+"""
 
 
-def curves(scores, edge, cloud, metrics=("q",), **kwargs):
-    return routing_curves(
-        np.asarray(scores, dtype=float),
-        np.asarray(edge, dtype=float).reshape(len(scores), -1),
-        np.asarray(cloud, dtype=float).reshape(len(scores), -1),
-        metrics=metrics,
-        **kwargs,
+def test_builtin_set_has_the_papers_ten_metrics_and_alignment() -> None:
+    assert tuple(m.name for m in ROUTET2I_V1.metrics) == PAPER_METRICS
+    assert (*PAPER_METRICS, ALIGNMENT) == METRIC_NAMES
+    assert ROUTET2I_V1.id == "routet2i@1"
+    definition = ROUTET2I_V1.metrics[0]
+    assert (definition.positive, definition.negative) == ("High definition photo", "Low definition photo")
+    assert all(m.positive != m.negative for m in ROUTET2I_V1.metrics)
+    assert ROUTET2I_V1.alignment and ROUTET2I_V1.alignment_weight == 2.5
+    assert BUILTIN_SETS["routet2i"] is ROUTET2I_V1
+
+
+def test_set_round_trips_through_its_dict_form() -> None:
+    assert parse_metric_set(ROUTET2I_V1.to_dict()) == ROUTET2I_V1
+    assert parse_metric_set(json.loads(json.dumps(ROUTET2I_V1.to_dict()))) == ROUTET2I_V1
+
+
+def test_toml_and_json_files_define_the_same_set(tmp_path: Path) -> None:
+    toml_file = tmp_path / "set.toml"
+    toml_file.write_text(CUSTOM_TOML)
+    from_toml = load_metric_set(toml_file)
+    json_file = tmp_path / "set.json"
+    json_file.write_text(json.dumps(from_toml.to_dict()))
+    from_json = load_metric_set(json_file)
+
+    assert from_toml == from_json
+    assert from_toml.id == "product-photos@2"  # an integer version reads as its string
+    assert from_toml.metric_names == ("definition", "background")  # no alignment: switched off
+    assert from_toml.metrics[1] == Metric(
+        "background", "Photo on a clean white background", "Photo on a cluttered background"
     )
 
 
-def test_cumulative_gain_takes_prompts_by_decreasing_score() -> None:
-    # Scores rank prompt 0, 1, 2; their gains are 1, -1, 2: G = 0, 1, 1-1, 1-1+2.
-    assert cumulative_gain(np.array([3.0, 2.0, 1.0]), np.array([1.0, -1.0, 2.0])).tolist() == [0, 1, 0, 2]
-    # Same prompts in another log order: identical curve.
-    assert cumulative_gain(np.array([1.0, 3.0, 2.0]), np.array([2.0, 1.0, -1.0])).tolist() == [0, 1, 0, 2]
+def test_resolve_finds_builtins_by_name_and_files_by_path(tmp_path: Path) -> None:
+    assert resolve_metric_set("routet2i") is ROUTET2I_V1
+    path = tmp_path / "mine.toml"
+    path.write_text(CUSTOM_TOML)
+    assert resolve_metric_set(str(path)).name == "product-photos"
+    with pytest.raises(MetricSetError, match="neither a built-in metric set"):
+        resolve_metric_set("routet2i-v9")
 
 
-def test_tied_scores_count_at_their_expectation() -> None:
-    # Two tied prompts with gains 2 and 0: sending one at random gains 1 on average.
-    assert cumulative_gain(np.array([1.0, 1.0]), np.array([2.0, 0.0])).tolist() == [0, 1, 2]
-    # A tie block in the middle: [5] then tie {3, 1} then [-2].
-    got = cumulative_gain(np.array([9.0, 4.0, 4.0, 0.0]), np.array([5.0, 3.0, 1.0, -2.0]))
-    assert got.tolist() == [0, 5, 7, 9, 7]
+def test_alignment_only_set_is_valid() -> None:
+    only = parse_metric_set({"name": "align", "version": "1", "alignment": True})
+    assert only.metrics == () and only.metric_names == (ALIGNMENT,)
 
 
-def test_pgr_cpt_apgr_arithmetic() -> None:
-    # Gains 4, 2, 0, -2 (total 4), ranked best first: G = 0, 4, 6, 6, 4 -> PGR = 0, 1, 1.5, 1.5, 1.
-    c = curves([4, 3, 2, 1], [0, 0, 0, 2], [4, 2, 0, 0])
-    assert c.pgr.tolist() == [0, 1, 1.5, 1.5, 1]
-    # PGR at budget 0.5 is k = 2; at 0.1 it is k = 0.4 -> 0.4 by interpolation; 0.9 -> k=3.6 -> 1.5-0.6*0.5.
-    assert c.at(c.pgr, [0.5, 0.1, 0.9]).tolist() == pytest.approx([1.5, 0.4, 1.2])
-    # CPT(50%): PGR reaches 0.5 halfway to the first prompt: share 0.5/4. CPT(80%): 0.8/4.
-    assert c.cpt(0.5) == pytest.approx(0.125)
-    assert c.cpt(0.8) == pytest.approx(0.2)
-    # APGR: trapezoid over k/4 = (0 + 1 + 1.5 + 1.5 + 1 - (0 + 1)/2) / 4.
-    assert c.apgr() == pytest.approx(4.5 / 4)
-    # Quality: mean edge 0.5, mean cloud 1.5; at k=2 the routed mean is (4 + 2 + 0 + 2) / 4.
-    assert c.quality[2, 0] == pytest.approx(2.0)
-    assert c.edge_mean[0] == 0.5 and c.cloud_mean[0] == 1.5
+def _doc(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "name": "s",
+        "version": "1",
+        "metrics": [{"name": "sharpness", "positive": "Sharp photo", "negative": "Blurry photo"}],
+    }
+    doc.update(changes)
+    return doc
 
 
-def test_apgr_of_a_perfect_and_of_a_random_router() -> None:
-    edge, cloud = [0, 0, 0, 0], [1, 0, 0, 0]  # only prompt 0 gains
-    perfect = curves([1, 0, 0, 0], edge, cloud)
-    # PGR = 0, 1, 1, 1, 1 -> APGR = (4 - 1/2) / 4.
-    assert perfect.apgr() == pytest.approx(0.875)
-    # Constant scores: every order equally likely -> PGR(f) = f exactly, APGR 1/2, CPT(x) = x.
-    constant = curves([7, 7, 7, 7], edge, cloud)
-    assert constant.pgr.tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
-    assert constant.apgr() == pytest.approx(0.5)
-    assert constant.cpt(0.8) == pytest.approx(0.8)
-    # The worst router takes the gaining prompt last: PGR 0, 0, 0, 0, 1 -> APGR 1/8.
-    assert curves([0, 1, 1, 1], edge, cloud).apgr() == pytest.approx(0.125)
+def _metric(**changes: object) -> dict[str, object]:
+    metric: dict[str, object] = {"name": "sharpness", "positive": "Sharp photo", "negative": "Blurry photo"}
+    metric.update(changes)
+    return {k: v for k, v in metric.items() if v is not None}
 
 
-def test_fixed_tier_routers_ignore_the_budget() -> None:
-    edge, cloud = [1, 2, 3], [2, 2, 5]
-    all_edge = curves([0, 0, 0], edge, cloud, fixed_tier="edge")
-    assert all_edge.pgr.tolist() == [0, 0, 0, 0]
-    assert all_edge.share.tolist() == [0, 0, 0, 0]
-    assert math.isnan(all_edge.cpt(0.5))
-    all_cloud = curves([1, 1, 1], edge, cloud, fixed_tier="cloud")
-    assert all_cloud.pgr.tolist() == [1, 1, 1, 1]
-    assert all_cloud.share.tolist() == [1, 1, 1, 1]
-    assert all_cloud.cpt(0.5) == 1.0  # it reaches any PGR only by spending the whole cloud
-    assert all_cloud.quality[0].tolist() == [3.0]
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([1, 2], "must be an object"),
+        (_doc(name=None), "name: must be a string"),
+        (_doc(name="has space"), "name: 'has space' must be"),
+        ({"name": "s", "metrics": []}, "version: missing"),
+        (_doc(version=1.5), "version: must be a string"),
+        (_doc(colour="red"), "colour: unknown field"),
+        (_doc(alignment="yes"), "alignment: must be true or false"),
+        (_doc(alignment_weight=0), "alignment_weight: must be a positive number"),
+        (_doc(alignment_weight="2"), "alignment_weight: must be a positive number"),
+        (_doc(metrics={"a": 1}), "metrics: must be a list"),
+        (_doc(metrics=["sharp"]), r"metrics\[0\]: must be an object"),
+        (_doc(metrics=[_metric(negative=None)]), r"metrics\[0\]\.negative: missing"),
+        (_doc(metrics=[_metric(positive=3)]), r"metrics\[0\]\.positive: must be a string, not int"),
+        (_doc(metrics=[_metric(positive="  ")]), r"metrics\[0\]\.positive: must be a non-empty string"),
+        (_doc(metrics=[_metric(negative="x" * 301)]), r"metrics\[0\]\.negative: must be at most 300"),
+        (_doc(metrics=[_metric(name="Sharp")]), r"metrics\[0\]\.name: 'Sharp' is not a metric name"),
+        (_doc(metrics=[_metric(name="alignment")]), r"metrics\[0\]\.name: 'alignment' is reserved"),
+        (_doc(metrics=[_metric(), _metric()]), r"metrics\[1\]\.name: 'sharpness' appears twice"),
+        (_doc(metrics=[_metric(negative="Sharp photo")]), r"metrics\[0\]\.negative: identical to positive"),
+        (_doc(metrics=[_metric(weight=1)]), r"metrics\[0\]\.weight: unknown field"),
+        (_doc(metrics=[], alignment=False), "would score nothing"),
+    ],
+)
+def test_invalid_documents_are_refused_naming_the_field(doc: object, message: str) -> None:
+    with pytest.raises(MetricSetError, match=message) as caught:
+        parse_metric_set(doc, source="my-set.toml")
+    assert str(caught.value).startswith("my-set.toml: ")
 
 
-def test_edge_floor_stops_the_cloud_share() -> None:
-    # Scores 2, 1, -1 with floor 0: the third prompt never goes to the cloud.
-    c = curves([2, 1, -1], [0, 0, 0], [1, 1, 1], floor=0.0)
-    assert c.gain[:, 0].tolist() == [0, 1, 2, 2]
-    assert c.share.tolist() == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3])
-    assert math.isnan(c.cpt(0.9))  # PGR stops at 2/3
-    assert c.cpt(0.5) == pytest.approx(0.5)
+def test_sets_built_in_code_obey_the_same_rules() -> None:
+    with pytest.raises(MetricSetError, match=r"metrics\[0\]\.negative: identical to positive"):
+        MetricSet(name="s", version="1", metrics=(Metric("a", "Same photo", "Same photo"),))
 
 
-def test_aggregate_is_mean_of_per_metric_pgr_and_the_oracle_maximises_it() -> None:
-    rng = np.random.default_rng(3)
-    edge = rng.normal(size=(7, 2))
-    cloud = edge + rng.normal(loc=(0.5, 0.2), size=(7, 2))
-    weights = aggregate_weights(edge, cloud)
-    oracle = (cloud - edge) @ weights
-    c = routing_curves(oracle, edge, cloud, metrics=("a", "b"))
-    assert c.pgr.tolist() == pytest.approx(c.metric_pgr.mean(axis=1).tolist())
-    # The aggregate PGR is the PGR of the composite gain: cumulative oracle scores.
-    assert c.pgr.tolist() == pytest.approx(cumulative_gain(oracle, oracle).tolist())
-    # No subset of k prompts beats the oracle's top k (brute force).
-    gains = cloud - edge
-    for k in range(8):
-        best = max(
-            (
-                np.mean([gains[list(s), i].sum() / gains[:, i].sum() for i in range(2)])
-                for s in itertools.combinations(range(7), k)
-            ),
-            default=0.0,
-        )
-        assert c.pgr[k] == pytest.approx(best)
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("set.toml", "name = [unclosed", "invalid TOML"),
+        ("set.json", '{"name": "s",', "invalid JSON at line 1"),
+        ("set.yaml", "name: s", "must end in .json or .toml"),
+        ("set.json", b"\xff\xfe\x00", "not UTF-8 text"),
+    ],
+)
+def test_unreadable_files_are_refused_naming_the_file(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(MetricSetError, match=message) as caught:
+        load_metric_set(path)
+    assert str(path) in str(caught.value)
 
 
-def test_pareto_no_worse_share() -> None:
-    # Two metrics. Prompt 0: cloud dominates edge. Prompt 1: edge dominates. Prompt 2: a trade-off.
-    edge = np.array([[1.0, 1.0], [3.0, 3.0], [1.0, 3.0]])
-    cloud = np.array([[2.0, 2.0], [2.0, 2.0], [3.0, 1.0]])
-    c = routing_curves(np.array([3.0, 2.0, 1.0]), edge, cloud, metrics=("a", "b"))
-    # k=0: all edge -> prompt 0 is dominated, others fine: 2/3. k=1: prompt 0 on cloud: 3/3.
-    # k=2: prompt 1 on cloud is dominated: 2/3. k=3: still 2/3 (prompt 2 trade-off is fine either way).
-    assert c.no_worse.tolist() == pytest.approx([2 / 3, 1, 2 / 3, 2 / 3])
-    # Per metric "a": edge >= cloud holds for prompt 1 only at k=0, cloud >= edge for prompts 0 and 2.
-    assert c.metric_no_worse[:, 0].tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 3, 2 / 3])
-
-
-def test_metric_without_gain_is_left_out_of_the_aggregate() -> None:
-    edge = np.array([[0.0, 1.0], [0.0, 1.0]])
-    cloud = np.array([[1.0, 1.0], [0.0, 1.0]])  # metric b: no gain anywhere
-    c = routing_curves(np.array([1.0, 0.0]), edge, cloud, metrics=("a", "b"))
-    assert np.isnan(c.metric_pgr[:, 1]).all()
-    assert c.pgr.tolist() == [0, 1, 1]
-
-
-def test_bad_scores_are_refused() -> None:
-    with pytest.raises(ValueError, match="finite"):
-        cumulative_gain(np.array([1.0, np.nan]), np.array([1.0, 2.0]))
-    with pytest.raises(ValueError, match="shape"):
-        cumulative_gain(np.array([1.0]), np.array([1.0, 2.0]))
+def test_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(MetricSetError, match="cannot read"):
+        load_metric_set(tmp_path / "absent.toml")

@@ -26,7 +26,9 @@ MAX_EXAMPLES = 40
 def fuzz_app(pg_settings: Settings):
     # An admin without a rate limit: every schema-valid request should then be accepted (2xx or documented 4xx).
     key = create_tenant_key(pg_settings, is_admin=True, rate_limit_per_minute=0)
-    app = create_app(pg_settings)
+    # Small images and a short wait: generated jobs may reach real workers, and the OpenAI-compatible
+    # endpoint would otherwise hold each example for the images.
+    app = create_app(pg_settings.model_copy(update={"max_size": 128, "max_steps": 4, "images_wait_s": 2.0}))
     app.config["FUZZ_KEY"] = key
     return app
 
@@ -68,4 +70,9 @@ issue, an idempotency key reused for another body), so "positive data acceptance
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_document(case, fuzz_app) -> None:
-    case.call_and_validate(headers={"Authorization": f"Bearer {fuzz_app.config['FUZZ_KEY']}"}, checks=CHECKS)
+    checks_for = CHECKS
+    if case.operation.path == "/v1/images/generations":
+        # Like OpenAI's, this endpoint answers 504 (documented) when the images are not ready in time; in this
+        # test there may be no worker at all. Every other check still applies to it.
+        checks_for = [c for c in CHECKS if c is not checks.not_a_server_error]
+    case.call_and_validate(headers={"Authorization": f"Bearer {fuzz_app.config['FUZZ_KEY']}"}, checks=checks_for)

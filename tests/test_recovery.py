@@ -28,9 +28,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    """A broker of these tests' own: the session's workers (``stack``) consume the shared one and would take the
-    messages these tests expect to find waiting."""
+def broker(tmp_path_factory) -> Iterator[PrivateRedis]:
+    # A broker of its own: the session's worker processes must not consume what these tests publish.
     server = PrivateRedis(tmp_path_factory.mktemp("recovery-redis"))
     server.start()
     yield server
@@ -38,16 +37,16 @@ def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
 
 
 @pytest.fixture()
-def env(pg_settings: Settings, private_broker: PrivateRedis):  # type: ignore[no-untyped-def]
-    redis_client = redis.Redis.from_url(private_broker.url)
-    redis_client.flushdb()
+def env(pg_settings: Settings, broker: PrivateRedis):  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(broker.url)
+    client.flushdb()
     settings = pg_settings.model_copy(
-        update={"broker_url": private_broker.url, "reconcile_after_s": 60.0, "max_redeliveries": 2}
+        update={"broker_url": broker.url, "reconcile_after_s": 60.0, "max_redeliveries": 2}
     )
     sessions = make_session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
         tenant = create_tenant(session, name=f"r-{uuid.uuid4().hex[:8]}")
-    return settings, sessions, create_celery(settings), redis_client, tenant.id
+    return settings, sessions, create_celery(settings), client, tenant.id
 
 
 def new_job(sessions, tenant_id, *, age_s: float = 600.0, status: JobStatus = JobStatus.QUEUED) -> str:  # type: ignore[no-untyped-def]

@@ -24,26 +24,26 @@ class BudgetContention(RuntimeError):
 
 
 class RedisBudgetStore:
-    """Budget window as two capped Redis lists, newest first."""
+    """The budget window as one capped Redis list, newest first, of ``"<1|0>:<score>"`` entries.
+
+    One list (rather than one for decisions and one for scores) keeps a decision at one read and one write
+    round trip, plus the ``WATCH``.
+    """
 
     def __init__(self, client: redis.Redis, *, window: int, name: str = "default") -> None:
         self.client = client
         self.window = window
-        self.decisions_key = f"{KEY_PREFIX}:{name}:decisions"
-        self.scores_key = f"{KEY_PREFIX}:{name}:scores"
+        self.key = f"{KEY_PREFIX}:{name}:window"
 
     def transact(self, fn: Callable[[BudgetState], BudgetVerdict], score: float) -> BudgetVerdict:
         for _ in range(MAX_ATTEMPTS):
             with self.client.pipeline() as pipe:
                 try:
-                    pipe.watch(self.decisions_key, self.scores_key)
-                    state = self._read(pipe)
-                    verdict = fn(state)
+                    pipe.watch(self.key)
+                    verdict = fn(self._read(pipe))
                     pipe.multi()
-                    pipe.lpush(self.decisions_key, 1 if verdict.cloud else 0)
-                    pipe.ltrim(self.decisions_key, 0, self.window - 1)
-                    pipe.lpush(self.scores_key, repr(float(score)))
-                    pipe.ltrim(self.scores_key, 0, self.window - 1)
+                    pipe.lpush(self.key, f"{1 if verdict.uses_cloud else 0}:{float(score)!r}")
+                    pipe.ltrim(self.key, 0, self.window - 1)
                     pipe.execute()
                     return verdict
                 except redis.WatchError:
@@ -51,12 +51,11 @@ class RedisBudgetStore:
         raise BudgetContention(f"budget window changed {MAX_ATTEMPTS} times in a row")
 
     def _read(self, client: redis.Redis | redis.client.Pipeline) -> BudgetState:
-        decisions = client.lrange(self.decisions_key, 0, self.window - 1)
-        scores = client.lrange(self.scores_key, 0, self.window - 1)
-        return BudgetState(decisions=tuple(int(d) for d in decisions), scores=tuple(float(s) for s in scores))
+        entries = [raw.split(b":", 1) for raw in client.lrange(self.key, 0, self.window - 1)]
+        return BudgetState(decisions=tuple(int(d) for d, _ in entries), scores=tuple(float(v) for _, v in entries))
 
     def snapshot(self) -> BudgetState:
         return self._read(self.client)
 
     def reset(self) -> None:
-        self.client.delete(self.decisions_key, self.scores_key)
+        self.client.delete(self.key)

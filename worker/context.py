@@ -1,4 +1,4 @@
-"""Per-process resources of a worker: database, image store, routing policy, generators.
+"""Per-process resources of a worker: database, image store, routing policy, generators, image scorer.
 
 Built lazily inside each pool child (never in the parent before it forks, so no CUDA context or database
 connection is shared across processes) and rebuilt if the process id changes.
@@ -6,6 +6,7 @@ connection is shared across processes) and rebuilt if the process id changes.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -15,12 +16,19 @@ from db.images import ImageStore
 from db.session import make_engine, make_session_factory
 from routet2i.settings import Settings
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     import redis
 
     from router.budget import BudgetController
     from router.policy import RoutingPolicy
     from worker.generation import Generator
+    from worker.scoring import ClipScorer
+
+
+class ScorerUnavailable(RuntimeError):
+    """The image scorer failed to load in this process; the first failure's reason is kept."""
 
 
 class WorkerContext:
@@ -33,6 +41,8 @@ class WorkerContext:
         self.images = ImageStore(settings.image_dir)
         self._generators: dict[str, Generator] = {}
         self._policy: RoutingPolicy | None = None
+        self._scorer: ClipScorer | None = None
+        self._scorer_error: str | None = None
         self._budgets: dict[tuple[str, float], BudgetController] = {}
         self._redis: redis.Redis | None = None
 
@@ -42,6 +52,32 @@ class WorkerContext:
 
             self._generators[tier] = create_generator(self.settings.tier(tier), cache_dir=self.settings.cache_dir)
         return self._generators[tier]
+
+    def scorer(self) -> ClipScorer:
+        """The CLIP scorer of ``ROUTET2I_SCORER__*``, built on first use.
+
+        A failed build is remembered and not retried in this process: it comes from the configuration (an
+        unknown model, a missing checkpoint, a bad metric-set file), which a restart with fixed settings
+        cures, and retrying would spend the load time again on every job.
+
+        Raises:
+            ScorerUnavailable: the scorer could not be built, now or earlier in this process.
+        """
+        if self._scorer is None:
+            if self._scorer_error is not None:
+                raise ScorerUnavailable(self._scorer_error)
+            from worker.scoring import ClipScorer
+
+            try:
+                scorer = ClipScorer.from_settings(self.settings.scorer)
+            except Exception as exc:
+                log.exception("scorer failed to load", extra={"model": self.settings.scorer.model})
+                self._scorer_error = f"scorer failed to load: {type(exc).__name__}: {exc}"
+                raise ScorerUnavailable(self._scorer_error) from exc
+            # Text embeddings of the metric set are computed now rather than during the first job.
+            scorer.metric_embeddings(scorer.metric_set)
+            self._scorer = scorer
+        return self._scorer
 
     def policy(self) -> RoutingPolicy:
         if self._policy is None:
@@ -78,6 +114,8 @@ class WorkerContext:
                 self.policy()
             else:
                 self.generator(queue)
+                if self.settings.scorer.enabled:
+                    self.scorer()
 
     def close(self) -> None:
         self.engine.dispose()

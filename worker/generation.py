@@ -2,6 +2,7 @@
 
 ``diffusers``  a local text-to-image pipeline (hub id, local path, or ``offline:<profile>``);
 ``http``       a remote image API: ``POST {url}`` with the job as JSON, answered with a PNG or ``{"b64_json"}``;
+``openai``     any OpenAI-compatible images endpoint (``POST {url}/images/generations``);
 ``null``       a zero-cost generator (a flat image derived from the prompt) for load tests and benchmarks.
 
 torch and diffusers are imported only by the diffusers backend, when it loads.
@@ -21,11 +22,21 @@ from routet2i.settings import TierSettings
 
 
 class GenerationError(Exception):
-    """A generation failed. ``retryable`` says whether trying again may succeed (timeouts, 5xx, 429)."""
+    """A generation failed. ``retryable`` says whether trying again may succeed (timeouts, 5xx, 429);
+    ``retry_after`` is the wait a remote API asked for, in seconds."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,11 @@ class HttpGenerator:
             raise GenerationError(f"image API unreachable: {exc}", retryable=True) from exc
         elapsed = time.perf_counter() - started
         if response.status_code == 429 or response.status_code >= 500:
-            raise GenerationError(f"image API answered {response.status_code}: {response.text[:200]}", retryable=True)
+            raise GenerationError(
+                f"image API answered {response.status_code}: {response.text[:200]}",
+                retryable=True,
+                retry_after=_retry_after(response.headers),
+            )
         if response.status_code >= 400:
             raise GenerationError(f"image API refused the request ({response.status_code}): {response.text[:200]}")
         content_type = response.headers.get("content-type", "")
@@ -191,6 +206,85 @@ class HttpGenerator:
             device=self.device,
             wall_s=time.perf_counter() - started,
             gpu_s=elapsed,
+        )
+
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible images endpoint (``POST {url}/images/generations``) as a tier.
+
+    Asks for ``b64_json`` (and follows a ``url`` answer if that is what comes back); 429, 5xx and timeouts are
+    retryable (honouring ``Retry-After``), other errors fail the job with the service's own message.
+    """
+
+    backend = "openai"
+
+    def __init__(self, settings: TierSettings) -> None:
+        import httpx
+
+        assert settings.url is not None  # enforced by TierSettings
+        self.endpoint = settings.url.rstrip("/") + "/images/generations"
+        self.model_id = settings.model
+        self.device = "remote"
+        headers = {"Content-Type": "application/json"}
+        if settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        self._client = httpx.Client(timeout=settings.timeout_s, headers=headers)
+        self._httpx = httpx
+
+    def _error(self, response: Any) -> str:
+        try:
+            error = response.json()["error"]
+            return f"{error.get('type') or 'error'}: {error.get('message')}" + (
+                f" (param: {error['param']})" if error.get("param") else ""
+            )
+        except (ValueError, KeyError, TypeError):
+            return response.text[:200]
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        httpx = self._httpx
+        body = {
+            "model": self.model_id,
+            "prompt": request.prompt,
+            "n": 1,
+            "size": f"{request.width}x{request.height}",
+            "response_format": "b64_json",
+        }
+        started = time.perf_counter()
+        try:
+            response = self._client.post(self.endpoint, json=body)
+            if response.status_code == 429 or response.status_code >= 500:
+                raise GenerationError(
+                    f"images API answered {response.status_code}: {self._error(response)}",
+                    retryable=True,
+                    retry_after=_retry_after(response.headers),
+                )
+            if response.status_code >= 400:
+                raise GenerationError(
+                    f"images API refused the request ({response.status_code}): {self._error(response)}"
+                )
+            try:
+                item = response.json()["data"][0]
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise GenerationError(f"images API answered without data: {response.text[:200]}") from exc
+            if item.get("b64_json"):
+                png = base64.b64decode(item["b64_json"], validate=True)
+            elif item.get("url"):
+                fetched = self._client.get(item["url"])
+                if fetched.status_code != 200:
+                    raise GenerationError(
+                        f"image URL answered {fetched.status_code}", retryable=fetched.status_code >= 500
+                    )
+                png = fetched.content
+            else:
+                raise GenerationError("images API answered neither b64_json nor url")
+        except httpx.TimeoutException as exc:
+            raise GenerationError(f"images API timed out: {exc}", retryable=True) from exc
+        except httpx.TransportError as exc:
+            raise GenerationError(f"images API unreachable: {exc}", retryable=True) from exc
+        elapsed = time.perf_counter() - started
+        check_png(png, source="images API")
+        return GenerationResult(
+            png=png, backend=self.backend, model_id=self.model_id, device=self.device, wall_s=elapsed, gpu_s=elapsed
         )
 
 
@@ -225,6 +319,8 @@ def create_generator(settings: TierSettings, *, cache_dir: Path) -> Generator:
         return DiffusersGenerator(settings, cache_dir=cache_dir)
     if settings.backend == "http":
         return HttpGenerator(settings)
+    if settings.backend == "openai":
+        return OpenAIGenerator(settings)
     if settings.backend == "null":
         return NullGenerator(settings)
     raise ValueError(f"unknown generation backend {settings.backend!r}")

@@ -28,6 +28,8 @@ INFRA_MAX_RETRIES = 30
 """Retries of a step while the database, Redis or the broker are unreachable (about 10 minutes in all)."""
 
 BACKOFF_CAP_S = 30.0
+RETRY_AFTER_CAP_S = 300.0
+"""A remote API's Retry-After is honoured up to this many seconds."""
 
 TRANSIENT = (
     sqlalchemy.exc.OperationalError,
@@ -59,11 +61,30 @@ def _run(task: Task, stage: str, job_id: str, step: Any, *, generation_retries: 
     except GenerationError as exc:
         if exc.retryable and task.request.retries < generation_retries:
             log.warning("generation failed, retrying", extra={"job_id": job_id, "error": str(exc)})
-            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=generation_retries) from exc
+            wait = max(backoff(task.request.retries), min(exc.retry_after or 0.0, RETRY_AFTER_CAP_S))
+            raise task.retry(exc=exc, countdown=wait, max_retries=generation_retries) from exc
         pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage, dead_letter=exc.retryable)
     except Exception as exc:
         log.exception("step failed", extra={"job_id": job_id, "stage": stage})
         pipeline.fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)
+    return None
+
+
+def _run_shadow(task: Task, job_id: str, tier: str, *, generation_retries: int) -> bool | None:
+    """A shadow generation: retried like any other on transient faults, but its failure never touches the
+    job (the user's image does not depend on it); it is logged and the label is simply not collected."""
+    ctx = get_context(task.app)
+    try:
+        return pipeline.generate_shadow(ctx, job_id, tier)
+    except TRANSIENT as exc:
+        if task.request.retries < INFRA_MAX_RETRIES:
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=INFRA_MAX_RETRIES) from exc
+    except GenerationError as exc:
+        if exc.retryable and task.request.retries < generation_retries:
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=generation_retries) from exc
+        log.warning("shadow generation failed", extra={"job_id": job_id, "tier": tier, "error": str(exc)})
+    except Exception:
+        log.exception("shadow generation failed", extra={"job_id": job_id, "tier": tier})
     return None
 
 
@@ -86,7 +107,9 @@ def register_tasks(app: Celery) -> None:
         settings = app.conf.routet2i_settings.tier(tier)
 
         @app.task(name=GENERATE_TASKS[tier], bind=True)
-        def generate(self: Task, job_id: str) -> bool | None:
+        def generate(self: Task, job_id: str, role: str = "primary") -> bool | None:
+            if role == "shadow":
+                return _run_shadow(self, job_id, tier, generation_retries=settings.max_retries)
             return _run(  # type: ignore[no-any-return]
                 self,
                 "generation",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from routet2i import __version__
+from routet2i.cli.bench import bench
 from routet2i.cli.data import data
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
@@ -13,6 +14,7 @@ from routet2i.cli.jobs import stats, status, submit
 from routet2i.cli.load import loadtest
 from routet2i.cli.ops import flower, queues
 from routet2i.cli.recovery import dlq, reconcile
+from routet2i.cli.score import score
 from routet2i.cli.serve import api, worker
 from routet2i.cli.tenants import tenant
 
@@ -40,5 +42,7 @@ for command in (
     data,
     evaluate_command,
     replay,
+    score,
+    bench,
 ):
     main.add_command(command)

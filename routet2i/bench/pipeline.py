@@ -1,0 +1,156 @@
+"""Pipeline overhead: job latency and sustained throughput through the whole system, against a bare Celery
+task round trip on the same broker.
+
+The system under test is the real stack (gunicorn API, router worker, tier workers, the configured database)
+with the zero-cost ``null`` generator and no image scoring, so every millisecond measured is the job
+system's: validation, authentication, the database transactions, the routing decision with its shared
+budget window, and two queue hops. The reference is what Celery and Redis alone cost for one hop.
+
+Latency is taken from the database's own timestamps (submission to ``succeeded``) of jobs sent one at a
+time; throughput from a burst of jobs sent by concurrent clients.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+from sqlalchemy import select
+
+from db.models import Job
+from db.pagination import as_utc
+from db.session import make_engine, make_session_factory
+from db.stats import percentile
+from routet2i.bench import Measurement
+from routet2i.bench.echo import QUEUE, TASK, make_app
+from routet2i.load import LocalRun, local_run
+from routet2i.settings import Settings
+from routet2i.stack import StackError, check_redis, child_env
+
+ECHO_READY_TIMEOUT_S = 60.0
+
+
+class EchoWorker:
+    """The reference: a solo Celery worker answering ``bench.echo`` through a Redis list."""
+
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        self.app = make_app(broker)
+        self.redis = redis.Redis.from_url(broker)
+        self.reply = f"routet2i:bench:echo:{uuid.uuid4().hex}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "routet2i.bench.echo", broker], env=child_env(), stdout=subprocess.DEVNULL
+        )
+
+    def round_trip(self, timeout: float = 10.0) -> float:
+        token = uuid.uuid4().hex
+        started = time.perf_counter()
+        self.app.send_task(TASK, args=[self.reply, token], queue=QUEUE)
+        answer = self.redis.brpop([self.reply], timeout=timeout)
+        if answer is None or answer[1].decode() != token:
+            raise StackError("the echo worker did not answer")
+        return time.perf_counter() - started
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + ECHO_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise StackError(f"the echo worker exited with {self.process.returncode}")
+            try:
+                self.round_trip(timeout=1.0)
+                return
+            except StackError:
+                continue
+        raise StackError("the echo worker was not ready in time")
+
+    def burst(self, n: int) -> float:
+        """Seconds for ``n`` tasks published at once to be answered."""
+        started = time.perf_counter()
+        for i in range(n):
+            self.app.send_task(TASK, args=[self.reply, str(i)], queue=QUEUE)
+        for _ in range(n):
+            if self.redis.brpop([self.reply], timeout=30) is None:
+                raise StackError("the echo worker stopped answering")
+        return time.perf_counter() - started
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.redis.delete(self.reply, QUEUE)
+
+
+def _latencies(run: LocalRun, n: int) -> list[float]:
+    """Send ``n`` jobs one at a time; each one's submission-to-succeeded time from the database."""
+    engine = make_engine(run.settings.database_url)
+    sessions = make_session_factory(engine)
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=run.stack.api_url, headers=run.headers, timeout=30.0) as http:
+        for i in range(n):
+            job_id = uuid.UUID(http.post("/v1/jobs", json={"prompt": f"a lighthouse at dusk, number {i}"}).json()["id"])
+            deadline = time.monotonic() + 30.0
+            while True:
+                with sessions() as session:
+                    created, finished = session.execute(
+                        select(Job.created_at, Job.finished_at).where(Job.id == job_id)
+                    ).one()
+                if finished is not None:
+                    times.append((as_utc(finished) - as_utc(created)).total_seconds())
+                    break
+                if time.monotonic() > deadline:
+                    raise StackError(f"job {job_id} did not finish in 30 s")
+                time.sleep(0.001)
+    engine.dispose()
+    return times
+
+
+def run(
+    settings: Settings,
+    *,
+    repeats: int,
+    latency_jobs: int = 100,
+    burst_jobs: int = 2000,
+    clients: int = 16,
+    route_workers: int = 2,
+    tier_workers: int = 2,
+) -> list[Measurement]:
+    """Measure the pipeline and its reference; ``repeats`` bursts are timed for each (medians)."""
+    check_redis(settings.broker_url)
+    echo = EchoWorker(settings.broker_url)
+    try:
+        echo.wait_ready()
+        bare = sorted(echo.round_trip() for _ in range(latency_jobs))
+        bare_rates = [burst_jobs / echo.burst(burst_jobs) for _ in range(repeats)]
+    finally:
+        echo.stop()
+
+    concurrency = {"route": route_workers, "edge": tier_workers, "cloud": tier_workers}
+    with local_run(settings, concurrency=concurrency, log_dir=Path("var/bench-logs")) as local:
+        for _ in range(5):  # warm every process's connections and caches
+            local.submit(1, clients=1)
+        local.wait_finished(5, timeout=60, interval=0.05)
+        latencies = sorted(_latencies(local, latency_jobs))
+        done = local.finished()
+        rates = []
+        for r in range(repeats):
+            started = time.perf_counter()
+            local.submit(burst_jobs, clients=clients, first=r * burst_jobs)
+            if not local.wait_finished(done + burst_jobs, timeout=600, interval=0.1):
+                raise StackError("the burst did not finish in 10 minutes")
+            rates.append(burst_jobs / (time.perf_counter() - started))
+            done += burst_jobs
+
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    bare50, bare99 = percentile(bare, 0.5), percentile(bare, 0.99)
+    assert p50 is not None and p99 is not None and bare50 is not None and bare99 is not None
+    return [
+        Measurement.against("pipeline.latency.p50", p50 * 1000, "ms", bare50 * 1000),
+        Measurement.against("pipeline.latency.p99", p99 * 1000, "ms", bare99 * 1000),
+        Measurement.against("pipeline.throughput", statistics.median(rates), "jobs/s", statistics.median(bare_rates)),
+    ]

@@ -1,0 +1,105 @@
+"""The benchmark registry and ``routet2i bench``; the scoring benchmark run for real at a small size."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner
+
+from routet2i.bench import (
+    BENCHMARKS,
+    Benchmark,
+    Measurement,
+    get_benchmark,
+    interleaved_medians,
+    register,
+)
+from routet2i.cli import main
+
+KEYS = ["name", "value", "unit", "reference", "ratio"]
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_measurement_carries_its_reference_and_ratio() -> None:
+    m = Measurement.against("x.images_per_s", 30.0, "images/s", 40.0)
+    assert m.ratio == 0.75
+    assert list(m.to_dict()) == KEYS
+    assert Measurement("y", 1.0, "ms").to_dict() == {
+        "name": "y",
+        "value": 1.0,
+        "unit": "ms",
+        "reference": None,
+        "ratio": None,
+    }
+
+
+def test_registry_knows_scoring_and_refuses_duplicates_and_unknown_names() -> None:
+    assert get_benchmark("scoring").target == "routet2i.bench.scoring:run"
+    with pytest.raises(ValueError, match="already registered"):
+        register(Benchmark(name="scoring", summary="again", target="x:y"))
+    with pytest.raises(KeyError, match=r"available: .*scoring"):
+        get_benchmark("nope")
+
+
+def test_interleaved_medians_alternate_the_functions_within_each_repeat() -> None:
+    calls: list[str] = []
+    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
+
+
+def test_every_registered_benchmark_is_a_bench_command() -> None:
+    result = CliRunner().invoke(main, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert all(name in result.output for name in BENCHMARKS)
+
+
+def test_bad_parameter_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["bench", "scoring", "--batch-sizes", "0,4"])
+    assert result.exit_code == 2
+    assert "batch_sizes must be positive integers" in result.output
+
+
+@pytest.mark.slow
+def test_scoring_benchmark_prints_measurements_against_the_bare_forward_pass() -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "scoring",
+            "--json",
+            "--repeats",
+            "1",
+            "--batch-sizes",
+            "1,2",
+            "--image-size",
+            "64",
+            "--threads",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    measurements = json.loads(result.stdout)
+    assert [m["name"] for m in measurements] == [
+        "scoring.batch1.images_per_s",
+        "scoring_no_prompt.batch1.images_per_s",
+        "scoring.batch2.images_per_s",
+        "scoring_no_prompt.batch2.images_per_s",
+    ]
+    for m in measurements:
+        assert list(m) == KEYS and m["unit"] == "images/s"
+        assert m["value"] > 0 and m["reference"] > 0
+        assert m["ratio"] == pytest.approx(m["value"] / m["reference"])
+    # both measurements of a batch size share the reference timed in the same rounds
+    assert measurements[0]["reference"] == measurements[1]["reference"]
