@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint typecheck clean
+.PHONY: setup browser demo test test-fast lint typecheck clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The dashboard's browser tests drive Debian's Chromium (playwright never downloads a browser here).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+	@test -x $(CHROMIUM) || { echo "installing Chromium for the dashboard's browser tests"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
 demo: setup
 	$(BIN)/routet2i demo
 
-test: setup
-	$(BIN)/python -m pytest
+test: setup browser
+	ROUTET2I_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

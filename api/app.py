@@ -56,5 +56,20 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     for blueprint in (health, jobs, decisions, stats, openapi, openai_compat):
         app.register_blueprint(blueprint)
+    register_operations(app)
     register_error_handlers(app)
     return app
+
+
+def register_operations(app: Flask) -> None:
+    """Monitoring and the dashboard: ``/metrics``, access logs, time series, queues, plots, ``/dashboard``."""
+    from api import metrics, requestlog
+    from api.dashboard import blueprint as dashboard
+    from api.queues import blueprint as queues
+    from api.reports import blueprint as reports
+    from api.timeseries import blueprint as timeseries
+
+    for blueprint in (timeseries, queues, reports, dashboard):
+        app.register_blueprint(blueprint)
+    metrics.init_app(app, app.extensions[EXTENSION])
+    requestlog.init_app(app)

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     image_dir: Path = Path("./var/images")
     cache_dir: Path = Path("./var/cache")
     """Files built once per machine (tokenizer files of offline models)."""
+    reports_dir: Path = Path("./var/eval")
+    """Evaluation plots (PNG files) the dashboard shows: where ``routet2i eval --suite`` writes them by default,
+    or any ``routet2i eval --plot DIR/NAME.png``."""
 
     # One class per tier so that setting one field (ROUTET2I_CLOUD__STEPS) keeps the tier's other defaults.
     edge: EdgeSettings = Field(default_factory=EdgeSettings)

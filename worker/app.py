@@ -61,9 +61,11 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
         routet2i_settings=settings,
     )
     if with_tasks:
+        from worker.logcontext import connect_log_context
         from worker.tasks import register_tasks
 
         register_tasks(app)
+        connect_log_context()
     return app
 
 

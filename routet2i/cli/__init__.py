@@ -10,8 +10,9 @@ from routet2i.cli.data import data
 from routet2i.cli.db import db
 from routet2i.cli.demo import demo
 from routet2i.cli.evaluate import evaluate_command, replay
-from routet2i.cli.jobs import status, submit
+from routet2i.cli.jobs import stats, status, submit
 from routet2i.cli.load import loadtest
+from routet2i.cli.ops import flower, queues
 from routet2i.cli.recovery import dlq, reconcile
 from routet2i.cli.score import score
 from routet2i.cli.serve import api, worker
@@ -29,6 +30,9 @@ for command in (
     worker,
     submit,
     status,
+    stats,
+    queues,
+    flower,
     db,
     demo,
     tenant,

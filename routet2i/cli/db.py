@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from routet2i.cli.common import load_settings
+from routet2i.cli.common import echo_json, load_settings
 
 
 @click.group()
@@ -25,9 +25,14 @@ def upgrade(revision: str) -> None:
 
 
 @db.command()
-def current() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the revisions as JSON.")
+def current(as_json: bool) -> None:
     """Print the database's schema revision and the newest one this code knows."""
     from db.migrate import current_revision, head_revision
 
     settings = load_settings()
-    click.echo(f"current: {current_revision(settings.database_url)}  head: {head_revision()}")
+    revision, head = current_revision(settings.database_url), head_revision()
+    if as_json:
+        echo_json({"current": revision, "head": head, "up_to_date": revision == head})
+    else:
+        click.echo(f"current: {revision}  head: {head}")

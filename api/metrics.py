@@ -1,0 +1,180 @@
+"""``GET /metrics``: Prometheus text exposition, computed from the database and the broker at scrape time.
+
+Why a custom collector instead of counters incremented in request handlers: the API runs as several
+gunicorn processes and the work happens in Celery workers, so in-process counters would each see a slice
+(prometheus_client's multiprocess mode merges files per process but cannot see the workers). Reading the
+shared state (PostgreSQL tables, Redis lists) at scrape time gives every API process the same answer.
+Worker-level figures (workers online, task run times) come from Flower's own ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import redis
+import sqlalchemy.exc
+from flask import Blueprint, Flask, Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from api.state import ApiState
+from db.backlog import waiting_backlog
+from db.metrics import (
+    STAGES,
+    cost_totals,
+    decisions_by_router,
+    jobs_by_status_and_tier,
+    recent_cloud_fraction,
+    stage_histograms,
+)
+from worker.app import QUEUES
+from worker.queues import queue_depths
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("metrics", __name__)
+REGISTRY_KEY = "routet2i.metrics_registry"
+
+
+def _inf(value: float) -> str:
+    return repr(float(value))
+
+
+class RouteT2ICollector:
+    """Builds every RouteT2I metric family from the shared state on each collection."""
+
+    def __init__(self, st: ApiState) -> None:
+        self.st = st
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        up = GaugeMetricFamily(
+            "routet2i_metrics_source_up", "1 when the source answered this scrape, 0 when it failed.", labels=["source"]
+        )
+        families: list[Metric] = []
+        for source, build in (("database", self._database), ("broker", self._broker)):
+            ok = self._safely(source, build, families)
+            up.add_metric([source], 1.0 if ok else 0.0)
+        yield from families
+        yield up
+        yield GaugeMetricFamily(
+            "routet2i_metrics_scrape_seconds", "Time this scrape spent querying.", value=time.perf_counter() - started
+        )
+
+    @staticmethod
+    def _safely(source: str, build: Callable[[], list[Metric]], out: list[Metric]) -> bool:
+        try:
+            out.extend(build())
+        except (sqlalchemy.exc.SQLAlchemyError, redis.exceptions.RedisError, OSError) as exc:
+            log.warning("metrics source unavailable", extra={"source": source, "error": str(exc)})
+            return False
+        return True
+
+    def _database(self) -> list[Metric]:
+        settings = self.st.settings
+        with self.st.sessions() as session:
+            jobs = jobs_by_status_and_tier(session)
+            decisions = decisions_by_router(session)
+            recent, recent_n = recent_cloud_fraction(session, window=settings.budget_window)
+            costs = cost_totals(session)
+            histograms = [h for stage in STAGES for h in stage_histograms(session, stage)]
+            backlog = waiting_backlog(session)
+
+        families: list[Metric] = []
+        gauge = GaugeMetricFamily(
+            "routet2i_jobs", "Jobs by status and tier (tier 'none': not routed).", labels=["status", "tier"]
+        )
+        for (status, tier), count in sorted(jobs.items()):
+            gauge.add_metric([status, tier], count)
+        families.append(gauge)
+
+        counter = CounterMetricFamily(
+            "routet2i_decisions", "Routing decisions by tier and router.", labels=["tier", "router", "router_version"]
+        )
+        for (tier, router, version), count in sorted(decisions.items()):
+            counter.add_metric([tier, router, version], count)
+        families.append(counter)
+
+        routed = sum(decisions.values())
+        cloud = sum(n for (tier, _, _), n in decisions.items() if tier == "cloud")
+        fraction = GaugeMetricFamily(
+            "routet2i_cloud_fraction",
+            "Share of decisions sent to the cloud: over all decisions, and over the budget window's last decisions.",
+            labels=["window"],
+        )
+        fraction.add_metric(["all"], cloud / routed if routed else 0.0)
+        fraction.add_metric(["recent"], recent if recent is not None else 0.0)
+        families.append(fraction)
+        families.append(
+            GaugeMetricFamily(
+                "routet2i_cloud_budget", "The cloud fraction the router may spend (rho).", value=settings.cloud_budget
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "routet2i_budget_window_decisions",
+                "Decisions in the recent window (at most the budget window).",
+                value=recent_n,
+            )
+        )
+
+        usd = CounterMetricFamily("routet2i_cost_usd", "US dollars billed, by tier.", labels=["tier"])
+        gpu = CounterMetricFamily("routet2i_gpu_seconds", "Device seconds spent generating, by tier.", labels=["tier"])
+        images = CounterMetricFamily("routet2i_images", "Images generated and billed, by tier.", labels=["tier"])
+        for tier, total in costs.items():
+            usd.add_metric([tier], total.usd)
+            gpu.add_metric([tier], total.gpu_s)
+            images.add_metric([tier], total.images)
+        families.extend([usd, gpu, images])
+
+        latency = HistogramMetricFamily(
+            "routet2i_job_stage_seconds",
+            "Time jobs spent in each pipeline stage, from their timestamps, by tier.",
+            labels=["stage", "tier"],
+        )
+        for h in histograms:
+            buckets = [(_inf(bound), count) for bound, count in h.buckets] + [("+Inf", h.count)]
+            latency.add_metric([h.stage, h.tier], buckets, h.sum_s)
+        families.append(latency)
+
+        now = datetime.now(UTC)
+        waiting = GaugeMetricFamily(
+            "routet2i_queue_waiting_jobs", "Jobs the database says wait on each queue.", labels=["queue"]
+        )
+        age = GaugeMetricFamily(
+            "routet2i_queue_oldest_age_seconds",
+            "Age of the oldest job waiting on each queue (0 when none).",
+            labels=["queue"],
+        )
+        for queue in QUEUES:
+            entry = backlog[queue]
+            waiting.add_metric([queue], entry.waiting)
+            oldest = (now - entry.oldest_since).total_seconds() if entry.oldest_since is not None else 0.0
+            age.add_metric([queue], max(0.0, oldest))
+        families.extend([waiting, age])
+        return families
+
+    def _broker(self) -> list[Metric]:
+        depths = queue_depths(self.st.celery, self.st.redis)
+        depth = GaugeMetricFamily(
+            "routet2i_queue_depth", "Messages waiting in the broker on each queue.", labels=["queue"]
+        )
+        for queue, n in depths.items():
+            depth.add_metric([queue], n)
+        return [depth]
+
+
+def init_app(app: Flask, st: ApiState) -> None:
+    """Give the app its own registry (never the global one) holding the collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RouteT2ICollector(st))
+    app.extensions[REGISTRY_KEY] = registry
+    app.register_blueprint(blueprint)
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(current_app.extensions[REGISTRY_KEY]), content_type=CONTENT_TYPE_LATEST)
