@@ -52,8 +52,10 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT_S,
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost a broker publish per task state; Flower switches them on while it watches
+        # (it broadcasts enable_events), so they are off otherwise.
+        worker_send_task_events=False,
+        task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
         broker_pool_limit=10,
