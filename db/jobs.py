@@ -57,9 +57,7 @@ def create_job(
         "dead_lettered_at": None,
     }
     session.execute(insert(Job.__table__).values(values))
-    session.execute(
-        insert(JobEvent.__table__).values(job_id=values["id"], status=JobStatus.QUEUED.value, at=now)
-    )
+    session.execute(insert(JobEvent.__table__).values(job_id=values["id"], status=JobStatus.QUEUED.value, at=now))
     job = Job(**values)
     make_transient_to_detached(job)
     session.add(job)

@@ -176,3 +176,25 @@ register(
         repeats=3,
     )
 )
+
+register(
+    Benchmark(
+        name="replay",
+        summary="Replay and cross-validated evaluation throughput (prompts/s) against the router's bare scoring.",
+        target="routet2i.bench.replay:run",
+        params=(
+            Param("routers", "longest-prompt-first,gap-regressor", "Comma-separated router names."),
+            Param("folds", 5, "Folds of the timed evaluation (one seed)."),
+        ),
+    )
+)
+
+register(
+    Benchmark(
+        name="memory",
+        summary="Resident memory of the API, router and tier workers with the offline models, against bare "
+        "interpreters with the same libraries imported.",
+        target="routet2i.bench.memory:run",
+        repeats=3,
+    )
+)

@@ -53,7 +53,16 @@ def _wrk(
         handle.write(script)
     try:
         out = subprocess.run(
-            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", handle.name, url],
+            [
+                "wrk",
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                handle.name,
+                url,
+            ],
             capture_output=True,
             text=True,
             timeout=seconds + 60,
