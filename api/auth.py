@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 import sqlalchemy.exc
 from flask import g, request
@@ -120,4 +121,4 @@ def authenticate() -> None:
 
 
 def principal() -> Principal:
-    return g.principal  # type: ignore[no-any-return]
+    return cast(Principal, g.principal)

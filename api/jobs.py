@@ -48,8 +48,12 @@ DATABASE_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
 
 def parse_query(model: type[Q]) -> Q:
     """Validate the query string against ``model`` (unknown parameters are refused)."""
+    args = request.args.to_dict()
+    for name, value in args.items():
+        if "\x00" in value:  # PostgreSQL cannot even compare with such a string
+            raise ApiError(400, "invalid_request", f"{name}: must not contain NUL characters", field=name)
     try:
-        return model.model_validate(request.args.to_dict())
+        return model.model_validate(args)
     except ValidationError as exc:
         raise from_validation_error(exc, status=400) from exc
 

@@ -124,7 +124,7 @@ def signing_key() -> bytes:
     st.redis.set(SIGNING_KEY, secrets.token_hex(32), nx=True)
     value = st.redis.get(SIGNING_KEY)
     assert value is not None
-    return bytes(value)
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def sign(job_id: str, expires: int) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from flask import Blueprint, Flask, current_app, jsonify
 from pydantic import BaseModel
@@ -129,7 +129,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             operations.append((_path(rule.rule), method.lower(), doc, body))
 
-    keys, definitions = models_json_schema(list(models), ref_template="#/components/schemas/{model}")
+    keys, definitions = models_json_schema(cast(Any, list(models)), ref_template="#/components/schemas/{model}")
     refs = {
         (model, mode): ref
         for (

@@ -22,6 +22,9 @@ SIZE_MULTIPLE = 8
 
 MAX_SEED = 2**63 - 1
 
+EARLIEST, LATEST = 1970, 9999
+"""Years a time filter may name (both databases store them, in UTC)."""
+
 Cursor = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9_-]+$")]
 """An opaque ``next_cursor`` from an earlier page."""
 
@@ -114,9 +117,13 @@ class DecisionListQuery(StrictModel):
         # pydantic would read "0.5" as a Unix timestamp; the documented format is an ISO 8601 date-time.
         if isinstance(value, str):
             try:
-                return datetime.fromisoformat(value)
-            except ValueError:
+                parsed = datetime.fromisoformat(value)
+                utc = as_utc(parsed)
+            except (ValueError, OverflowError):
                 raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z") from None
+            if not EARLIEST <= utc.year <= LATEST:
+                raise ValueError(f"must be between the years {EARLIEST} and {LATEST}")
+            return parsed
         return value
 
 

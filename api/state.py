@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from celery import Celery
@@ -17,6 +17,7 @@ from routet2i.settings import Settings
 if TYPE_CHECKING:
     from api.auth import KeyCache, Principal
     from api.ratelimit import RateLimiter
+    from api.schemas import JobCreateBase
 
 EXTENSION = "routet2i"
 
@@ -29,7 +30,7 @@ class ApiState:
     celery: Celery
     images: ImageStore
     redis: redis.Redis
-    job_create_model: type
+    job_create_model: type[JobCreateBase]
     key_cache: KeyCache
     rate_limiter: RateLimiter
     local_principal: Principal | None = field(default=None)
@@ -37,4 +38,4 @@ class ApiState:
 
 
 def state() -> ApiState:
-    return current_app.extensions[EXTENSION]  # type: ignore[no-any-return]
+    return cast(ApiState, current_app.extensions[EXTENSION])

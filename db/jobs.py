@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from db.models import Job, JobEvent, JobStatus, utcnow
@@ -56,8 +56,10 @@ def create_job(
         "lease_until": None,
         "dead_lettered_at": None,
     }
-    session.execute(insert(Job.__table__).values(values))
-    session.execute(insert(JobEvent.__table__).values(job_id=values["id"], status=JobStatus.QUEUED.value, at=now))
+    session.execute(insert(cast(Table, Job.__table__)).values(values))
+    session.execute(
+        insert(cast(Table, JobEvent.__table__)).values(job_id=values["id"], status=JobStatus.QUEUED.value, at=now)
+    )
     job = Job(**values)
     make_transient_to_detached(job)
     session.add(job)

@@ -6,7 +6,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import CostEntry, Decision, Generation, Job, JobStatus
@@ -31,7 +31,7 @@ def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None) -> dict[s
         tenant_id: one tenant's figures; None for the whole deployment.
     """
 
-    def scoped(query: Select[Any], model: Any) -> Select[Any]:
+    def scoped(query: Any, model: Any) -> Any:
         if tenant_id is None:
             return query
         if model is Job:
@@ -76,7 +76,7 @@ def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None) -> dict[s
         .order_by(Job.finished_at.desc())
         .limit(LATENCY_SAMPLE)
     ).all()
-    latencies = sorted((as_utc(end) - as_utc(start)).total_seconds() for start, end in finished)
+    latencies = sorted((as_utc(end) - as_utc(start)).total_seconds() for start, end in finished if end is not None)
 
     return {
         "jobs": {"total": sum(by_status.values()), "by_status": by_status, "dead_lettered": dead_lettered or 0},

@@ -109,7 +109,9 @@ def audit(settings: Settings, tenant_id: uuid.UUID) -> dict[str, Any]:
             "duplicate_costs": _more_than_one(session, CostEntry, tenant_id),
             "succeeded_without_image": int(without_image or 0),
             "cloud_fraction": (cloud or 0) / decided if decided else 0.0,
-            "latencies": sorted((as_utc(end) - as_utc(start)).total_seconds() for start, end in times),
+            "latencies": sorted(
+                (as_utc(end) - as_utc(start)).total_seconds() for start, end in times if end is not None
+            ),
         }
     engine.dispose()
     return result

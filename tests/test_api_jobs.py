@@ -190,6 +190,9 @@ LIST_ERRORS = [
     ("/v1/decisions?tier=gpu", "tier"),
     ("/v1/decisions?since=yesterday", "since"),
     ("/v1/decisions?cursor=%%%", "cursor"),
+    ("/v1/decisions?router=%00", "router"),  # found by fuzzing: PostgreSQL refuses NUL in a string
+    ("/v1/decisions?until=0001-01-01T00:00:00%2B00:01", "until"),  # found by fuzzing: before year 1 in UTC
+    ("/v1/decisions?since=0.5", "since"),  # found by fuzzing: not read as a Unix timestamp
 ]
 
 

@@ -8,6 +8,7 @@ routers can never both take the last cloud slot.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import redis
 
@@ -51,7 +52,8 @@ class RedisBudgetStore:
         raise BudgetContention(f"budget window changed {MAX_ATTEMPTS} times in a row")
 
     def _read(self, client: redis.Redis | redis.client.Pipeline) -> BudgetState:
-        entries = [raw.split(b":", 1) for raw in client.lrange(self.key, 0, self.window - 1)]
+        raws = cast(list[bytes], client.lrange(self.key, 0, self.window - 1))
+        entries = [raw.split(b":", 1) for raw in raws]
         return BudgetState(decisions=tuple(int(d) for d, _ in entries), scores=tuple(float(v) for _, v in entries))
 
     def snapshot(self) -> BudgetState:

@@ -126,5 +126,5 @@ def get_context(app: Celery) -> WorkerContext:
     context: WorkerContext | None = getattr(app, "_routet2i_context", None)
     if context is None or context.pid != os.getpid():
         context = WorkerContext(app.conf.routet2i_settings, app)
-        app._routet2i_context = context  # type: ignore[attr-defined]
+        app._routet2i_context = context
     return context

@@ -100,6 +100,7 @@ class DiffusersGenerator:
         self.model_id = settings.model
         self.device = settings.device
         self._torch = torch
+        self.pipe: Any
         dtype = getattr(torch, settings.dtype)
         from worker import offline
 

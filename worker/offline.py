@@ -213,7 +213,7 @@ def _vae(profile: Profile) -> AutoencoderKL:
     )
 
 
-def build_pipeline(model: str, *, cache_dir: Path, dtype: torch.dtype, device: str) -> DiffusionPipeline:
+def build_pipeline(model: str, *, cache_dir: Path, dtype: torch.dtype, device: str) -> Any:
     """Build the pipeline of an ``offline:<profile>`` model with deterministic random weights."""
     profile = profile_for(model)
     generator_state = torch.random.get_rng_state()
@@ -222,7 +222,7 @@ def build_pipeline(model: str, *, cache_dir: Path, dtype: torch.dtype, device: s
         tokenizer = clip_tokenizer(cache_dir)
         scheduler = EulerDiscreteScheduler(**_SD_SCHEDULER)
         vae = _vae(profile)
-        pipe: DiffusionPipeline
+        pipe: Any
         if profile.text_2 is None:
             text_encoder = CLIPTextModel(_text_config(profile.text))
             unet = UNet2DConditionModel(in_channels=4, out_channels=4, **profile.unet)

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import and_, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.decisions import get_decision
@@ -87,7 +87,7 @@ def broker_job_ids(client: redis.Redis) -> set[str]:
     return ids
 
 
-def _stale(settings: Settings, now: datetime) -> Iterable[object]:
+def _stale(settings: Settings, now: datetime) -> ColumnElement[bool]:
     """SQL conditions of a job that may have lost its message."""
     base = now - timedelta(seconds=settings.reconcile_after_s)
     waiting = and_(
@@ -95,7 +95,7 @@ def _stale(settings: Settings, now: datetime) -> Iterable[object]:
         or_(Job.enqueued_at.is_(None), Job.enqueued_at < base),
     )
     orphaned = and_(Job.status == JobStatus.GENERATING, or_(Job.lease_until.is_(None), Job.lease_until < now))
-    return (or_(waiting, orphaned),)
+    return or_(waiting, orphaned)
 
 
 def _due(job: Job, settings: Settings, now: datetime) -> bool:
@@ -121,7 +121,7 @@ def reconcile(
     to_publish: list[tuple[str, str]] = []
 
     with transaction(sessions) as session:
-        query = select(Job).where(*_stale(settings, now)).order_by(Job.created_at).limit(BATCH)
+        query = select(Job).where(_stale(settings, now)).order_by(Job.created_at).limit(BATCH)
         if session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
         for job in session.scalars(query):
@@ -202,8 +202,8 @@ def replay_dead_letters(
             job.enqueued_at = utcnow()
             transition(session, job, JobStatus.QUEUED, detail={"stage": "replayed", "task": task})
             to_publish.append((str(job.id), task))
-    for job_id, task in to_publish:
-        publish(app, task, job_id)
+    for replayed, task in to_publish:
+        publish(app, task, replayed)
     return to_publish
 
 

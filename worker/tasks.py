@@ -8,7 +8,7 @@ so every job reaches a terminal state the user can see.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kombu.exceptions
 import redis.exceptions
@@ -101,7 +101,7 @@ def register_tasks(app: Celery) -> None:
 
     @app.task(name=ROUTE_TASK, bind=True)
     def route(self: Task, job_id: str) -> str | None:
-        return _run(self, "routing", job_id, lambda ctx: pipeline.route_job(ctx, job_id))  # type: ignore[no-any-return]
+        return cast(str | None, _run(self, "routing", job_id, lambda ctx: pipeline.route_job(ctx, job_id)))
 
     def make_generate(tier: str) -> None:
         settings = app.conf.routet2i_settings.tier(tier)
@@ -110,7 +110,7 @@ def register_tasks(app: Celery) -> None:
         def generate(self: Task, job_id: str, role: str = "primary") -> bool | None:
             if role == "shadow":
                 return _run_shadow(self, job_id, tier, generation_retries=settings.max_retries)
-            return _run(  # type: ignore[no-any-return]
+            return _run(
                 self,
                 "generation",
                 job_id,

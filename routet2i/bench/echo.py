@@ -22,12 +22,12 @@ def make_app(broker: str) -> Celery:
 
     @app.task(name=TASK)
     def echo(reply_key: str, token: str) -> None:
-        client: Any = app.backend_redis  # type: ignore[attr-defined]
+        client: Any = app.backend_redis
         client.lpush(reply_key, token)
 
     import redis
 
-    app.backend_redis = redis.Redis.from_url(broker)  # type: ignore[attr-defined]
+    app.backend_redis = redis.Redis.from_url(broker)
     return app
 
 

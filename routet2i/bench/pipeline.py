@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import redis
 from sqlalchemy import select
@@ -52,7 +53,7 @@ class EchoWorker:
         started = time.perf_counter()
         self.app.send_task(TASK, args=[self.reply, token], queue=QUEUE)
         answer = self.redis.brpop([self.reply], timeout=timeout)
-        if answer is None or answer[1].decode() != token:
+        if answer is None or cast(bytes, answer[1]).decode() != token:
             raise StackError("the echo worker did not answer")
         return time.perf_counter() - started
 

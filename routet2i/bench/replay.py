@@ -9,6 +9,7 @@ The log is GenAI-Bench (SDXL-Turbo vs DALL-E 3, 527 prompts); embeddings are war
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from routet2i.bench import Measurement, interleaved_medians
 from routet2i.settings import Settings
@@ -32,8 +33,8 @@ def run(
         router.fit(records, seed=0)
         times = interleaved_medians(
             {
-                "replay": lambda r=router: replay(records, r, 0.3, prices=prices),
-                "score": lambda r=router: r.score_records(records),
+                "replay": partial(replay, records, router, 0.3, prices=prices),
+                "score": partial(router.score_records, records),
             },
             repeats=repeats,
         )

@@ -22,7 +22,7 @@ def api(host: str, port: int, workers: int, threads: int) -> None:
 
     settings = load_settings()
 
-    class Server(BaseApplication):  # type: ignore[misc]
+    class Server(BaseApplication):
         def load_config(self) -> None:
             options: dict[str, Any] = {
                 "bind": f"{host}:{port}",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+from sqlalchemy.orm import Session, sessionmaker
 
 from routet2i.cli.common import echo_json, load_settings
 
 
-def _sessions():  # type: ignore[no-untyped-def]
+def _sessions() -> sessionmaker[Session]:
     from db.session import make_engine, make_session_factory
 
     return make_session_factory(make_engine(load_settings().database_url))
@@ -98,7 +101,7 @@ def list_(as_json: bool) -> None:
     from db.tenants import list_keys, list_tenants
 
     with _sessions()() as session:
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "name": t.name,
                 "id": str(t.id),
