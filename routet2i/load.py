@@ -191,6 +191,7 @@ def local_run(
     concurrency: dict[str, int] | None = None,
     api_workers: int = 2,
     log_dir: Path = Path("var/load-logs"),
+    pool: str = "prefork",
 ) -> Iterator[LocalRun]:
     """Start the stack with zero-cost generators (``null`` backend, no image scoring), stop it afterwards."""
     from db.migrate import upgrade
@@ -212,7 +213,11 @@ def local_run(
         }
     )
     stack = start_stack(
-        env, log_dir=log_dir, api_workers=api_workers, concurrency=concurrency or {"route": 2, "edge": 2, "cloud": 1}
+        env,
+        log_dir=log_dir,
+        api_workers=api_workers,
+        concurrency=concurrency or {"route": 2, "edge": 2, "cloud": 1},
+        pool=pool,
     )
     try:
         stack.wait_ready()

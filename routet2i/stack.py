@@ -89,6 +89,7 @@ def start_stack(
     api_workers: int = 1,
     api_threads: int = 4,
     concurrency: dict[str, int] | None = None,
+    pool: str = "prefork",
 ) -> Stack:
     """Start the API and one worker process per queue (with ``concurrency[queue]`` pool children)."""
     concurrency = {"route": 1, "edge": 1, "cloud": 1, **(concurrency or {})}
@@ -97,8 +98,8 @@ def start_stack(
     specs = {
         "api": [*command, "api", "--port", str(port), "--workers", str(api_workers), "--threads", str(api_threads)]
     }
-    for queue, pool in concurrency.items():
-        specs[queue] = [*command, "worker", "--queue", queue, "--concurrency", str(pool)]
+    for queue, size in concurrency.items():
+        specs[queue] = [*command, "worker", "--queue", queue, "--concurrency", str(size), "--pool", pool]
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(api_url=f"http://127.0.0.1:{port}", log_dir=log_dir)
     for name, argv in specs.items():

@@ -95,7 +95,9 @@ def _generate(settings: Settings, ctx: WorkerContext, prompt: str) -> dict:
         tenant = create_tenant(session, name=f"t-{uuid.uuid4().hex[:10]}")
         key = issue_api_key(session, tenant=tenant)
         session.flush()  # the tenant row before the job that refers to it
-        job_id = str(create_job(session, tenant_id=tenant.id, prompt=prompt, seed=1, requested_tier="edge").id)
+        job = create_job(session, tenant_id=tenant.id, prompt=prompt, seed=1, requested_tier="edge")
+        job.tier = "edge"  # routed, as the route worker would have left it
+        job_id = str(job.id)
     assert pipeline.generate_job(ctx, job_id, "edge") is True
     with create_app(settings).test_client() as api:
         return authorize(api, key).get(f"/v1/jobs/{job_id}").get_json()

@@ -162,3 +162,13 @@ def test_dlq_cli_lists_and_replays(env) -> None:
     assert (job.status, job.tier, job.dead_lettered_at, job.error, job.attempts) == ("queued", "cloud", None, None, 0)
     assert job_id in broker_job_ids(client) and client.llen("cloud") == 1
     assert job_id not in {row["id"] for row in json.loads(cli("list", "--json").stdout)}
+
+
+def test_a_message_for_another_tier_is_ignored(env) -> None:
+    settings, sessions, app, _, tenant_id = env
+    job_id = new_job(sessions, tenant_id)
+    with transaction(sessions) as session:
+        get_job(session, uuid.UUID(job_id)).tier = "cloud"  # e.g. replayed to the cloud after an edge message
+    assert generate_job(WorkerContext(settings, app), job_id, "edge", delivery="stale") is False
+    job = reload(sessions, job_id)
+    assert (job.status, job.attempts, job.lease_owner) == ("queued", 0, None)

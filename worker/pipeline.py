@@ -164,6 +164,11 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | 
         if _is_done(job):
             return False
         assert job is not None
+        if job.tier != tier:
+            # A stale message: the job was (re)routed elsewhere, or its routing was not recorded. The message of
+            # its current step, or the reconciler, takes it from here.
+            log.warning("message for another tier ignored", extra={"job_id": job_id, "tier": tier, "job_tier": job.tier})
+            return False
         # No generation can exist yet: the image, its cost and ``succeeded`` are committed together.
         if job.attempts >= ctx.settings.max_attempts:
             _dead_letter(session, job, f"generation started {job.attempts} times without finishing", stage="generation")

@@ -156,6 +156,7 @@ register(
             Param("clients", 16, "Concurrent HTTP clients in a burst."),
             Param("route_workers", 2, "Pool size of the route worker."),
             Param("tier_workers", 2, "Pool size of each tier worker."),
+            Param("pool", "prefork", "Celery pool of the workers: prefork, solo or threads."),
         ),
         repeats=3,
     )
