@@ -15,8 +15,15 @@ SQLITE_BUSY_TIMEOUT_S = 30
 """How long a SQLite writer waits for another process's lock before failing."""
 
 
-def make_engine(database_url: str, **kwargs: Any) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys so several processes can share it."""
+def make_engine(database_url: str, *, synchronous_commit: bool = True, **kwargs: Any) -> Engine:
+    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys so several processes can share it.
+
+    Args:
+        database_url: SQLAlchemy URL.
+        synchronous_commit: PostgreSQL only: False lets a commit return before its WAL record is flushed
+            (see ``Settings.worker_synchronous_commit`` for when that is safe).
+        **kwargs: passed to :func:`sqlalchemy.create_engine`.
+    """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -36,7 +43,16 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     kwargs.setdefault("connect_args", {"connect_timeout": 5})
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if not synchronous_commit and url.get_backend_name() == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def _asynchronous_commit(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET synchronous_commit TO off")
+            dbapi_connection.commit()
+
+    return engine
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     """CPU threads each model process may use (None: torch's default, all cores). Set it when several
     model workers share a machine's CPU, or they slow each other down by oversubscription."""
 
+    worker_synchronous_commit: bool = True
+    """PostgreSQL: False lets the route and tier workers' commits return before the WAL flush, several
+    milliseconds less per step. A database crash can then lose their last fraction of a second of state
+    changes, which the reconciler redoes (the API's acceptance of a job always waits for the flush)."""
     lease_s: float = Field(default=900.0, gt=0)
     """How long a generation may run before the job is presumed orphaned; must exceed the slowest generation."""
     reconcile_after_s: float = Field(default=120.0, gt=0)

@@ -36,7 +36,7 @@ class WorkerContext:
         self.pid = os.getpid()
         self.settings = settings
         self.app = app
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.database_url, synchronous_commit=settings.worker_synchronous_commit)
         self.sessions = make_session_factory(self.engine)
         self.images = ImageStore(settings.image_dir)
         self._generators: dict[str, Generator] = {}

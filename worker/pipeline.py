@@ -167,7 +167,9 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | 
         if job.tier != tier:
             # A stale message: the job was (re)routed elsewhere, or its routing was not recorded. The message of
             # its current step, or the reconciler, takes it from here.
-            log.warning("message for another tier ignored", extra={"job_id": job_id, "tier": tier, "job_tier": job.tier})
+            log.warning(
+                "message for another tier ignored", extra={"job_id": job_id, "tier": tier, "job_tier": job.tier}
+            )
             return False
         # No generation can exist yet: the image, its cost and ``succeeded`` are committed together.
         if job.attempts >= ctx.settings.max_attempts:
