@@ -107,6 +107,11 @@ class Router(ABC):
         """Constructor arguments that reproduce this router (before fitting)."""
         return {}
 
+    @classmethod
+    def default_artifact(cls) -> Path | None:
+        """A trained artifact shipped with the package, used when a learned router is named without one."""
+        return None
+
 
 MANIFEST = "manifest.json"
 
@@ -183,9 +188,11 @@ def load_router(name: str, directory: Path | None) -> Router:
     """A router ready to score: loaded from an artifact when one is given, else freshly built."""
     if directory is None:
         cls = router_class(name)
-        if cls.learned:
+        if not cls.learned:
+            return cls()
+        directory = cls.default_artifact()
+        if directory is None:
             raise RouterError(f"router {name!r} must be trained first: give it an artifact directory")
-        return cls()
     manifest = read_manifest(directory)
     if manifest.get("router") != name:
         raise RouterError(f"artifact {directory} holds router {manifest.get('router')!r}, not {name!r}")
@@ -203,5 +210,9 @@ for _name, _target in {
     "cloud-win-classifier": "router.learned:CloudWinClassifierRouter",
     "gap-regressor": "router.learned:GapRegressorRouter",
     "knn": "router.learned:KNNRouter",
+    "routet2i": "router.routet2i:RouteT2IRouter",
+    "routet2i-no-multi-metric": "router.routet2i:NoMultiMetricRouter",
+    "routet2i-no-token-selection": "router.routet2i:NoTokenSelectionRouter",
+    "routet2i-no-dual-gate": "router.routet2i:NoDualGateRouter",
 }.items():
     register_builtin(_name, _target)

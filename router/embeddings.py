@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
 """Prompts per forward pass; batches are formed from length-sorted prompts to limit padding."""
+
+TOKEN_CACHE_SIZE = 4096
+"""Prompts whose token states an encoder keeps by default (about 50 KB each for a 30-token prompt)."""
 
 MAX_TOKENS = 256
 """Longest token sequence the encoder sees (the model's own ``max_seq_length``)."""
@@ -38,6 +43,21 @@ def default_model_path() -> Path:
 
 def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenStates:
+    """The encoder's last hidden states of one prompt, special tokens included.
+
+    Attributes:
+        tokens: word pieces, ``[CLS]`` first and ``[SEP]`` last.
+        states: shape ``(len(tokens), d)``, float32.
+        sentence: the prompt's sentence embedding (mean-pooled, unit length), shape ``(d,)``.
+    """
+
+    tokens: tuple[str, ...]
+    states: np.ndarray
+    sentence: np.ndarray
 
 
 class SentenceEncoder:
@@ -63,6 +83,10 @@ class SentenceEncoder:
         self.batch_size = batch_size
         self.threads = threads
         self._vectors: dict[str, np.ndarray] = {}
+        self._tokens: OrderedDict[str, TokenStates] = OrderedDict()
+        self.token_cache_size = TOKEN_CACHE_SIZE
+        """Most prompts whose token states are kept (least recently used go first); a live router sees
+        endless new prompts, so this cache must not grow without bound."""
         self._disk_loaded = False
         self._model: Any = None
         self._tokenizer: Any = None
@@ -102,6 +126,35 @@ class SentenceEncoder:
                 return np.zeros((0, self.dimension), dtype=np.float32)
             return np.stack([self._vectors[prompt_hash(p)] for p in prompts])
 
+    def encode_tokens(self, prompts: Sequence[str]) -> list[TokenStates]:
+        """Per-token hidden states of ``prompts`` (kept in memory), filling the sentence cache on the way.
+
+        One forward pass gives both, so a router that needs token states and the sentence embedding of a
+        new prompt runs the encoder once.
+        """
+        with self._lock:
+            keys = [prompt_hash(p) for p in prompts]
+            missing = sorted({p for p, k in zip(prompts, keys, strict=True) if k not in self._tokens})
+            found: dict[str, TokenStates] = {k: self._tokens[k] for k in keys if k in self._tokens}
+            if missing:
+                found.update(self._compute(missing, keep_tokens=True))
+            for key in keys:
+                self._tokens[key] = found[key]
+                self._tokens.move_to_end(key)
+            while len(self._tokens) > self.token_cache_size:
+                self._tokens.popitem(last=False)
+            return [found[k] for k in keys]
+
+    def reserve(self, prompts: int) -> None:
+        """Make room for at least ``prompts`` prompts' token states (evaluation keeps a whole log)."""
+        self.token_cache_size = max(self.token_cache_size, prompts)
+
+    def clear(self) -> None:
+        """Forget every cached vector and token state (benchmarks time the encoder itself)."""
+        with self._lock:
+            self._tokens.clear()
+            self._vectors.clear()
+
     # --- internals ----------------------------------------------------------------------------------
 
     def _load_model(self) -> tuple[Any, Any]:
@@ -112,10 +165,12 @@ class SentenceEncoder:
             self._model = AutoModel.from_pretrained(self.model_path).eval()
         return self._tokenizer, self._model
 
-    def _compute(self, prompts: list[str]) -> None:
+    def _compute(self, prompts: list[str], *, keep_tokens: bool = False) -> dict[str, TokenStates]:
+        """Run the encoder; sentence vectors go to the cache, token states (if asked for) are returned."""
         import torch
 
         tokenizer, model = self._load_model()
+        token_states: dict[str, TokenStates] = {}
         previous_threads = torch.get_num_threads()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
@@ -130,9 +185,21 @@ class SentenceEncoder:
                 mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
                 pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                for prompt, vector in zip(batch, pooled.numpy().astype(np.float32), strict=True):
-                    self._vectors[prompt_hash(prompt)] = vector
+                vectors = pooled.numpy().astype(np.float32)
+                if not keep_tokens:
+                    for prompt, vector in zip(batch, vectors, strict=True):
+                        self._vectors.setdefault(prompt_hash(prompt), vector)
+                    continue
+                lengths = inputs["attention_mask"].sum(dim=1).tolist()
+                for row, (prompt, length) in enumerate(zip(batch, lengths, strict=True)):
+                    ids = inputs["input_ids"][row, :length].tolist()
+                    token_states[prompt_hash(prompt)] = TokenStates(
+                        tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+                        states=states[row, :length].numpy().astype(np.float32),
+                        sentence=vectors[row],
+                    )
             self.computed += len(prompts)
+            return token_states
         finally:
             torch.set_num_threads(previous_threads)
 

@@ -127,10 +127,11 @@ class Settings(BaseSettings):
     shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of routed jobs also generated (and scored) on the other tier, to collect training labels from
     live traffic (``routet2i data export``). Their cloud images are paid from the cloud budget."""
-    router: str = "prompt-complexity"
-    """Name of the routing policy used by the router worker."""
+    router: str = "routet2i"
+    """Name of the routing policy used by the router worker (``routet2i``, a baseline, or a plug-in)."""
     router_model: Path | None = None
-    """Trained router artifact directory, for routers that need one."""
+    """Trained router artifact directory (``routet2i train``). None: the router's shipped artifact, if any
+    (RouteT2I ships one trained on the carried AGIQA-3K ratings)."""
 
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     """CPU threads each model process may use (None: torch's default, all cores). Set it when several

@@ -227,7 +227,7 @@ def test_dashboard_submits_a_job_shows_its_image_decisions_charts_and_plots(
     # The submitted job's detail panel: its image and its routing decision.
     image_loaded(tab, "#job-detail img.full")
     detail = tab.inner_text("#job-detail")
-    assert job_id in detail and "prompt-complexity" in detail
+    assert job_id in detail and "routet2i" in detail
 
     # Charts drawn from /v1/stats/timeseries.
     assert tab.locator("#chart-routed svg rect.bar").count() >= 1

@@ -46,10 +46,15 @@ def test_submitted_job_succeeds_with_decision_generation_and_one_cost(client, pg
 
     decision = job["decision"]
     assert decision["tier"] == job["tier"]
-    assert decision["router"] == "prompt-complexity"
+    # The default router: RouteT2I with its shipped artifact, predictions and explanations in the audit trail.
+    assert decision["router"] == "routet2i"
+    assert decision["router_version"].startswith("routet2i:")
     assert decision["budget"] == pg_settings.cloud_budget
     assert decision["reason"]
-    assert decision["inputs"]["content_words"] == 5  # red bicycle leaning brick wall
+    assert 0.0 < decision["inputs"]["prs"] < 1.0
+    assert set(decision["predicted"]["edge"]["values"]) == {"quality", "alignment"}
+    words = {e["token"] for entries in decision["explanation"]["tokens_by_metric"].values() for e in entries}
+    assert words and words <= {"a", "red", "bicycle", "leaning", "on", "brick", "wall"}
     assert "recent_decisions" in decision["budget_state"]
 
     result = job["result"]

@@ -180,6 +180,22 @@ register(
 
 register(
     Benchmark(
+        name="router",
+        summary="RouteT2I decision latency (one prompt, one thread) and batched throughput against a bare "
+        "encoder forward pass.",
+        target="routet2i.bench.router:run",
+        params=(
+            Param("router", "routet2i", "Router name."),
+            Param("model", "", "Artifact directory ('': the router's shipped default)."),
+            Param("prompts", 300, "Distinct prompts timed one by one (latency) and in batches (throughput)."),
+            Param("batch_size", 64, "Prompts per batch in the throughput runs."),
+            Param("threads", 2, "torch threads of the throughput runs (latency uses one)."),
+        ),
+    )
+)
+
+register(
+    Benchmark(
         name="replay",
         summary="Replay and cross-validated evaluation throughput (prompts/s) against the router's bare scoring.",
         target="routet2i.bench.replay:run",

@@ -17,6 +17,7 @@ from routet2i.cli.recovery import dlq, reconcile
 from routet2i.cli.score import score
 from routet2i.cli.serve import api, worker
 from routet2i.cli.tenants import tenant
+from routet2i.cli.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -42,6 +43,7 @@ for command in (
     data,
     evaluate_command,
     replay,
+    train,
     score,
     bench,
 ):

@@ -245,7 +245,7 @@
         if (typeof item === "string") return { token: item, weight: null };
         if (Array.isArray(item)) return { token: String(item[0]), weight: typeof item[1] === "number" ? item[1] : null };
         if (item && typeof item === "object") {
-          const weight = [item.weight, item.score, item.contribution, item.value].find((v) => typeof v === "number");
+          const weight = [item.push, item.weight, item.score, item.contribution, item.value].find((v) => typeof v === "number");
           return { token: String(item.token ?? item.text ?? item.word ?? JSON.stringify(item)), weight: weight ?? null };
         }
         return { token: String(item), weight: null };
@@ -261,7 +261,7 @@
 
   function explanationView(explanation) {
     if (!explanation || typeof explanation !== "object") return null;
-    const perMetric = explanation.per_metric || explanation.metrics || explanation;
+    const perMetric = explanation.tokens_by_metric || explanation.per_metric || explanation.metrics || explanation;
     const rows = [];
     for (const [metric, items] of Object.entries(perMetric)) {
       const tokens = tokensOf(items);

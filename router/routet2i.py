@@ -1,0 +1,685 @@
+"""The RouteT2I router: a dual-gated token-selection mixture of experts predicts every quality metric of both
+tiers from the prompt, Pareto relative superiority compares the two predicted vectors, and the budget decides.
+
+**Predictor** (one expert per metric). The frozen, pretrained MiniLM encoder (:mod:`router.embeddings`) gives
+token states ``T`` (n × d) and the sentence embedding ``s``. For expert ``i`` with embedding ``e_i``:
+
+1. *Token selection*: affinities ``a = softmax_t(T·e_i / √d)`` over the prompt's tokens; the expert keeps its
+   top-K tokens and renormalises their affinities into weights ``w``. (The paper writes ``softmax(T·Eᵀ)``
+   without naming the axis; over tokens is the reading that stays meaningful with a single expert, which a
+   one-metric log such as GenAI-Bench has.)
+2. *Dual gate*: ``T⁺ = T·P⁺_i·S`` and ``T⁻ = T·P⁻_i·S`` with low-rank ``P±_i`` (d × r) and a scoring matrix ``S``
+   (r × h) shared by all experts; ``Ĝ = σ(T⁺ − T⁻)`` says per token and channel whether the token pushes the
+   metric up or down. The expert's summary is ``z_i = Σ_t w_t·(2Ĝ_t − 1)``.
+3. *Head* of metric ``i``: a linear map of ``[z_i, φ(s)]`` (``φ`` a small projection of the sentence embedding
+   shared by all heads) to the metric's quality on the edge and on the cloud, in units standardised on the
+   training data.
+
+Training: AdamW, mean squared error on both tiers plus ``gap_weight`` times the error of the predicted gap
+(routing depends on the gap), early stopping on a validation split carved out of the training records by
+prompt. ``members`` predictors are trained on different validation splits and averaged (a small ensemble: on
+a few hundred labelled prompts single runs vary more than the differences between routers).
+
+The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds
+instead of the minutes that back-propagating through the encoder takes on a CPU (docs/router.md gives the
+measurement).
+
+**Pareto relative superiority.** ``D_i = σ((q̂_i(edge) − q̂_i(cloud)) / (Γ·s_i))`` with ``s_i`` the metric's gain
+scale on the training data (:func:`router.pgr.gain_scales`: the mean gain, or the std of the gains when the mean
+is near zero) and ``PRS = Σ_i w_i·D_i``. PRS below ½: the cloud is predicted better. The router's score is
+``½ − PRS``; prompts with PRS ≥ ½ never go to the cloud (:meth:`RouteT2IRouter.edge_floor`), and the budget
+sends the lowest PRS first: the largest ``α ≤ ½`` with ``P{PRS < α} ≤ ρ``.
+
+**Ablations** (the paper's): ``routet2i-no-multi-metric`` collapses the metrics into one composite quality
+(each metric divided by its gain scale, averaged) learned by one expert; ``routet2i-no-token-selection``
+weights all tokens by affinity; ``routet2i-no-dual-gate`` replaces ``σ(T⁺ − T⁻)`` by one projection ``tanh(T·P_i·S)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from router.base import Router, RouterError, read_manifest, write_manifest
+from router.embeddings import SentenceEncoder, TokenStates, default_encoder
+from router.log import LogRecord, metric_names
+from router.pgr import gain_scales, quality_arrays
+from router.splits import split_folds
+from router.types import Prediction, QualityVector
+
+WEIGHTS = "weights.npz"
+
+DEFAULT_ARTIFACT = "default"
+"""Name of the artifact shipped in ``router/artifacts/``; ``routet2i train`` reproduces it (docs/router.md)."""
+
+
+@dataclass(frozen=True)
+class RouteT2IConfig:
+    """Every setting of the predictor, its training and the PRS comparison.
+
+    Attributes:
+        top_k: tokens each expert keeps (token selection).
+        rank: rank ``r`` of the positive/negative projections ``P±``.
+        width: width ``h`` of the shared scoring matrix ``S`` (the gate's channels).
+        sentence_width: width of the sentence-embedding projection the heads also see (0: none).
+        prior: the network predicts corrections to a closed-form ridge regression of every output on the
+            sentence embedding and prompt statistics (L2 strength by inner cross-validation on the member's
+            training split); early stopping keeps a correction only as far as it helps on validation data.
+        prompt_statistics: the heads also see the prompt's length and noun count (log-scaled, standardised):
+            the paper's observation that more objects make the cloud win more often, made explicit.
+        dropout: dropout on the heads' inputs while training.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        batch_size: prompts per step.
+        max_epochs: most passes over the training records per member.
+        patience: epochs without a better validation loss before a member stops.
+        validation_share: share of the training prompts held out for early stopping.
+        gap_weight: weight of the gap error in the loss, next to the two tiers' errors.
+        members: predictors trained on different validation splits and averaged.
+        temperature: Γ of the PRS.
+        metric_weights: ``w_i`` of the PRS by metric name; metrics not named share the rest equally
+            (empty: equal weights).
+        floor: prompts with PRS ≥ ½ never go to the cloud (the paper's α ≤ ½ rule).
+        token_selection: keep only the top-K tokens per expert (ablation: all tokens).
+        dual_gate: the σ(T⁺ − T⁻) gate (ablation: one projection).
+        multi_metric: one expert per metric (ablation: one expert on a composite metric).
+        explain_tokens: tokens reported per metric in explanations.
+        threads: torch threads while fitting and scoring (None: leave torch's setting).
+    """
+
+    top_k: int = 8
+    rank: int = 32
+    width: int = 64
+    sentence_width: int = 0
+    prompt_statistics: bool = True
+    prior: bool = True
+    dropout: float = 0.1
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 32
+    max_epochs: int = 150
+    patience: int = 15
+    validation_share: float = 0.15
+    gap_weight: float = 2.0
+    members: int = 5
+    temperature: float = 1.0
+    metric_weights: dict[str, float] = field(default_factory=dict)
+    floor: bool = True
+    token_selection: bool = True
+    dual_gate: bool = True
+    multi_metric: bool = True
+    explain_tokens: int = 5
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "rank", "width", "batch_size", "max_epochs", "members", "explain_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sentence_width < 0:
+            raise ValueError(f"sentence_width must not be negative, got {self.sentence_width}")
+        if not 0.0 < self.validation_share < 1.0:
+            raise ValueError(f"validation_share must be within (0, 1), got {self.validation_share}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if any(w < 0 for w in self.metric_weights.values()):
+            raise ValueError("metric_weights must not be negative")
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def prompt_statistics(prompts: Sequence[str]) -> np.ndarray:
+    """Per prompt: log(1 + characters), log(1 + words), log(1 + nouns), log(1 + content words); shape (n, 4)."""
+    from router.complexity import content_words
+    from router.nouns import count_nouns
+
+    rows = [(len(p), len(p.split()), count_nouns(p), len(content_words(p))) for p in prompts]
+    return np.log1p(np.array(rows, dtype=np.float64).reshape(len(prompts), 4))
+
+
+N_STATISTICS = 4
+
+
+def build_network(config: RouteT2IConfig, d: int, n_metrics: int) -> Any:
+    """The mixture-of-experts predictor as a torch module (built lazily: torch loads only when needed)."""
+    torch = _torch()
+    nn = torch.nn
+
+    class DualGateMoE(nn.Module):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            k, r, h, hs = n_metrics, config.rank, config.width, config.sentence_width
+            hs_in = hs + (N_STATISTICS if config.prompt_statistics else 0)
+            self.experts = nn.Parameter(torch.randn(k, d) * d**-0.5)
+            self.p_pos = nn.Parameter(torch.randn(k, d, r) * d**-0.5)
+            self.p_neg = nn.Parameter(torch.randn(k, d, r) * d**-0.5)
+            self.shared = nn.Parameter(torch.randn(r, h) * r**-0.5)
+            self.sentence = nn.Linear(d, hs) if hs else None
+            self.head_w = nn.Parameter(torch.randn(k, h + hs_in, 2) * (h + hs_in) ** -0.5 * 0.1)
+            self.head_b = nn.Parameter(torch.zeros(k, 2))
+            self.dropout = nn.Dropout(config.dropout)
+
+        def token_weights(self, states: Any, mask: Any) -> Any:
+            """Per expert, the weights of the tokens it selected: shape (B, k, L)."""
+            logits = torch.einsum("bld,kd->bkl", states, self.experts) * d**-0.5
+            logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+            affinity = torch.softmax(logits, dim=-1)
+            if config.token_selection:
+                k_sel = min(config.top_k, states.shape[1])
+                top = torch.topk(affinity, k_sel, dim=-1).indices
+                keep = torch.zeros_like(affinity, dtype=torch.bool).scatter_(-1, top, True) & mask[:, None, :]
+                affinity = affinity * keep
+            return affinity / affinity.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+        def gates(self, states: Any) -> Any:
+            """Signed per-token pushes, shape (B, k, L, h), in (−1, 1)."""
+            pos = torch.einsum("bld,kdr,rh->bklh", states, self.p_pos, self.shared)
+            if config.dual_gate:
+                neg = torch.einsum("bld,kdr,rh->bklh", states, self.p_neg, self.shared)
+                return 2.0 * torch.sigmoid(pos - neg) - 1.0
+            return torch.tanh(pos)
+
+        def forward(self, states: Any, mask: Any, sentence: Any, stats: Any) -> tuple[Any, Any, Any]:
+            weights = self.token_weights(states, mask)
+            gates = self.gates(states)
+            z = torch.einsum("bkl,bklh->bkh", weights, gates)
+            extra = []
+            if self.sentence is not None:
+                extra.append(torch.nn.functional.gelu(self.sentence(sentence)))
+            if config.prompt_statistics:
+                extra.append(stats)
+            if extra:
+                shared = torch.cat(extra, dim=-1)
+                z = torch.cat([z, shared[:, None, :].expand(-1, z.shape[1], -1)], dim=-1)
+            out = torch.einsum("bkh,kho->bko", self.dropout(z), self.head_w) + self.head_b
+            return out, weights, gates
+
+    return DualGateMoE()
+
+
+@dataclass
+class _Batch:
+    states: Any
+    mask: Any
+    sentence: Any
+    stats: Any
+
+    def inputs(self) -> tuple[Any, Any, Any, Any]:
+        return self.states, self.mask, self.sentence, self.stats
+
+
+PRIOR_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(0, 5, 11))
+"""L2 strengths tried for the ridge prior (standardised features)."""
+
+
+def fit_prior(x: np.ndarray, y: np.ndarray, prompts: Sequence[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-output ridge of ``y`` (n, m, 2) on features ``x`` (n, p): coefficients (p, m, 2) and intercepts.
+
+    One L2 strength for all outputs, the one with the smallest inner cross-validated error of the predicted
+    cloud-minus-edge gaps (what routing ranks by).
+    """
+    from router.learned import INNER_FOLDS
+    from router.splits import inner_splits
+
+    flat = y.reshape(len(y), -1)
+    errors = np.zeros(len(PRIOR_ALPHAS))
+    for train, valid in inner_splits(prompts, INNER_FOLDS, seed):
+        for j, (coef, intercept) in enumerate(_ridge_multi(x[train], flat[train], PRIOR_ALPHAS)):
+            pred = (x[valid] @ coef + intercept).reshape(-1, *y.shape[1:])
+            gap_error = (pred[..., 1] - pred[..., 0]) - (y[valid, :, 1] - y[valid, :, 0])
+            errors[j] += float((gap_error**2).sum())
+    ((coef, intercept),) = _ridge_multi(x, flat, (PRIOR_ALPHAS[int(np.argmin(errors))],))
+    return coef.reshape(x.shape[1], *y.shape[1:]), intercept.reshape(y.shape[1:])
+
+
+def _ridge_multi(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+    u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)
+    uty = u.T @ (y - y_mean)
+    path = []
+    for alpha in alphas:
+        coef = vt.T @ ((s / (s**2 + alpha))[:, None] * uty)
+        path.append((coef, y_mean - x_mean @ coef))
+    return path
+
+
+def _pad(items: Sequence[TokenStates], stats: np.ndarray) -> _Batch:
+    torch = _torch()
+    length = max(len(item.tokens) for item in items)
+    d = items[0].states.shape[1]
+    states = np.zeros((len(items), length, d), dtype=np.float32)
+    mask = np.zeros((len(items), length), dtype=bool)
+    for row, item in enumerate(items):
+        states[row, : len(item.tokens)] = item.states
+        mask[row, : len(item.tokens)] = True
+    sentence = np.stack([item.sentence for item in items]).astype(np.float32)
+    return _Batch(
+        torch.from_numpy(states),
+        torch.from_numpy(mask),
+        torch.from_numpy(sentence),
+        torch.from_numpy(stats.astype(np.float32)),
+    )
+
+
+class RouteT2IRouter(Router):
+    """RouteT2I: multi-metric quality prediction for both tiers, compared by Pareto relative superiority.
+
+    Args:
+        config: predictor, training and PRS settings (also accepted as keyword arguments).
+        encoder: the sentence encoder; default: the process-wide one.
+    """
+
+    name = "routet2i"
+    learned: ClassVar[bool] = True
+    ablation: ClassVar[dict[str, bool]] = {}
+    """Settings a named ablation forces (see the module docstring)."""
+
+    def __init__(
+        self, config: RouteT2IConfig | None = None, *, encoder: SentenceEncoder | None = None, **settings: Any
+    ) -> None:
+        base = config or RouteT2IConfig()
+        self.cfg = replace(base, **{**settings, **self.ablation})
+        self._encoder = encoder
+        self.metrics: tuple[str, ...] = ()
+        self.targets: tuple[str, ...] = ()
+        self.mean = np.zeros(0)
+        self.std = np.ones(0)
+        self.scales = np.ones(0)
+        self.calibration = np.zeros(0)
+        self.stats_mean = np.zeros(N_STATISTICS)
+        self.stats_std = np.ones(N_STATISTICS)
+        self.states: list[dict[str, np.ndarray]] = []
+        self.priors: list[tuple[np.ndarray, np.ndarray]] = []
+        self.feature_mean = np.zeros(0)
+        self.feature_std = np.ones(0)
+        self._networks: list[Any] | None = None
+        self.training_report: dict[str, Any] = {}
+        self.on_member: Callable[[int, dict[str, Any]], None] | None = None
+        """Called after each ensemble member is trained (progress bars)."""
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        return self._encoder if self._encoder is not None else default_encoder()
+
+    def config(self) -> dict[str, Any]:
+        return asdict(self.cfg)
+
+    def warm(self, prompts: Sequence[str]) -> None:
+        self.encoder.reserve(len(prompts))
+        self.encoder.encode_tokens(prompts)
+
+    # --- fitting ----------------------------------------------------------------------------------------
+
+    def _targets(self, records: Sequence[LogRecord]) -> tuple[np.ndarray, np.ndarray]:
+        """Edge and cloud quality per target (the metrics, or one composite for the ablation)."""
+        edge, cloud = quality_arrays(records, self.metrics)
+        if self.cfg.multi_metric:
+            return edge, cloud
+        scales = gain_scales(edge, cloud)
+        return (edge / scales).mean(axis=1, keepdims=True), (cloud / scales).mean(axis=1, keepdims=True)
+
+    def fit(self, records: Sequence[LogRecord], *, seed: int = 0) -> RouteT2IRouter:
+        torch = _torch()
+        if len(records) < 10:
+            raise RouterError(f"{self.name} needs at least 10 training records, got {len(records)}")
+        self.metrics = metric_names(records)
+        self.targets = self.metrics if self.cfg.multi_metric else ("composite",)
+        edge, cloud = self._targets(records)
+        self.scales = gain_scales(edge, cloud)
+        both = np.concatenate([edge, cloud])
+        self.mean, self.std = both.mean(axis=0), np.where(both.std(axis=0) > 1e-12, both.std(axis=0), 1.0)
+        y = np.stack([(edge - self.mean) / self.std, (cloud - self.mean) / self.std], axis=-1)  # (n, m, 2)
+        prompts = [r.prompt for r in records]
+        tokens = self.encoder.encode_tokens(prompts)
+        raw_stats = prompt_statistics(prompts)
+        self.stats_mean = raw_stats.mean(axis=0)
+        self.stats_std = np.where(raw_stats.std(axis=0) > 1e-12, raw_stats.std(axis=0), 1.0)
+        stats = self._standardised_stats(prompts)
+        raw_features = self._raw_features(tokens, stats)
+        self.feature_mean = raw_features.mean(axis=0)
+        self.feature_std = np.where(raw_features.std(axis=0) > 1e-12, raw_features.std(axis=0), 1.0)
+        features = (raw_features - self.feature_mean) / self.feature_std
+        n_valid_folds = max(2, round(1.0 / self.cfg.validation_share))
+        self.states, self.priors, reports = [], [], []
+        with _threads(self.cfg.threads):
+            for member in range(self.cfg.members):
+                member_seed = seed * 1000 + member
+                folds = split_folds(prompts, n_valid_folds, member_seed)
+                holdout = member % n_valid_folds
+                train = np.flatnonzero(folds != holdout)
+                valid = np.flatnonzero(folds == holdout)
+                torch.manual_seed(member_seed)
+                prior = np.zeros_like(y)
+                if self.cfg.prior:
+                    coef, intercept = fit_prior(features[train], y[train], [prompts[i] for i in train], member_seed)
+                    self.priors.append((coef, intercept))
+                    prior = np.einsum("np,pmo->nmo", features, coef) + intercept
+                state, report = self._fit_member(tokens, stats, y - prior, train, valid, member_seed)
+                self.states.append(state)
+                reports.append(report)
+                if self.on_member is not None:
+                    self.on_member(member, report)
+        self._networks = None
+        self.calibration = np.sort(self._prs_from_tokens(tokens, stats))
+        self.training_report = {"members": reports, "n_train": len(records)}
+        return self
+
+    def _raw_features(self, tokens: Sequence[TokenStates], stats: np.ndarray) -> np.ndarray:
+        """The ridge prior's inputs: sentence embedding and (standardised) prompt statistics."""
+        sentence = np.stack([t.sentence for t in tokens]).astype(np.float64)
+        return np.concatenate([sentence, stats], axis=1) if self.cfg.prompt_statistics else sentence
+
+    def _standardised_stats(self, prompts: Sequence[str]) -> np.ndarray:
+        result: np.ndarray = (prompt_statistics(prompts) - self.stats_mean) / self.stats_std
+        return result
+
+    def _fit_member(
+        self,
+        tokens: Sequence[TokenStates],
+        stats: np.ndarray,
+        y: np.ndarray,
+        train: np.ndarray,
+        valid: np.ndarray,
+        seed: int,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        torch = _torch()
+        cfg = self.cfg
+        net = build_network(cfg, tokens[0].states.shape[1], len(self.targets))
+        optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        target = torch.from_numpy(y.astype(np.float32))
+        valid_batch = _pad([tokens[i] for i in valid], stats[valid])
+        rng = np.random.default_rng(seed)
+        best, best_epoch, best_state = math.inf, 0, None
+        for epoch in range(cfg.max_epochs):
+            net.train()
+            order = rng.permutation(train)
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                batch = _pad([tokens[i] for i in idx], stats[idx])
+                out, _, _ = net(*batch.inputs())
+                loss = _loss(out, target[idx], cfg.gap_weight)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            net.eval()
+            with torch.inference_mode():
+                out, _, _ = net(*valid_batch.inputs())
+                valid_loss = float(_loss(out, target[valid], cfg.gap_weight))
+            if valid_loss < best - 1e-6:
+                best, best_epoch = valid_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            elif epoch - best_epoch >= cfg.patience:
+                break
+        assert best_state is not None
+        state = {k: v.numpy() for k, v in best_state.items()}
+        return state, {"best_epoch": best_epoch + 1, "epochs": epoch + 1, "valid_loss": round(best, 6)}
+
+    # --- prediction -------------------------------------------------------------------------------------
+
+    def networks(self) -> list[Any]:
+        if not self.states:
+            raise RouterError(f"router {self.name!r} is not fitted")
+        if self._networks is None:
+            torch = _torch()
+            d = self.states[0]["experts"].shape[1]
+            nets = []
+            for state in self.states:
+                net = build_network(self.cfg, d, len(self.targets))
+                net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+                nets.append(net.eval())
+            self._networks = nets
+        return self._networks
+
+    def _forward(self, tokens: Sequence[TokenStates], stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicted edge and cloud qualities (n, m) in the metrics' own units, and per-token gap pushes
+        (n, m, L) in the same units (averaged over members)."""
+        torch = _torch()
+        batch = _pad(tokens, stats)
+        outs, pushes = [], []
+        with torch.inference_mode():
+            for net in self.networks():
+                out, weights, gates = net(*batch.inputs())
+                outs.append(out.numpy())
+                h = gates.shape[-1]
+                direction = (net.head_w[:, :h, 1] - net.head_w[:, :h, 0]).numpy()  # (k, h): gap per channel
+                pushes.append(np.einsum("bkl,bklh,kh->bkl", weights.numpy(), gates.numpy(), direction))
+        out = np.mean(outs, axis=0).astype(np.float64)
+        if self.priors:
+            features = (self._raw_features(tokens, stats) - self.feature_mean) / self.feature_std
+            out = out + np.mean([np.einsum("np,pmo->nmo", features, c) + b for c, b in self.priors], axis=0)
+        edge = out[..., 0] * self.std + self.mean
+        cloud = out[..., 1] * self.std + self.mean
+        return edge, cloud, np.mean(pushes, axis=0) * self.std[None, :, None]
+
+    def _prs(self, edge: np.ndarray, cloud: np.ndarray) -> np.ndarray:
+        d = 1.0 / (1.0 + np.exp(-(edge - cloud) / (self.cfg.temperature * self.scales)))
+        result: np.ndarray = d @ self.prs_weights()
+        return result
+
+    def prs_weights(self) -> np.ndarray:
+        named = self.cfg.metric_weights
+        fixed = {m: float(named[m]) for m in self.targets if m in named}
+        rest = [m for m in self.targets if m not in named]
+        left = max(1.0 - sum(fixed.values()), 0.0)
+        weights = np.array([fixed.get(m, left / len(rest) if rest else 0.0) for m in self.targets])
+        total = weights.sum()
+        return weights / total if total > 0 else np.full(len(self.targets), 1.0 / len(self.targets))
+
+    def _prs_from_tokens(self, tokens: Sequence[TokenStates], stats: np.ndarray, chunk: int = 256) -> np.ndarray:
+        parts = []
+        with _threads(self.cfg.threads):
+            for start in range(0, len(tokens), chunk):
+                edge, cloud, _ = self._forward(tokens[start : start + chunk], stats[start : start + chunk])
+                parts.append(self._prs(edge, cloud))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def score(self, prompts: Sequence[str]) -> np.ndarray:
+        if not prompts:
+            return np.zeros(0)
+        tokens = self.encoder.encode_tokens(prompts)
+        result: np.ndarray = 0.5 - self._prs_from_tokens(tokens, self._standardised_stats(prompts))
+        return result
+
+    def edge_floor(self) -> float | None:
+        return 0.0 if self.cfg.floor else None
+
+    def calibrated_threshold(self, rho: float) -> float | None:
+        """Score threshold sending a share ``rho`` of the training prompts to the cloud (lowest PRS first)."""
+        if self.calibration.size == 0:
+            return None
+        alpha = float(np.quantile(self.calibration, min(max(rho, 0.0), 1.0)))
+        return 0.5 - alpha
+
+    def predict(self, prompts: Sequence[str]) -> list[Prediction]:
+        if not prompts:
+            return []
+        tokens = self.encoder.encode_tokens(prompts)
+        with _threads(self.cfg.threads):
+            edge, cloud, pushes = self._forward(tokens, self._standardised_stats(prompts))
+        prs = self._prs(edge, cloud)
+        metric_set = "routet2i-predicted"
+        return [
+            Prediction(
+                score=float(0.5 - prs[j]),
+                edge=QualityVector(dict(zip(self.targets, edge[j].tolist(), strict=True)), metric_set),
+                cloud=QualityVector(dict(zip(self.targets, cloud[j].tolist(), strict=True)), metric_set),
+                max_score_for_edge=self.edge_floor(),
+                explanation=self._explain(tokens[j], pushes[j]),
+                features={"prs": round(float(prs[j]), 6), "tokens": len(tokens[j].tokens) - 2},
+            )
+            for j in range(len(prompts))
+        ]
+
+    def _explain(self, item: TokenStates, pushes: np.ndarray) -> dict[str, Any]:
+        """Per metric, the words whose selected tokens moved the predicted cloud-minus-edge gap the most."""
+        words: list[str] = []
+        owner: list[int] = []
+        for token in item.tokens:
+            if token in ("[CLS]", "[SEP]", "[PAD]"):
+                owner.append(-1)
+            elif token.startswith("##") and words:
+                words[-1] += token[2:]
+                owner.append(len(words) - 1)
+            else:
+                words.append(token)
+                owner.append(len(words) - 1)
+        explanation: dict[str, Any] = {}
+        for i, metric in enumerate(self.targets):
+            per_word = np.zeros(len(words))
+            for t, w in enumerate(owner):
+                if w >= 0:
+                    per_word[w] += pushes[i, t]
+            ranked = np.argsort(-np.abs(per_word), kind="stable")[: self.cfg.explain_tokens]
+            explanation[metric] = [
+                {"token": words[w], "push": round(float(per_word[w]), 6)} for w in ranked if per_word[w] != 0.0
+            ]
+        return {"tokens_by_metric": explanation, "push": "predicted cloud-minus-edge gap the token moved"}
+
+    # --- artifact ---------------------------------------------------------------------------------------
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {f"m{i}.{k}": np.asarray(v) for i, state in enumerate(self.states) for k, v in state.items()}
+        arrays.update(
+            mean=self.mean,
+            std=self.std,
+            scales=self.scales,
+            calibration=self.calibration,
+            stats_mean=self.stats_mean,
+            stats_std=self.stats_std,
+            feature_mean=self.feature_mean,
+            feature_std=self.feature_std,
+        )
+        for i, (coef, intercept) in enumerate(self.priors):
+            arrays[f"prior{i}.coef"], arrays[f"prior{i}.intercept"] = coef, intercept
+        return arrays
+
+    @property
+    def version(self) -> str:
+        if not self.states:
+            return self.name
+        digest = hashlib.sha256(self.encoder.key.encode())
+        digest.update(json.dumps({"config": self.config(), "metrics": self.metrics}, sort_keys=True).encode())
+        arrays = self._arrays()
+        for key in sorted(arrays):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(arrays[key], dtype=np.float32).tobytes())
+        return f"{self.name}:{digest.hexdigest()[:12]}"
+
+    def save(self, directory: Path) -> Path:
+        if not self.states:
+            raise RouterError(f"router {self.name!r} is not fitted; nothing to save")
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(directory / WEIGHTS, **{k: v.astype(np.float32) for k, v in self._arrays().items()})  # type: ignore[arg-type]
+        write_manifest(
+            directory,
+            {
+                "router": self.name,
+                "version": self.version,
+                "config": self.config(),
+                "metrics": list(self.metrics),
+                "targets": list(self.targets),
+                "members": len(self.states),
+                "encoder": self.encoder.key,
+                "training": self.training_report,
+                "sha256": {WEIGHTS: hashlib.sha256((directory / WEIGHTS).read_bytes()).hexdigest()},
+            },
+        )
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path, *, encoder: SentenceEncoder | None = None) -> RouteT2IRouter:
+        manifest = read_manifest(directory)
+        router = cls(RouteT2IConfig(**manifest.get("config", {})), encoder=encoder)
+        if manifest.get("encoder") != router.encoder.key:
+            raise RouterError(
+                f"artifact {directory} was trained on encoder {manifest.get('encoder')!r}, "
+                f"this process has {router.encoder.key!r}"
+            )
+        weights = directory / WEIGHTS
+        expected = manifest.get("sha256", {}).get(WEIGHTS)
+        if not weights.is_file() or hashlib.sha256(weights.read_bytes()).hexdigest() != expected:
+            raise RouterError(f"artifact {directory} is corrupt: {WEIGHTS} is missing or does not match its hash")
+        with np.load(weights, allow_pickle=False) as data:
+            arrays = {key: data[key].astype(np.float64) for key in data.files}
+        router.metrics = tuple(manifest["metrics"])
+        router.targets = tuple(manifest["targets"])
+        router.mean, router.std = arrays.pop("mean"), arrays.pop("std")
+        router.scales, router.calibration = arrays.pop("scales"), arrays.pop("calibration")
+        router.stats_mean, router.stats_std = arrays.pop("stats_mean"), arrays.pop("stats_std")
+        router.feature_mean, router.feature_std = arrays.pop("feature_mean"), arrays.pop("feature_std")
+        router.priors = [
+            (arrays.pop(f"prior{i}.coef"), arrays.pop(f"prior{i}.intercept"))
+            for i in range(int(manifest["members"]))
+            if f"prior{i}.coef" in arrays
+        ]
+        router.states = [
+            {k.split(".", 1)[1]: v.astype(np.float32) for k, v in arrays.items() if k.startswith(f"m{i}.")}
+            for i in range(int(manifest["members"]))
+        ]
+        router.training_report = manifest.get("training", {})
+        if router.version != manifest.get("version"):
+            raise RouterError(f"artifact {directory} does not hash to its recorded version {manifest.get('version')}")
+        return router
+
+    @classmethod
+    def default_artifact(cls) -> Path | None:
+        """The artifact shipped with the package (trained on the carried AGIQA-3K ratings)."""
+        path = Path(str(resources.files("router") / "artifacts" / DEFAULT_ARTIFACT))
+        return path if (path / "manifest.json").is_file() and cls is RouteT2IRouter else None
+
+
+def _loss(out: Any, target: Any, gap_weight: float) -> Any:
+    torch = _torch()
+    tiers = torch.mean((out - target) ** 2)
+    gap = torch.mean(((out[..., 1] - out[..., 0]) - (target[..., 1] - target[..., 0])) ** 2)
+    return tiers + gap_weight * gap
+
+
+class _threads:
+    """Sets torch's CPU thread count for a block and restores it."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+        self.previous: int | None = None
+
+    def __enter__(self) -> None:
+        if self.threads is not None:
+            torch = _torch()
+            self.previous = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            _torch().set_num_threads(self.previous)
+
+
+class NoMultiMetricRouter(RouteT2IRouter):
+    """Ablation: one expert learns a composite quality instead of one expert per metric."""
+
+    name = "routet2i-no-multi-metric"
+    ablation: ClassVar[dict[str, bool]] = {"multi_metric": False}
+
+
+class NoTokenSelectionRouter(RouteT2IRouter):
+    """Ablation: every token, weighted by affinity, instead of each expert's top-K."""
+
+    name = "routet2i-no-token-selection"
+    ablation: ClassVar[dict[str, bool]] = {"token_selection": False}
+
+
+class NoDualGateRouter(RouteT2IRouter):
+    """Ablation: one projection ``tanh(T·P·S)`` instead of the σ(T⁺ − T⁻) gate."""
+
+    name = "routet2i-no-dual-gate"
+    ablation: ClassVar[dict[str, bool]] = {"dual_gate": False}

@@ -1,0 +1,119 @@
+"""``routet2i bench router``: RouteT2I decision latency and batched throughput against a bare encoder pass.
+
+* Latency: one prompt at a time on one CPU thread, the whole online decision (encoder forward pass, the
+  mixture-of-experts ensemble, PRS, explanation and the budget decision on an in-memory window) against the
+  bare MiniLM forward pass of the same prompt (tokenizer included). Every timed prompt is new to the encoder:
+  its caches are cleared before each call, so nothing is served from memory.
+* Throughput: batches of prompts scored with all the threads given (``threads``), against the bare encoder
+  forward pass of the same batches.
+
+Prompts are PartiPrompts (carried with the package). The router is the configured artifact, by default the
+shipped RouteT2I artifact.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from routet2i.bench import Measurement
+from routet2i.data import sample_prompts
+from routet2i.settings import Settings
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run(
+    settings: Settings,
+    *,
+    repeats: int,
+    router: str = "routet2i",
+    model: str = "",
+    prompts: int = 300,
+    batch_size: int = 64,
+    threads: int = 2,
+) -> list[Measurement]:
+    """Time single decisions and batched scoring.
+
+    Args:
+        settings: budget settings for the decision path.
+        repeats: timed passes over the batched prompts (medians are reported).
+        router: a router name (a learned one needs ``model`` or a shipped artifact).
+        model: artifact directory ('' : the router's shipped default).
+        prompts: distinct prompts timed one by one for the latency percentiles.
+        batch_size: prompts per batch in the throughput runs.
+        threads: torch threads of the throughput runs (latency always uses one).
+    """
+    import torch
+
+    from router.base import load_router
+    from router.budget import BudgetConfig, BudgetController, MemoryBudgetStore
+    from router.embeddings import SentenceEncoder, use_default_encoder
+    from router.policy import RoutingPolicy
+
+    encoder = use_default_encoder(SentenceEncoder())
+    routing = load_router(router, Path(model) if model else None)
+    window = settings.budget_window
+    policy = RoutingPolicy(
+        routing, BudgetController(BudgetConfig(rho=settings.cloud_budget, window=window), MemoryBudgetStore(window))
+    )
+    texts = sample_prompts(prompts, seed=1)
+    tokenizer, model_ = encoder._load_model()
+
+    def bare(batch: list[str]) -> Any:
+        inputs = tokenizer(batch, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.inference_mode():
+            return model_(**inputs).last_hidden_state
+
+    previous = torch.get_num_threads()
+    measurements: list[Measurement] = []
+    try:
+        torch.set_num_threads(1)
+        for text in texts[:10]:  # warm-up: lazy imports, allocator, first-call paths
+            encoder.clear()
+            policy.decide(text)
+            bare([text])
+        decide_ms, bare_ms = [], []
+        for text in texts:
+            encoder.clear()
+            started = time.perf_counter()
+            policy.decide(text)
+            decide_ms.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            bare([text])
+            bare_ms.append((time.perf_counter() - started) * 1000)
+        p50_ref, p99_ref = statistics.median(bare_ms), _percentile(bare_ms, 0.99)
+        measurements += [
+            Measurement.against("router.decision.p50_ms", statistics.median(decide_ms), "ms", p50_ref),
+            Measurement.against("router.decision.p99_ms", _percentile(decide_ms, 0.99), "ms", p99_ref),
+        ]
+
+        torch.set_num_threads(threads)
+        batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+        scored, encoded = [], []
+        for _ in range(repeats):
+            encoder.clear()
+            started = time.perf_counter()
+            for batch in batches:
+                routing.score(batch)
+            scored.append(len(texts) / (time.perf_counter() - started))
+            started = time.perf_counter()
+            for batch in batches:
+                bare(batch)
+            encoded.append(len(texts) / (time.perf_counter() - started))
+        measurements.append(
+            Measurement.against(
+                f"router.batched{batch_size}.prompts_per_s",
+                statistics.median(scored),
+                "prompts/s",
+                statistics.median(encoded),
+            )
+        )
+    finally:
+        torch.set_num_threads(previous)
+    return measurements

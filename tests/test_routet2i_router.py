@@ -1,0 +1,169 @@
+"""The RouteT2I router: PRS arithmetic, learning a known signal, artifacts, explanations and the ablations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router.base import RouterError, create_router, load_router
+from router.log import LogRecord
+from router.routet2i import RouteT2IConfig, RouteT2IRouter, prompt_statistics
+from router.types import QualityVector
+
+SMALL = {"members": 2, "max_epochs": 40, "patience": 8, "threads": 1}
+
+SUBJECTS = ["a cat", "a dog", "a red car", "an old house", "a tall tree", "a small boat", "a mountain", "a violin"]
+PLACES = ["on a beach", "in a forest", "at night", "in the rain", "under a bridge", "in a field"]
+
+
+def _log() -> list[LogRecord]:
+    """The cloud wins by a lot exactly on prompts that mention text ("a sign that says ..."); otherwise the
+    edge is as good. Two metrics: the gap shows on both, twice as large on alignment."""
+    records = []
+    for i, (subject, place) in enumerate((s, p) for s in SUBJECTS for p in PLACES):
+        for with_text in (False, True):
+            prompt = f"{subject} {place}" + (f' next to a sign that says "open {i}"' if with_text else "")
+            gap = 1.0 if with_text else 0.0
+            edge = {"quality": 3.0, "alignment": 3.0}
+            cloud = {"quality": 3.0 + 0.5 * gap, "alignment": 3.0 + gap}
+            records.append(
+                LogRecord(f"{i}-{int(with_text)}", prompt, QualityVector(edge, "t"), QualityVector(cloud, "t"))
+            )
+    return records
+
+
+@pytest.fixture(scope="module")
+def fitted() -> RouteT2IRouter:
+    log = _log()
+    router = RouteT2IRouter(**SMALL)
+    router.fit(log[: len(log) - 12], seed=0)
+    return router
+
+
+def test_prs_is_one_half_for_equal_predictions_and_above_when_the_edge_is_better() -> None:
+    router = RouteT2IRouter()
+    router.targets = ("a", "b")
+    router.scales = np.array([1.0, 2.0])
+    same = router._prs(np.array([[3.0, 4.0]]), np.array([[3.0, 4.0]]))
+    assert same[0] == pytest.approx(0.5)
+    edge_better = router._prs(np.array([[3.5, 4.0]]), np.array([[3.0, 4.0]]))
+    cloud_better = router._prs(np.array([[3.0, 4.0]]), np.array([[3.0, 6.0]]))
+    assert edge_better[0] > 0.5 > cloud_better[0]
+    # By hand: D_a = σ(0.5 / 1) and D_b = σ(0) with equal weights.
+    assert edge_better[0] == pytest.approx(0.5 * (1 / (1 + np.exp(-0.5))) + 0.25)
+
+
+def test_metric_weights_and_temperature_enter_the_prs() -> None:
+    router = RouteT2IRouter(metric_weights={"a": 0.8}, temperature=2.0)
+    router.targets = ("a", "b")
+    router.scales = np.array([1.0, 1.0])
+    assert router.prs_weights() == pytest.approx([0.8, 0.2])
+    value = router._prs(np.array([[1.0, 0.0]]), np.array([[0.0, 0.0]]))[0]
+    assert value == pytest.approx(0.8 / (1 + np.exp(-0.5)) + 0.2 * 0.5)
+
+
+def test_config_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        RouteT2IConfig(top_k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        RouteT2IConfig(temperature=0.0)
+    with pytest.raises(TypeError):
+        RouteT2IRouter(no_such_setting=1)
+
+
+def test_prompt_statistics_grow_with_the_prompt() -> None:
+    stats = prompt_statistics(["a cat", "a cat and a dog and a house on a hill"])
+    assert stats.shape == (2, 4)
+    assert np.all(stats[1] > stats[0])
+
+
+def test_it_learns_which_prompts_the_cloud_wins(fitted: RouteT2IRouter) -> None:
+    held_out = _log()[-12:]
+    scores = fitted.score([r.prompt for r in held_out])
+    wins = np.array([r.cloud["alignment"] > r.edge["alignment"] for r in held_out])
+    assert scores[wins].min() > scores[~wins].max()
+    predictions = fitted.predict([r.prompt for r in held_out])
+    for record, prediction in zip(held_out, predictions, strict=True):
+        assert prediction.edge is not None and prediction.cloud is not None
+        assert set(prediction.cloud.metrics) == {"quality", "alignment"}
+        assert prediction.max_score_for_edge == 0.0
+        gap = prediction.cloud["alignment"] - prediction.edge["alignment"]
+        assert (gap > 0.5) == (record.cloud["alignment"] > record.edge["alignment"])
+
+
+def test_calibration_sends_the_budget_share_of_training_prompts(fitted: RouteT2IRouter) -> None:
+    train = _log()[:-12]
+    scores = fitted.score([r.prompt for r in train])
+    for rho in (0.2, 0.4):
+        threshold = fitted.calibrated_threshold(rho)
+        assert threshold is not None
+        assert abs(float(np.mean(scores > threshold)) - rho) <= 2 / len(train)
+
+
+def test_explanations_name_words_of_the_prompt(fitted: RouteT2IRouter) -> None:
+    prompt = 'a violin at night next to a sign that says "open 99"'
+    (prediction,) = fitted.predict([prompt])
+    assert prediction.explanation is not None
+    by_metric = prediction.explanation["tokens_by_metric"]
+    assert set(by_metric) == {"quality", "alignment"}
+    for entries in by_metric.values():
+        assert 0 < len(entries) <= 5
+        assert all(entry["token"] in prompt for entry in entries)
+    json.dumps(prediction.explanation)  # stored in a JSON column
+
+
+def test_artifact_round_trip_and_tamper_detection(fitted: RouteT2IRouter, tmp_path: Path) -> None:
+    directory = fitted.save(tmp_path / "artifact")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["version"] == fitted.version and manifest["version"].startswith("routet2i:")
+    assert len(manifest["training"]["members"]) == SMALL["members"]
+    loaded = load_router("routet2i", directory)
+    prompts = [r.prompt for r in _log()[-12:]]
+    np.testing.assert_allclose(loaded.score(prompts), fitted.score(prompts), atol=1e-6)
+    assert loaded.version == fitted.version
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(directory, tampered)
+    (tampered / "weights.npz").write_bytes(b"not the weights")
+    with pytest.raises(RouterError, match="corrupt"):
+        load_router("routet2i", tampered)
+    with pytest.raises(RouterError, match="holds router"):
+        load_router("knn", directory)
+
+
+def test_fixed_seed_gives_identical_artifacts() -> None:
+    log = _log()[:40]
+    first = RouteT2IRouter(**SMALL).fit(log, seed=3)
+    second = RouteT2IRouter(**SMALL).fit(log, seed=3)
+    assert first.version == second.version
+    assert RouteT2IRouter(**SMALL).fit(log, seed=4).version != first.version
+
+
+@pytest.mark.parametrize(
+    ("name", "setting"),
+    [
+        ("routet2i-no-multi-metric", "multi_metric"),
+        ("routet2i-no-token-selection", "token_selection"),
+        ("routet2i-no-dual-gate", "dual_gate"),
+    ],
+)
+def test_ablations_switch_off_their_component(name: str, setting: str) -> None:
+    router = create_router(name, **SMALL)
+    assert getattr(router.cfg, setting) is False
+    router.fit(_log()[:60], seed=0)
+    targets = ("composite",) if setting == "multi_metric" else ("quality", "alignment")
+    assert router.targets == targets
+    assert np.all(np.isfinite(router.score(["a cat on a beach"])))
+
+
+def test_the_shipped_artifact_loads_and_routes() -> None:
+    router = load_router("routet2i", None)
+    assert router.version.startswith("routet2i:")
+    (prediction,) = router.predict(["two dogs playing chess in a library, oil painting"])
+    assert prediction.predicted_dict() is not None
+    assert prediction.explanation and prediction.explanation["tokens_by_metric"]
+    assert router.calibrated_threshold(0.3) is not None
