@@ -135,7 +135,8 @@ class Settings(BaseSettings):
 
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     """CPU threads each model process may use (None: torch's default, all cores). Set it when several
-    model workers share a machine's CPU, or they slow each other down by oversubscription."""
+    model workers share a machine's CPU, or they slow each other down by oversubscription. A worker that
+    consumes only the route queue uses 1 unless this is set."""
 
     worker_synchronous_commit: bool = True
     """PostgreSQL: False lets the route and tier workers' commits return before the WAL flush, several

@@ -105,10 +105,15 @@ class WorkerContext:
 
     def warm_up(self, queues: list[str]) -> None:
         """Load what the consumed queues need before the first message arrives."""
-        if self.settings.torch_threads is not None and any(q != "route" for q in queues):
+        threads = self.settings.torch_threads
+        if threads is None and queues == ["route"]:
+            # A decision encodes one short prompt: a second thread gains little, and a prefork pool of
+            # router processes with a thread per core each would fight over the cores.
+            threads = 1
+        if threads is not None:
             import torch
 
-            torch.set_num_threads(self.settings.torch_threads)
+            torch.set_num_threads(threads)
         for queue in queues:
             if queue == "route":
                 self.policy()

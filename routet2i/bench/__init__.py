@@ -200,7 +200,7 @@ register(
         summary="Replay and cross-validated evaluation throughput (prompts/s) against the router's bare scoring.",
         target="routet2i.bench.replay:run",
         params=(
-            Param("routers", "longest-prompt-first,gap-regressor", "Comma-separated router names."),
+            Param("routers", "longest-prompt-first,gap-regressor,routet2i", "Comma-separated router names."),
             Param("folds", 5, "Folds of the timed evaluation (one seed)."),
         ),
     )

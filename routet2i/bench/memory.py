@@ -3,7 +3,8 @@
 Starts the API (one gunicorn worker) and one worker per queue as ``make demo`` does, waits until every model
 is loaded (a job has gone through each tier), and reads each process tree's resident set size from /proc
 (main process plus pool children). References: an idle Python interpreter that imported Flask and SQLAlchemy
-(for the API) or torch and diffusers (for the workers), i.e. the floor those processes cannot go below.
+(for the API), torch and transformers (for the router worker, which runs the MiniLM encoder) or torch and
+diffusers (for the tier workers), i.e. the floor one such process cannot go below.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from routet2i.stack import StackError, check_redis, child_env, start_stack
 
 BARE = {
     "web": "import flask, sqlalchemy, pydantic, celery",
+    "router": "import torch, transformers, flask, sqlalchemy, pydantic, celery",
     "model": "import torch, diffusers, transformers, open_clip",
 }
 
@@ -85,8 +87,9 @@ def run(settings: Settings, *, repeats: int) -> list[Measurement]:
             sizes[name] = max(tree_rss_mb(process.pid) for _ in range(repeats))
     finally:
         stack.stop()
-    web, model = bare_rss_mb(BARE["web"]), bare_rss_mb(BARE["model"])
+    bare = {kind: bare_rss_mb(imports) for kind, imports in BARE.items()}
+    kinds = {"api": "web", "route": "router"}
     return [
-        Measurement.against(f"memory.{name}", size, "MiB", web if name in ("api", "route") else model)
+        Measurement.against(f"memory.{name}", size, "MiB", bare[kinds.get(name, "model")])
         for name, size in sizes.items()
     ]

@@ -16,7 +16,7 @@ from routet2i.settings import Settings
 
 
 def run(
-    settings: Settings, *, repeats: int, routers: str = "longest-prompt-first,gap-regressor", folds: int = 5
+    settings: Settings, *, repeats: int, routers: str = "longest-prompt-first,gap-regressor,routet2i", folds: int = 5
 ) -> list[Measurement]:
     from router.base import create_router
     from router.datasets import genai_bench
