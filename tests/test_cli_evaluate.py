@@ -174,3 +174,56 @@ def test_suite_writes_logs_tables_json_and_plots(runner: CliRunner, tmp_path: Pa
     # One aggregate row per log, and AGIQA-3K's per-metric table adds a row per metric.
     assert table.count("| oracle |") == 3 + 2 and "| router | metric |" in table
     assert "--routers random,oracle --folds 2 --seeds 1" in table
+
+
+@pytest.fixture()
+def train_log(tmp_path: Path) -> Path:
+    words = ["cat", "dog", "boat", "house", "tree", "bridge", "violin", "car", "lamp", "chair", "clock", "kite"]
+    lines = [
+        line(i, f"a {word} " + ("with a sign that says hello" if i % 2 else "on a table"), 1.0, 2.0 if i % 2 else 1.0)
+        for i, word in enumerate(words * 2)
+    ]
+    return write_lines(tmp_path / "train.jsonl", lines)
+
+
+def test_train_writes_a_versioned_artifact_that_replay_loads(
+    runner: CliRunner, train_log: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "artifact"
+    result = runner.invoke(
+        main,
+        ["train", "--log", str(train_log), "--out", str(out), "--seed", "1", "--set", "members=2",
+         "--set", "max_epochs=20", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["router"] == "routet2i" and manifest["version"].startswith("routet2i:")
+    assert manifest["config"]["members"] == 2 and len(manifest["training"]["members"]) == 2
+    assert json.loads((out / "manifest.json").read_text())["version"] == manifest["version"]
+
+    replayed = runner.invoke(
+        main,
+        ["replay", "--log", str(train_log), "--router", "routet2i", "--model", str(out), "--budget", "0.5", "--json"],
+    )
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads(replayed.stdout)["version"] == manifest["version"]
+
+
+@pytest.mark.parametrize(
+    ("args", "param"),
+    [
+        (["--router", "random"], "'--router'"),
+        (["--router", "no-such-router"], "'--router'"),
+        (["--set", "members"], "'--set'"),
+        (["--set", "members=0"], "'--set'"),
+        (["--set", "colour=1"], "'--set'"),
+    ],
+)
+def test_train_refuses_bad_arguments_naming_them(
+    runner: CliRunner, train_log: Path, tmp_path: Path, args: list[str], param: str
+) -> None:
+    out = tmp_path / "never"
+    result = runner.invoke(main, ["train", "--log", str(train_log), "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert param in result.output
+    assert not out.exists()
