@@ -11,18 +11,19 @@ token states ``T`` (n × d) and the sentence embedding ``s``. For expert ``i`` w
 2. *Dual gate*: ``T⁺ = T·P⁺_i·S`` and ``T⁻ = T·P⁻_i·S`` with low-rank ``P±_i`` (d × r) and a scoring matrix ``S``
    (r × h) shared by all experts; ``Ĝ = σ(T⁺ − T⁻)`` says per token and channel whether the token pushes the
    metric up or down. The expert's summary is ``z_i = Σ_t w_t·(2Ĝ_t − 1)``.
-3. *Head* of metric ``i``: a linear map of ``[z_i, φ(s)]`` (``φ`` a small projection of the sentence embedding
-   shared by all heads) to the metric's quality on the edge and on the cloud, in units standardised on the
-   training data.
+3. *Head* of metric ``i``: a linear map of ``[z_i, prompt statistics]`` (optionally also ``φ(s)``, a projection of
+   the sentence embedding: ``sentence_width``) to the metric's quality on the edge and on the cloud, in units
+   standardised on the training data.
+4. *Ridge prior*: the network predicts corrections to a closed-form ridge regression of every output on the
+   sentence embedding and the prompt statistics (``prior``).
 
 Training: AdamW, mean squared error on both tiers plus ``gap_weight`` times the error of the predicted gap
 (routing depends on the gap), early stopping on a validation split carved out of the training records by
 prompt. ``members`` predictors are trained on different validation splits and averaged (a small ensemble: on
 a few hundred labelled prompts single runs vary more than the differences between routers).
 
-The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds
-instead of the minutes that back-propagating through the encoder takes on a CPU (docs/router.md gives the
-measurement).
+The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds;
+an epoch that back-propagates through the encoder costs about 80 times more on a CPU (docs/router.md).
 
 **Pareto relative superiority.** ``D_i = σ((q̂_i(edge) − q̂_i(cloud)) / (Γ·s_i))`` with ``s_i`` the metric's gain
 scale on the training data (:func:`router.pgr.gain_scales`: the mean gain, or the std of the gains when the mean
