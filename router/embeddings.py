@@ -127,10 +127,10 @@ class SentenceEncoder:
             return np.stack([self._vectors[prompt_hash(p)] for p in prompts])
 
     def encode_tokens(self, prompts: Sequence[str]) -> list[TokenStates]:
-        """Per-token hidden states of ``prompts`` (kept in memory), filling the sentence cache on the way.
+        """Per-token hidden states of ``prompts`` with their sentence embeddings, in a bounded in-memory cache.
 
         One forward pass gives both, so a router that needs token states and the sentence embedding of a
-        new prompt runs the encoder once.
+        new prompt runs the encoder once. (They do not enter :meth:`encode`'s unbounded cache.)
         """
         with self._lock:
             keys = [prompt_hash(p) for p in prompts]
