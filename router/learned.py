@@ -151,7 +151,8 @@ class EmbeddingRouter(Router):
         return f"{type(self).__name__}({json.dumps(self.describe())})"
 
 
-def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations (1 where a column is constant), for ``(x − mean) / std``."""
     mean = x.mean(axis=0)
     std = x.std(axis=0)
     return mean, np.where(std > 1e-12, std, 1.0)
@@ -166,7 +167,7 @@ class CloudWinClassifierRouter(EmbeddingRouter):
         from sklearn.linear_model import LogisticRegression
 
         labels = (y > 0).astype(np.int64)
-        mean, std = _standardise(x)
+        mean, std = standardise(x)
         z = (x - mean) / std
         positives = int(labels.sum())
         if positives in (0, len(labels)):
@@ -219,15 +220,15 @@ class GapRegressorRouter(EmbeddingRouter):
     name = "gap-regressor"
 
     def _fit(self, x: np.ndarray, y: np.ndarray, prompts: Sequence[str], seed: int) -> dict[str, np.ndarray]:
-        mean, std = _standardise(x)
+        mean, std = standardise(x)
         z = (x - mean) / std
         splits = inner_splits(prompts, INNER_FOLDS, seed)
         errors = np.zeros(len(RIDGE_ALPHAS))
         for train, valid in splits:
-            for j, (coef, intercept) in enumerate(_ridge_path(z[train], y[train], RIDGE_ALPHAS)):
+            for j, (coef, intercept) in enumerate(ridge_path(z[train], y[train], RIDGE_ALPHAS)):
                 errors[j] += float(((z[valid] @ coef + intercept - y[valid]) ** 2).sum())
         alpha = RIDGE_ALPHAS[int(np.argmin(errors))]
-        ((coef, intercept),) = _ridge_path(z, y, (alpha,))
+        ((coef, intercept),) = ridge_path(z, y, (alpha,))
         return {"mean": mean, "std": std, "coef": coef, "intercept": np.array(intercept), "alpha": np.array(alpha)}
 
     def _score(self, x: np.ndarray) -> np.ndarray:
@@ -264,18 +265,20 @@ class KNNRouter(EmbeddingRouter):
         return {"k": int(self.params["k"])} if self.params else {}
 
 
-def _ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list[tuple[np.ndarray, float]]:
+def ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list[tuple[np.ndarray, Any]]:
     """Ridge solutions (coefficients, intercept) for several alphas from one SVD of the centred features.
 
     Minimises ``‖y − z·w − b‖² + α‖w‖²`` with an unpenalised intercept, as ``sklearn.linear_model.Ridge`` does.
+    ``y`` may be one target ``(n,)`` (intercept a scalar) or several ``(n, t)`` (intercepts ``(t,)``).
     """
-    z_mean, y_mean = z.mean(axis=0), float(y.mean())
+    z_mean, y_mean = z.mean(axis=0), y.mean(axis=0)
     u, s, vt = np.linalg.svd(z - z_mean, full_matrices=False)
     uty = u.T @ (y - y_mean)
     path = []
     for alpha in alphas:
-        coef = vt.T @ (s / (s**2 + alpha) * uty)
-        path.append((coef, y_mean - float(z_mean @ coef)))
+        shrink = (s / (s**2 + alpha)).reshape(-1, *([1] * (uty.ndim - 1)))
+        coef = vt.T @ (shrink * uty)
+        path.append((coef, y_mean - z_mean @ coef))
     return path
 
 

@@ -24,6 +24,9 @@ a few hundred labelled prompts single runs vary more than the differences betwee
 
 The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds;
 an epoch that back-propagates through the encoder costs about 80 times more on a CPU (docs/router.md).
+Training runs the torch module; decisions run the same eval-mode forward pass in numpy with every member
+stacked and each gate's ``P⁺ − P⁻`` folded into ``S`` ahead of time (one matrix product for all gates), which is
+what keeps a one-prompt decision a fraction of a millisecond above the encoder.
 
 **Pareto relative superiority.** ``D_i = σ((q̂_i(edge) − q̂_i(cloud)) / (Γ·s_i))`` with ``s_i`` the metric's gain
 scale on the training data (:func:`router.pgr.gain_scales`: the mean gain, or the std of the gains when the mean
@@ -51,6 +54,7 @@ import numpy as np
 
 from router.base import Router, RouterError, read_manifest, write_manifest
 from router.embeddings import SentenceEncoder, TokenStates, default_encoder
+from router.learned import standardise
 from router.log import LogRecord, metric_names
 from router.pgr import gain_scales, quality_arrays
 from router.splits import split_folds
@@ -59,7 +63,8 @@ from router.types import Prediction, QualityVector
 WEIGHTS = "weights.npz"
 
 DEFAULT_ARTIFACT = "default"
-"""Name of the artifact shipped in ``router/artifacts/``; ``routet2i train`` reproduces it (docs/router.md)."""
+"""Name of the artifact shipped in ``router/artifacts/`` (``-int8``: its twin for the int8 encoder);
+``routet2i train`` reproduces both (docs/router.md)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class RouteT2IConfig:
         dual_gate: the σ(T⁺ − T⁻) gate (ablation: one projection).
         multi_metric: one expert per metric (ablation: one expert on a composite metric).
         explain_tokens: tokens reported per metric in explanations.
-        threads: torch threads while fitting and scoring (None: leave torch's setting).
+        threads: torch threads while fitting (None: leave torch's setting).
     """
 
     top_k: int = 8
@@ -211,13 +216,17 @@ def build_network(config: RouteT2IConfig, d: int, n_metrics: int) -> Any:
 
 @dataclass
 class _Batch:
-    states: Any
-    mask: Any
-    sentence: Any
-    stats: Any
+    """Padded token states (B, L, d), their mask (B, L), sentence embeddings (B, d) and statistics (B, 4)."""
+
+    states: np.ndarray
+    mask: np.ndarray
+    sentence: np.ndarray
+    stats: np.ndarray
 
     def inputs(self) -> tuple[Any, Any, Any, Any]:
-        return self.states, self.mask, self.sentence, self.stats
+        """The same as torch tensors (training)."""
+        torch = _torch()
+        return tuple(torch.from_numpy(a) for a in (self.states, self.mask, self.sentence, self.stats))
 
 
 PRIOR_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(0, 5, 11))
@@ -230,33 +239,21 @@ def fit_prior(x: np.ndarray, y: np.ndarray, prompts: Sequence[str], seed: int) -
     One L2 strength for all outputs, the one with the smallest inner cross-validated error of the predicted
     cloud-minus-edge gaps (what routing ranks by).
     """
-    from router.learned import INNER_FOLDS
+    from router.learned import INNER_FOLDS, ridge_path
     from router.splits import inner_splits
 
     flat = y.reshape(len(y), -1)
     errors = np.zeros(len(PRIOR_ALPHAS))
     for train, valid in inner_splits(prompts, INNER_FOLDS, seed):
-        for j, (coef, intercept) in enumerate(_ridge_multi(x[train], flat[train], PRIOR_ALPHAS)):
+        for j, (coef, intercept) in enumerate(ridge_path(x[train], flat[train], PRIOR_ALPHAS)):
             pred = (x[valid] @ coef + intercept).reshape(-1, *y.shape[1:])
             gap_error = (pred[..., 1] - pred[..., 0]) - (y[valid, :, 1] - y[valid, :, 0])
             errors[j] += float((gap_error**2).sum())
-    ((coef, intercept),) = _ridge_multi(x, flat, (PRIOR_ALPHAS[int(np.argmin(errors))],))
+    ((coef, intercept),) = ridge_path(x, flat, (PRIOR_ALPHAS[int(np.argmin(errors))],))
     return coef.reshape(x.shape[1], *y.shape[1:]), intercept.reshape(y.shape[1:])
 
 
-def _ridge_multi(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
-    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
-    u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)
-    uty = u.T @ (y - y_mean)
-    path = []
-    for alpha in alphas:
-        coef = vt.T @ ((s / (s**2 + alpha))[:, None] * uty)
-        path.append((coef, y_mean - x_mean @ coef))
-    return path
-
-
 def _pad(items: Sequence[TokenStates], stats: np.ndarray) -> _Batch:
-    torch = _torch()
     length = max(len(item.tokens) for item in items)
     d = items[0].states.shape[1]
     states = np.zeros((len(items), length, d), dtype=np.float32)
@@ -265,12 +262,7 @@ def _pad(items: Sequence[TokenStates], stats: np.ndarray) -> _Batch:
         states[row, : len(item.tokens)] = item.states
         mask[row, : len(item.tokens)] = True
     sentence = np.stack([item.sentence for item in items]).astype(np.float32)
-    return _Batch(
-        torch.from_numpy(states),
-        torch.from_numpy(mask),
-        torch.from_numpy(sentence),
-        torch.from_numpy(stats.astype(np.float32)),
-    )
+    return _Batch(states, mask, sentence, stats.astype(np.float32))
 
 
 class RouteT2IRouter(Router):
@@ -304,7 +296,8 @@ class RouteT2IRouter(Router):
         self.priors: list[tuple[np.ndarray, np.ndarray]] = []
         self.feature_mean = np.zeros(0)
         self.feature_std = np.ones(0)
-        self._networks: list[Any] | None = None
+        self._inference: dict[str, np.ndarray] | None = None
+        self._version: str | None = None
         self.training_report: dict[str, Any] = {}
         self.on_member: Callable[[int, dict[str, Any]], None] | None = None
         """Called after each ensemble member is trained (progress bars)."""
@@ -338,18 +331,14 @@ class RouteT2IRouter(Router):
         self.targets = self.metrics if self.cfg.multi_metric else ("composite",)
         edge, cloud = self._targets(records)
         self.scales = gain_scales(edge, cloud)
-        both = np.concatenate([edge, cloud])
-        self.mean, self.std = both.mean(axis=0), np.where(both.std(axis=0) > 1e-12, both.std(axis=0), 1.0)
+        self.mean, self.std = standardise(np.concatenate([edge, cloud]))
         y = np.stack([(edge - self.mean) / self.std, (cloud - self.mean) / self.std], axis=-1)  # (n, m, 2)
         prompts = [r.prompt for r in records]
         tokens = self.encoder.encode_tokens(prompts)
-        raw_stats = prompt_statistics(prompts)
-        self.stats_mean = raw_stats.mean(axis=0)
-        self.stats_std = np.where(raw_stats.std(axis=0) > 1e-12, raw_stats.std(axis=0), 1.0)
+        self.stats_mean, self.stats_std = standardise(prompt_statistics(prompts))
         stats = self._standardised_stats(prompts)
         raw_features = self._raw_features(tokens, stats)
-        self.feature_mean = raw_features.mean(axis=0)
-        self.feature_std = np.where(raw_features.std(axis=0) > 1e-12, raw_features.std(axis=0), 1.0)
+        self.feature_mean, self.feature_std = standardise(raw_features)
         features = (raw_features - self.feature_mean) / self.feature_std
         n_valid_folds = max(2, round(1.0 / self.cfg.validation_share))
         self.states, self.priors, reports = [], [], []
@@ -371,7 +360,7 @@ class RouteT2IRouter(Router):
                 reports.append(report)
                 if self.on_member is not None:
                     self.on_member(member, report)
-        self._networks = None
+        self._inference, self._version = None, None
         self.calibration = np.sort(self._prs_from_tokens(tokens, stats))
         self.training_report = {"members": reports, "n_train": len(records)}
         return self
@@ -428,40 +417,78 @@ class RouteT2IRouter(Router):
 
     # --- prediction -------------------------------------------------------------------------------------
 
-    def networks(self) -> list[Any]:
+    def _stacked(self) -> dict[str, np.ndarray]:
+        """The members' weights stacked for inference, with each gate's two projections and the shared scoring
+        matrix folded into one matrix per expert (``T⁺ − T⁻ = x·(P⁺ − P⁻)·S``)."""
         if not self.states:
             raise RouterError(f"router {self.name!r} is not fitted")
-        if self._networks is None:
-            torch = _torch()
-            d = self.states[0]["experts"].shape[1]
-            nets = []
-            for state in self.states:
-                net = build_network(self.cfg, d, len(self.targets))
-                net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-                nets.append(net.eval())
-            self._networks = nets
-        return self._networks
+        if self._inference is None:
+            members = self.states
+            if self.cfg.dual_gate:
+                gate = [np.einsum("kdr,rh->kdh", m["p_pos"] - m["p_neg"], m["shared"]) for m in members]
+            else:
+                gate = [np.einsum("kdr,rh->kdh", m["p_pos"], m["shared"]) for m in members]
+            stacked = {
+                "experts": np.stack([m["experts"] for m in members]),  # (M, k, d)
+                "gate": np.stack(gate),  # (M, k, d, h)
+                "head_w": np.stack([m["head_w"] for m in members]),  # (M, k, h + extra, 2)
+                "head_b": np.stack([m["head_b"] for m in members]),  # (M, k, 2)
+            }
+            if self.cfg.sentence_width:
+                stacked["sentence_w"] = np.stack([m["sentence.weight"] for m in members])  # (M, hs, d)
+                stacked["sentence_b"] = np.stack([m["sentence.bias"] for m in members])  # (M, hs)
+            self._inference = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stacked.items()}
+        return self._inference
+
+    def _moe(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray]:
+        """The members' mixture-of-experts outputs averaged, (B, k, 2) standardised, and per-token gap pushes
+        (B, k, L) in standardised units: the network's eval-mode forward pass, all members at once in numpy
+        (one matrix product for every gate; tests hold it to the torch module)."""
+        w = self._stacked()
+        states, mask = batch.states, batch.mask
+        n, length, d = states.shape
+        m, k, _, h = w["gate"].shape
+        logits = (states.reshape(n * length, d) @ w["experts"].reshape(m * k, d).T).reshape(n, length, m, k)
+        logits = np.where(mask[:, None, None, :], logits.transpose(0, 2, 3, 1) * d**-0.5, -np.inf)  # (B, M, k, L)
+        affinity = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        affinity /= affinity.sum(axis=-1, keepdims=True)
+        if self.cfg.token_selection and self.cfg.top_k < length:
+            top = np.argpartition(-affinity, self.cfg.top_k - 1, axis=-1)[..., : self.cfg.top_k]
+            keep = np.zeros(affinity.shape, dtype=bool)
+            np.put_along_axis(keep, top, True, axis=-1)
+            affinity = affinity * (keep & mask[:, None, None, :])
+        weights = affinity / np.maximum(affinity.sum(axis=-1, keepdims=True), 1e-12)
+        x = states.reshape(n * length, d) @ w["gate"].transpose(2, 0, 1, 3).reshape(d, m * k * h)
+        x = x.reshape(n, length, m, k, h).transpose(0, 2, 3, 1, 4)  # (B, M, k, L, h)
+        gates = np.tanh(0.5 * x) if self.cfg.dual_gate else np.tanh(x)  # 2σ(x) − 1 = tanh(x / 2)
+        z = np.einsum("bmkl,bmklh->bmkh", weights, gates)
+        extra = []
+        if self.cfg.sentence_width:
+            from scipy.special import erf
+
+            projected = np.einsum("bd,msd->bms", batch.sentence, w["sentence_w"]) + w["sentence_b"]
+            extra.append(0.5 * projected * (1.0 + erf(projected / np.sqrt(2.0))))  # exact GELU, as torch's default
+        if self.cfg.prompt_statistics:
+            extra.append(np.broadcast_to(batch.stats[:, None, :], (n, m, batch.stats.shape[1])))
+        if extra:
+            shared = np.concatenate(extra, axis=-1).astype(np.float32)
+            z = np.concatenate([z, np.broadcast_to(shared[:, :, None, :], (n, m, k, shared.shape[-1]))], axis=-1)
+        out = np.einsum("bmkh,mkho->bmko", z, w["head_w"]) + w["head_b"]
+        direction = w["head_w"][:, :, :h, 1] - w["head_w"][:, :, :h, 0]  # (M, k, h): gap per channel
+        pushes = np.einsum("bmklh,mkh->bmkl", gates, direction) * weights
+        return out.mean(axis=1), pushes.mean(axis=1)
 
     def _forward(self, tokens: Sequence[TokenStates], stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predicted edge and cloud qualities (n, m) in the metrics' own units, and per-token gap pushes
         (n, m, L) in the same units (averaged over members)."""
-        torch = _torch()
-        batch = _pad(tokens, stats)
-        outs, pushes = [], []
-        with torch.inference_mode():
-            for net in self.networks():
-                out, weights, gates = net(*batch.inputs())
-                outs.append(out.numpy())
-                h = gates.shape[-1]
-                direction = (net.head_w[:, :h, 1] - net.head_w[:, :h, 0]).numpy()  # (k, h): gap per channel
-                pushes.append(np.einsum("bkl,bklh,kh->bkl", weights.numpy(), gates.numpy(), direction))
-        out = np.mean(outs, axis=0).astype(np.float64)
+        out, pushes = self._moe(_pad(tokens, stats))
+        out = out.astype(np.float64)
         if self.priors:
             features = (self._raw_features(tokens, stats) - self.feature_mean) / self.feature_std
             out = out + np.mean([np.einsum("np,pmo->nmo", features, c) + b for c, b in self.priors], axis=0)
         edge = out[..., 0] * self.std + self.mean
         cloud = out[..., 1] * self.std + self.mean
-        return edge, cloud, np.mean(pushes, axis=0) * self.std[None, :, None]
+        return edge, cloud, pushes * self.std[None, :, None]
 
     def _prs(self, edge: np.ndarray, cloud: np.ndarray) -> np.ndarray:
         d = 1.0 / (1.0 + np.exp(-(edge - cloud) / (self.cfg.temperature * self.scales)))
@@ -479,10 +506,9 @@ class RouteT2IRouter(Router):
 
     def _prs_from_tokens(self, tokens: Sequence[TokenStates], stats: np.ndarray, chunk: int = 256) -> np.ndarray:
         parts = []
-        with _threads(self.cfg.threads):
-            for start in range(0, len(tokens), chunk):
-                edge, cloud, _ = self._forward(tokens[start : start + chunk], stats[start : start + chunk])
-                parts.append(self._prs(edge, cloud))
+        for start in range(0, len(tokens), chunk):
+            edge, cloud, _ = self._forward(tokens[start : start + chunk], stats[start : start + chunk])
+            parts.append(self._prs(edge, cloud))
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
@@ -506,8 +532,7 @@ class RouteT2IRouter(Router):
         if not prompts:
             return []
         tokens = self.encoder.encode_tokens(prompts)
-        with _threads(self.cfg.threads):
-            edge, cloud, pushes = self._forward(tokens, self._standardised_stats(prompts))
+        edge, cloud, pushes = self._forward(tokens, self._standardised_stats(prompts))
         prs = self._prs(edge, cloud)
         metric_set = "routet2i-predicted"
         return [
@@ -567,8 +592,14 @@ class RouteT2IRouter(Router):
 
     @property
     def version(self) -> str:
+        """The router's name and a hash of its encoder, settings and every array (computed once per fit or load)."""
         if not self.states:
             return self.name
+        if self._version is None:
+            self._version = self._hash()
+        return self._version
+
+    def _hash(self) -> str:
         digest = hashlib.sha256(self.encoder.key.encode())
         digest.update(json.dumps({"config": self.config(), "metrics": self.metrics}, sort_keys=True).encode())
         arrays = self._arrays()
@@ -635,9 +666,13 @@ class RouteT2IRouter(Router):
 
     @classmethod
     def default_artifact(cls) -> Path | None:
-        """The artifact shipped with the package (trained on the carried AGIQA-3K ratings)."""
-        path = Path(str(resources.files("router") / "artifacts" / DEFAULT_ARTIFACT))
-        return path if (path / "manifest.json").is_file() and cls is RouteT2IRouter else None
+        """The artifact shipped with the package for the process's encoder (trained on the carried AGIQA-3K
+        ratings): ``default`` for the fp32 encoder backends, ``default-int8`` for ``onnx-int8``."""
+        if cls is not RouteT2IRouter:
+            return None
+        name = DEFAULT_ARTIFACT + ("-int8" if default_encoder().backend == "onnx-int8" else "")
+        path = Path(str(resources.files("router") / "artifacts" / name))
+        return path if (path / "manifest.json").is_file() else None
 
 
 def _loss(out: Any, target: Any, gap_weight: float) -> Any:

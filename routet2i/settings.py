@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     """Trained router artifact directory (``routet2i train``). None: the router's shipped artifact, if any
     (RouteT2I ships one trained on the carried AGIQA-3K ratings)."""
 
+    encoder_backend: Literal["onnx", "torch", "onnx-int8"] = "onnx"
+    """Where the router's MiniLM encoder runs (router.embeddings.BACKENDS): ``onnx`` (ONNX Runtime, same
+    numbers as ``torch`` to 1e-6 and faster), ``torch`` (the reference), or ``onnx-int8`` (int8 weights; its
+    embeddings differ, so it needs a router artifact trained on it)."""
+
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     """CPU threads each model process may use (None: torch's default, all cores). Set it when several
     model workers share a machine's CPU, or they slow each other down by oversubscription. A worker that

@@ -103,3 +103,24 @@ def test_scoring_benchmark_prints_measurements_against_the_bare_forward_pass() -
         assert m["ratio"] == pytest.approx(m["value"] / m["reference"])
     # both measurements of a batch size share the reference timed in the same rounds
     assert measurements[0]["reference"] == measurements[1]["reference"]
+
+
+def test_router_benchmark_times_decisions_against_the_bare_encoder() -> None:
+    result = CliRunner().invoke(
+        main,
+        ["bench", "router", "--json", "--repeats", "1", "--prompts", "12", "--batch-size", "4", "--threads", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    measurements = {m["name"]: m for m in json.loads(result.stdout)}
+    assert list(measurements) == [
+        "router.decision.p50_ms",
+        "router.decision.p99_ms",
+        "router.encoder.onnx.p50_ms",
+        "router.batched4.prompts_per_s",
+    ]
+    for m in measurements.values():
+        assert m["value"] > 0 and m["reference"] > 0
+        assert m["ratio"] == pytest.approx(m["value"] / m["reference"])
+    assert measurements["router.decision.p99_ms"]["value"] >= measurements["router.decision.p50_ms"]["value"]
+    # The third row compares the configured backend's forward pass with torch's, the second reference.
+    assert measurements["router.encoder.onnx.p50_ms"]["value"] == measurements["router.decision.p50_ms"]["reference"]

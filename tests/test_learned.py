@@ -58,8 +58,25 @@ def test_embeddings_are_normalised_and_cached_on_disk(encoder: SentenceEncoder, 
     # A second encoder on the same cache directory computes nothing.
     fresh = SentenceEncoder(cache_dir=encoder.cache_dir)
     assert (fresh.encode(prompts) == vectors).all()
-    assert fresh.computed == 0 and fresh._model is None
+    assert fresh.computed == 0 and fresh._model is None and not fresh._sessions
     assert encoder.cache_file is not None and encoder.cache_file.is_file()
+
+
+def test_onnx_backend_is_the_torch_model_and_int8_is_a_different_one() -> None:
+    prompts = ["a red bicycle leaning on a wall", "two owls", "a city at night, oil painting, highly detailed"]
+    reference = SentenceEncoder(backend="torch", threads=1)
+    onnx = SentenceEncoder(backend="onnx", threads=1)
+    assert onnx.key == reference.key  # the same model: artifacts and caches carry over
+    for ours, theirs in zip(onnx.encode_tokens(prompts), reference.encode_tokens(prompts), strict=True):
+        assert ours.tokens == theirs.tokens
+        assert np.abs(ours.states - theirs.states).max() < 1e-4
+        assert np.abs(ours.sentence - theirs.sentence).max() < 1e-5
+    int8 = SentenceEncoder(backend="onnx-int8", threads=1)
+    assert int8.key != reference.key and "int8" in int8.key
+    cosine = (int8.encode(prompts) * reference.encode(prompts)).sum(axis=1)
+    assert cosine.min() > 0.95 and cosine.max() < 1 - 1e-5  # close to the fp32 model, but not the same one
+    with pytest.raises(ValueError, match="backend"):
+        SentenceEncoder(backend="tensorrt")
 
 
 @pytest.mark.parametrize("cls", [CloudWinClassifierRouter, GapRegressorRouter, KNNRouter])

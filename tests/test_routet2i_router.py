@@ -11,7 +11,7 @@ import pytest
 
 from router.base import RouterError, create_router, load_router
 from router.log import LogRecord
-from router.routet2i import RouteT2IConfig, RouteT2IRouter, prompt_statistics
+from router.routet2i import RouteT2IConfig, RouteT2IRouter, _Batch, build_network, prompt_statistics
 from router.types import QualityVector
 
 SMALL = {"members": 2, "max_epochs": 40, "patience": 8, "threads": 1}
@@ -167,3 +167,54 @@ def test_the_shipped_artifact_loads_and_routes() -> None:
     assert prediction.predicted_dict() is not None
     assert prediction.explanation and prediction.explanation["tokens_by_metric"]
     assert router.calibrated_threshold(0.3) is not None
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"dual_gate": False},
+        {"token_selection": False},
+        {"sentence_width": 16, "top_k": 3},
+        {"prompt_statistics": False},
+    ],
+)
+def test_numpy_inference_is_the_torch_network(settings: dict[str, object]) -> None:
+    """Decisions run the members' eval-mode forward pass in numpy, all members at once; it must be the trained
+    torch module's, outputs and per-token pushes alike, padding included."""
+    import torch
+
+    cfg = RouteT2IConfig(**settings)  # type: ignore[arg-type]
+    d, k, lengths = 24, 3, [11, 7, 3, 1]
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(3):
+        net = build_network(cfg, d, k).eval()
+        with torch.no_grad():  # the initial heads are nearly zero: make every part of the output count
+            net.head_w.mul_(10.0)
+            net.head_b.normal_()
+        nets.append(net)
+    router = RouteT2IRouter(cfg)
+    router.states = [{name: v.detach().numpy().copy() for name, v in net.state_dict().items()} for net in nets]
+    rng = np.random.default_rng(0)
+    mask = np.arange(max(lengths))[None, :] < np.array(lengths)[:, None]
+    states = (rng.standard_normal((len(lengths), max(lengths), d)) * mask[..., None]).astype(np.float32)
+    batch = _Batch(
+        states,
+        mask,
+        rng.standard_normal((len(lengths), d)).astype(np.float32),
+        rng.standard_normal((len(lengths), 4)).astype(np.float32),
+    )
+    out, pushes = router._moe(batch)
+    expected_out, expected_pushes = [], []
+    with torch.inference_mode():
+        for net in nets:
+            o, weights, gates = net(*batch.inputs())
+            h = gates.shape[-1]
+            direction = (net.head_w[:, :h, 1] - net.head_w[:, :h, 0]).numpy()
+            expected_out.append(o.numpy())
+            expected_pushes.append(np.einsum("bkl,bklh,kh->bkl", weights.numpy(), gates.numpy(), direction))
+    assert np.abs(np.mean(expected_out, axis=0)).max() > 0.1
+    np.testing.assert_allclose(out, np.mean(expected_out, axis=0), atol=2e-5)
+    np.testing.assert_allclose(pushes, np.mean(expected_pushes, axis=0), atol=2e-5)
+    assert (pushes[~np.broadcast_to(mask[:, None, :], pushes.shape)] == 0).all()

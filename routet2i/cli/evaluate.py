@@ -51,7 +51,13 @@ def _install_encoder(settings: Settings) -> None:
     """Learned routers share one sentence encoder whose embeddings persist under the cache directory."""
     from router.embeddings import SentenceEncoder, use_default_encoder
 
-    use_default_encoder(SentenceEncoder(cache_dir=settings.cache_dir / "embeddings", threads=settings.torch_threads))
+    use_default_encoder(
+        SentenceEncoder(
+            cache_dir=settings.cache_dir / "embeddings",
+            threads=settings.torch_threads,
+            backend=settings.encoder_backend,
+        )
+    )
 
 
 def _run(
