@@ -428,9 +428,11 @@ class RouteT2IRouter(Router):
                 gate = [np.einsum("kdr,rh->kdh", m["p_pos"] - m["p_neg"], m["shared"]) for m in members]
             else:
                 gate = [np.einsum("kdr,rh->kdh", m["p_pos"], m["shared"]) for m in members]
+            experts, gates = np.stack([m["experts"] for m in members]), np.stack(gate)  # (M, k, d), (M, k, d, h)
+            n_members, k, d, h = gates.shape
             stacked = {
-                "experts": np.stack([m["experts"] for m in members]),  # (M, k, d)
-                "gate": np.stack(gate),  # (M, k, d, h)
+                "experts": experts.reshape(n_members * k, d).T,  # (d, M·k): one product scores every expert
+                "gate": gates.transpose(2, 0, 1, 3).reshape(d, n_members * k * h),  # (d, M·k·h): every gate at once
                 "head_w": np.stack([m["head_w"] for m in members]),  # (M, k, h + extra, 2)
                 "head_b": np.stack([m["head_b"] for m in members]),  # (M, k, 2)
             }
@@ -447,8 +449,9 @@ class RouteT2IRouter(Router):
         w = self._stacked()
         states, mask = batch.states, batch.mask
         n, length, d = states.shape
-        m, k, _, h = w["gate"].shape
-        logits = (states.reshape(n * length, d) @ w["experts"].reshape(m * k, d).T).reshape(n, length, m, k)
+        m, k = w["head_b"].shape[:2]
+        h = w["gate"].shape[1] // (m * k)
+        logits = (states.reshape(n * length, d) @ w["experts"]).reshape(n, length, m, k)
         logits = np.where(mask[:, None, None, :], logits.transpose(0, 2, 3, 1) * d**-0.5, -np.inf)  # (B, M, k, L)
         affinity = np.exp(logits - logits.max(axis=-1, keepdims=True))
         affinity /= affinity.sum(axis=-1, keepdims=True)
@@ -458,7 +461,7 @@ class RouteT2IRouter(Router):
             np.put_along_axis(keep, top, True, axis=-1)
             affinity = affinity * (keep & mask[:, None, None, :])
         weights = affinity / np.maximum(affinity.sum(axis=-1, keepdims=True), 1e-12)
-        x = states.reshape(n * length, d) @ w["gate"].transpose(2, 0, 1, 3).reshape(d, m * k * h)
+        x = states.reshape(n * length, d) @ w["gate"]
         x = x.reshape(n, length, m, k, h).transpose(0, 2, 3, 1, 4)  # (B, M, k, L, h)
         gates = np.tanh(0.5 * x) if self.cfg.dual_gate else np.tanh(x)  # 2σ(x) − 1 = tanh(x / 2)
         z = np.einsum("bmkl,bmklh->bmkh", weights, gates)

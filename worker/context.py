@@ -114,8 +114,10 @@ class WorkerContext:
             threads = 1
         if threads is not None:
             import torch
+            from threadpoolctl import threadpool_limits
 
             torch.set_num_threads(threads)
+            threadpool_limits(limits=threads)  # numpy's BLAS too (the router's mixture of experts runs on it)
         for queue in queues:
             if queue == "route":
                 self.policy()
