@@ -110,7 +110,8 @@ class SentenceEncoder:
         self._model: Any = None
         self._tokenizer: Any = None
         self._sessions: dict[int, Any] = {}
-        self._onnx: bytes | None = None
+        self._onnx: str | None = None
+        self._onnx_dir: Any = None
         self._key: str | None = None
         self._lock = threading.Lock()
         self.computed = 0
@@ -183,13 +184,12 @@ class SentenceEncoder:
     # --- internals ----------------------------------------------------------------------------------
 
     def _load_model(self) -> tuple[Any, Any]:
-        """The tokenizer and the transformers model (the torch backend's, and the source of the ONNX export)."""
+        """The tokenizer and the transformers model (the torch backend)."""
         if self._model is None:
             from transformers import AutoModel, AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            # Eager attention exports to plain ONNX ops; torch's SDPA path bakes the traced shapes into the mask.
-            self._model = AutoModel.from_pretrained(self.model_path, attn_implementation="eager").eval()
+            self._model = AutoModel.from_pretrained(self.model_path).eval()
         return self._tokenizer, self._model
 
     def _session(self, threads: int) -> Any:
@@ -207,53 +207,27 @@ class SentenceEncoder:
             )
         return self._sessions[threads]
 
-    def _onnx_model(self) -> bytes:
-        """The encoder exported to ONNX (about 1 s, once per process), quantized for ``onnx-int8``."""
+    def _onnx_model(self) -> str:
+        """The encoder exported to ONNX (quantized for ``onnx-int8``), as a file kept for this encoder's lifetime.
+
+        The export runs in a child process (about 5 s, once per process): loading and tracing the torch model
+        would otherwise leave several hundred MB in this process that ONNX Runtime does not need.
+        """
         if self._onnx is None:
+            import subprocess
+            import sys
             import tempfile
 
-            import torch
-
-            _, model = self._load_model()
-
-            class States(torch.nn.Module):  # the export's signature: ids and mask in, last hidden states out
-                def __init__(self) -> None:
-                    super().__init__()
-                    self.model = model
-
-                def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-                    return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-            ids = torch.tensor([[101, 1037, 6302, 102], [101, 1037, 102, 0]])
-            axes = {0: "batch", 1: "tokens"}
-            with tempfile.TemporaryDirectory(prefix="routet2i-encoder-") as tmp:
-                exported = Path(tmp) / "fp32.onnx"
-                with warnings.catch_warnings():  # tracer notes on shape-dependent branches the mask never takes
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(
-                        States(),
-                        (ids, (ids > 0).long()),
-                        str(exported),
-                        input_names=["input_ids", "attention_mask"],
-                        output_names=["states"],
-                        dynamic_axes={name: axes for name in ("input_ids", "attention_mask", "states")},
-                        opset_version=17,
-                        dynamo=False,
-                    )
-                if self.backend == "onnx-int8":
-                    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                    quantized = Path(tmp) / "int8.onnx"
-                    root = logging.getLogger()
-                    level = root.level
-                    root.setLevel(logging.ERROR)  # it logs advice on preprocessing at WARNING
-                    try:
-                        quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8, per_channel=True)
-                    finally:
-                        root.setLevel(level)
-                    exported = quantized
-                self._onnx = exported.read_bytes()
-            self._model = None  # the session holds its own copy of the weights
+            self._onnx_dir = tempfile.TemporaryDirectory(prefix="routet2i-encoder-")
+            target = Path(self._onnx_dir.name) / f"{self.key}.onnx"
+            done = subprocess.run(
+                [sys.executable, "-m", "router.embeddings", str(self.model_path), str(target), self.backend],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0 or not target.is_file():
+                raise RuntimeError(f"exporting the encoder to ONNX failed:\n{done.stderr[-2000:]}")
+            self._onnx = str(target)
         return self._onnx
 
     def forward(self, inputs: dict[str, Any]) -> np.ndarray:
@@ -364,3 +338,55 @@ def use_default_encoder(encoder: SentenceEncoder) -> SentenceEncoder:
     with _DEFAULT_LOCK:
         _DEFAULT = encoder
     return encoder
+
+
+def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
+    """Export the encoder's last hidden states to ONNX at ``target`` (dynamic batch and length), with int8
+    weights per output channel when ``int8``."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModel
+
+    # Eager attention exports to plain ONNX ops; torch's SDPA path bakes the traced shapes into the mask.
+    model = AutoModel.from_pretrained(model_path, attn_implementation="eager").eval()
+
+    class States(torch.nn.Module):  # the export's signature: ids and mask in, last hidden states out
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.tensor([[101, 1037, 6302, 102], [101, 1037, 102, 0]])
+    axes = {0: "batch", 1: "tokens"}
+    with tempfile.TemporaryDirectory(prefix="routet2i-export-") as tmp:
+        exported = Path(tmp) / "fp32.onnx"
+        with warnings.catch_warnings():  # tracer notes on shape-dependent branches the mask never takes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                States(),
+                (ids, (ids > 0).long()),
+                str(exported),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["states"],
+                dynamic_axes={name: axes for name in ("input_ids", "attention_mask", "states")},
+                opset_version=17,
+                dynamo=False,
+            )
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            logging.getLogger().setLevel(logging.ERROR)  # it logs advice on preprocessing at WARNING
+            quantize_dynamic(exported, exported.with_name("int8.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+            exported = exported.with_name("int8.onnx")
+        tmp_target = target.with_name(target.name + ".tmp")
+        tmp_target.write_bytes(exported.read_bytes())
+        tmp_target.replace(target)
+
+
+if __name__ == "__main__":  # python -m router.embeddings MODEL_DIR TARGET BACKEND (the export's child process)
+    import sys
+
+    export_onnx(Path(sys.argv[1]), Path(sys.argv[2]), int8=sys.argv[3] == "onnx-int8")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -124,3 +126,34 @@ def test_router_benchmark_times_decisions_against_the_bare_encoder() -> None:
     assert measurements["router.decision.p99_ms"]["value"] >= measurements["router.decision.p50_ms"]["value"]
     # The third row compares the configured backend's forward pass with torch's, the second reference.
     assert measurements["router.encoder.onnx.p50_ms"]["value"] == measurements["router.decision.p50_ms"]["reference"]
+
+
+def test_cpu_accounting_charges_a_child_process_tree_for_its_work() -> None:
+    import subprocess
+    import sys
+
+    from routet2i.bench import cpu
+
+    if not cpu.available():
+        pytest.skip("no /proc on this system")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ninput()",
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        before = cpu.snapshot()
+        assert child.pid in cpu.tree(before, os.getpid())
+        deadline = time.monotonic() + 30
+        while cpu.snapshot()[child.pid].cpu_s < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = cpu.snapshot()
+        busy = cpu.spent(before, after, cpu.tree(after, child.pid))
+        assert 0.0 < busy <= 0.3 + 0.2  # what it burned since the first snapshot, and no more
+        assert cpu.spent(after, after, cpu.tree(after, child.pid)) == 0.0
+        assert os.getpid() in cpu.named(after, lambda name: name.startswith("python") or name.startswith("pytest"))
+    finally:
+        child.communicate(b"\n", timeout=30)

@@ -7,7 +7,10 @@ system's: validation, authentication, the database transactions, the routing dec
 budget window, and two queue hops. The reference is what Celery and Redis alone cost for one hop.
 
 Latency is taken from the database's own timestamps (submission to ``succeeded``) of jobs sent one at a
-time; throughput from a burst of jobs sent by concurrent clients.
+time; throughput from a burst of jobs sent by concurrent clients. On Linux the bursts are also accounted in
+CPU time per job, per part of the stack (API, each worker pool, PostgreSQL, Redis, and this process as the
+load generator), against the CPU time of one bare round trip: on a machine whose cores are all in use, that
+sum is what sets the throughput.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from db.models import Job
 from db.pagination import as_utc
 from db.session import make_engine, make_session_factory
 from db.stats import percentile
-from routet2i.bench import Measurement
+from routet2i.bench import Measurement, cpu
 from routet2i.bench.echo import QUEUE, TASK, make_app
 from routet2i.load import LocalRun, local_run
 from routet2i.settings import Settings
@@ -126,11 +129,19 @@ def run(
 ) -> list[Measurement]:
     """Measure the pipeline and its reference; ``repeats`` bursts are timed for each (medians)."""
     check_redis(settings.broker_url)
+    track = cpu.available()
+    bare_cpu_ms, per_job_ms = 0.0, dict[str, float]()
     echo = EchoWorker(settings.broker_url)
     try:
         echo.wait_ready()
         bare = sorted(echo.round_trip() for _ in range(latency_jobs))
+        before, own = (cpu.snapshot(), cpu.own_cpu_s()) if track else ({}, 0.0)
         bare_rates = [burst_jobs / echo.burst(burst_jobs) for _ in range(repeats)]
+        if track:
+            after = cpu.snapshot()
+            groups = cpu.tree(after, echo.process.pid) | cpu.named(after, _is_redis)
+            bare_cpu = cpu.spent(before, after, groups) + cpu.own_cpu_s() - own
+            bare_cpu_ms = bare_cpu * 1000 / (repeats * burst_jobs)
     finally:
         echo.stop()
 
@@ -142,6 +153,7 @@ def run(
         latencies = sorted(_latencies(local, latency_jobs))
         done = local.finished()
         rates = []
+        before, own = (cpu.snapshot(), cpu.own_cpu_s()) if track else ({}, 0.0)
         for r in range(repeats):
             started = time.perf_counter()
             local.submit(burst_jobs, clients=clients, first=r * burst_jobs)
@@ -149,12 +161,34 @@ def run(
                 raise StackError("the burst did not finish in 10 minutes")
             rates.append(burst_jobs / (time.perf_counter() - started))
             done += burst_jobs
+        if track:
+            after = cpu.snapshot()
+            spent = {
+                name: cpu.spent(before, after, cpu.tree(after, p.pid)) for name, p in local.stack.processes.items()
+            }
+            spent["postgres"] = cpu.spent(before, after, cpu.named(after, lambda name: name == "postgres"))
+            spent["redis"] = cpu.spent(before, after, cpu.named(after, _is_redis))
+            spent["load generator"] = cpu.own_cpu_s() - own
+            per_job_ms = {name: seconds * 1000 / (repeats * burst_jobs) for name, seconds in spent.items()}
 
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     bare50, bare99 = percentile(bare, 0.5), percentile(bare, 0.99)
     assert p50 is not None and p99 is not None and bare50 is not None and bare99 is not None
-    return [
+    measurements = [
         Measurement.against("pipeline.latency.p50", p50 * 1000, "ms", bare50 * 1000),
         Measurement.against("pipeline.latency.p99", p99 * 1000, "ms", bare99 * 1000),
         Measurement.against("pipeline.throughput", statistics.median(rates), "jobs/s", statistics.median(bare_rates)),
     ]
+    if track:
+        total = sum(per_job_ms.values())
+        # The total against one bare round trip's CPU; each part against the total (its share).
+        measurements.append(Measurement.against("pipeline.cpu_per_job.total", total, "ms", bare_cpu_ms))
+        measurements += [
+            Measurement.against(f"pipeline.cpu_per_job.{name.replace(' ', '_')}", value, "ms", total)
+            for name, value in per_job_ms.items()
+        ]
+    return measurements
+
+
+def _is_redis(name: str) -> bool:
+    return name.startswith("redis-server")
