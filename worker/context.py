@@ -120,7 +120,8 @@ class WorkerContext:
             threadpool_limits(limits=threads)  # numpy's BLAS too (the router's mixture of experts runs on it)
         for queue in queues:
             if queue == "route":
-                self.policy()
+                # One prediction now: a learned router's encoder is exported and loaded before the first job.
+                self.policy().router.predict(["a warm-up prompt"])
             else:
                 self.generator(queue)
                 if self.settings.scorer.enabled:
