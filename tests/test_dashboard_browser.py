@@ -195,6 +195,9 @@ def test_dashboard_submits_a_job_shows_its_image_decisions_charts_and_plots(
     tab.press("#api-key", "Tab")
     tab.wait_for_selector("#summary .card", timeout=WAIT_MS)
     assert tab.locator("#summary .card").count() == 6
+    # The sections load concurrently: the queues and the reports list may arrive after the summary cards.
+    tab.wait_for_selector("#queues tbody tr", timeout=WAIT_MS)
+    tab.wait_for_selector("#reports > *", timeout=WAIT_MS)
     assert tab.locator("#queues tbody tr").count() == 3
     assert "No evaluation plots yet" in tab.inner_text("#reports")
 
