@@ -183,14 +183,13 @@ class SentenceEncoder:
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _load_model(self) -> tuple[Any, Any]:
-        """The tokenizer and the transformers model (the torch backend)."""
+    def _load_model(self) -> Any:
+        """The transformers model (the torch backend; :meth:`tokenize` loads the tokenizer)."""
         if self._model is None:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             self._model = AutoModel.from_pretrained(self.model_path).eval()
-        return self._tokenizer, self._model
+        return self._model
 
     def _session(self, threads: int) -> Any:
         """An ONNX Runtime session with ``threads`` intra-op threads (one per thread count asked for)."""
@@ -236,7 +235,7 @@ class SentenceEncoder:
 
         threads = self.threads if self.threads is not None else torch.get_num_threads()
         if self.backend == "torch":
-            _, model = self._load_model()
+            model = self._load_model()
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
