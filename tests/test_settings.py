@@ -61,3 +61,13 @@ def test_bad_values_are_refused_naming_the_variable(monkeypatch, variable, value
     result = CliRunner().invoke(main, ["db", "current"])
     assert result.exit_code == 1
     assert "invalid settings" in result.output and "ROUTET2I_" in result.output
+
+
+def test_encoder_backend_choices_are_the_encoders_own() -> None:
+    from typing import get_args
+
+    from router.embeddings import BACKENDS
+
+    # The setting lists the choices for validation and documentation; the encoder is where they are implemented.
+    assert get_args(Settings.model_fields["encoder_backend"].annotation) == BACKENDS
+    assert Settings().encoder_backend == BACKENDS[0]
