@@ -218,3 +218,27 @@ def test_numpy_inference_is_the_torch_network(settings: dict[str, object]) -> No
     np.testing.assert_allclose(out, np.mean(expected_out, axis=0), atol=2e-5)
     np.testing.assert_allclose(pushes, np.mean(expected_pushes, axis=0), atol=2e-5)
     assert (pushes[~np.broadcast_to(mask[:, None, :], pushes.shape)] == 0).all()
+
+
+def test_scoring_runs_blas_on_one_thread_and_gives_the_threads_back(fitted: RouteT2IRouter) -> None:
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in ThreadpoolController().info() if lib["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+    moe = fitted._moe
+
+    def spy(batch):  # type: ignore[no-untyped-def]
+        seen.append(blas_threads())
+        return moe(batch)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        fitted._moe = spy  # type: ignore[method-assign]
+        try:
+            scores = fitted.score(["a red cube on a blue sphere", "a cat"])
+        finally:
+            del fitted._moe
+        assert blas_threads() == {2}
+    assert seen == [{1}]
+    assert scores.shape == (2,)
