@@ -13,6 +13,10 @@ from db.models import Job, JobEvent, JobStatus, utcnow
 from db.pagination import Page, paginate
 
 
+_INSERT_JOB = insert(cast(Table, Job.__table__))
+_INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
+
+
 def create_job(
     session: Session,
     *,
@@ -56,10 +60,10 @@ def create_job(
         "lease_until": None,
         "dead_lettered_at": None,
     }
-    session.execute(insert(cast(Table, Job.__table__)).values(values))
-    session.execute(
-        insert(cast(Table, JobEvent.__table__)).values(job_id=values["id"], status=JobStatus.QUEUED.value, at=now)
-    )
+    # Values go as parameters of statements built once: ``insert(...).values(...)`` would coerce every value
+    # into a new statement on each call (about a fifth of a submission's CPU time).
+    session.execute(_INSERT_JOB, values)
+    session.execute(_INSERT_EVENT, {"job_id": values["id"], "status": JobStatus.QUEUED.value, "at": now, "detail": None})
     job = Job(**values)
     make_transient_to_detached(job)
     session.add(job)
