@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from db.models import Job, JobEvent, JobStatus, utcnow
 from db.pagination import Page, paginate
 
-
 _INSERT_JOB = insert(cast(Table, Job.__table__))
 _INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
 
@@ -61,9 +60,9 @@ def create_job(
         "dead_lettered_at": None,
     }
     # Values go as parameters of statements built once: ``insert(...).values(...)`` would coerce every value
-    # into a new statement on each call (about a fifth of a submission's CPU time).
+    # into a new statement on each call (about a seventh of a submission's CPU time).
     session.execute(_INSERT_JOB, values)
-    session.execute(_INSERT_EVENT, {"job_id": values["id"], "status": JobStatus.QUEUED.value, "at": now, "detail": None})
+    session.execute(_INSERT_EVENT, {"job_id": values["id"], "status": JobStatus.QUEUED.value, "at": now})
     job = Job(**values)
     make_transient_to_detached(job)
     session.add(job)
