@@ -233,11 +233,14 @@ PRIOR_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(0, 5, 11))
 """L2 strengths tried for the ridge prior (standardised features)."""
 
 
-def fit_prior(x: np.ndarray, y: np.ndarray, prompts: Sequence[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_prior(
+    x: np.ndarray, y: np.ndarray, prompts: Sequence[str], seed: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Multi-output ridge of ``y`` (n, m, 2) on features ``x`` (n, p): coefficients (p, m, 2) and intercepts.
 
     One L2 strength for all outputs, the one with the smallest inner cross-validated error of the predicted
-    cloud-minus-edge gaps (what routing ranks by).
+    cloud-minus-edge gaps combined with ``weights`` (m,) per metric (what routing ranks by: the linearised PRS);
+    None: the sum of the metrics' squared gap errors.
     """
     from router.learned import INNER_FOLDS, ridge_path
     from router.splits import inner_splits
@@ -248,6 +251,8 @@ def fit_prior(x: np.ndarray, y: np.ndarray, prompts: Sequence[str], seed: int) -
         for j, (coef, intercept) in enumerate(ridge_path(x[train], flat[train], PRIOR_ALPHAS)):
             pred = (x[valid] @ coef + intercept).reshape(-1, *y.shape[1:])
             gap_error = (pred[..., 1] - pred[..., 0]) - (y[valid, :, 1] - y[valid, :, 0])
+            if weights is not None:
+                gap_error = gap_error @ weights
             errors[j] += float((gap_error**2).sum())
     ((coef, intercept),) = ridge_path(x, flat, (PRIOR_ALPHAS[int(np.argmin(errors))],))
     return coef.reshape(x.shape[1], *y.shape[1:]), intercept.reshape(y.shape[1:])
@@ -341,6 +346,8 @@ class RouteT2IRouter(Router):
         self.feature_mean, self.feature_std = standardise(raw_features)
         features = (raw_features - self.feature_mean) / self.feature_std
         n_valid_folds = max(2, round(1.0 / self.cfg.validation_share))
+        # A standardised gap moves ½ − PRS by about w_i·std_i / (4Γ·s_i): the prior's L2 strength is chosen on that.
+        prs_relevance = self.prs_weights() * self.std / self.scales
         self.states, self.priors, reports = [], [], []
         with _threads(self.cfg.threads):
             for member in range(self.cfg.members):
@@ -352,7 +359,9 @@ class RouteT2IRouter(Router):
                 torch.manual_seed(member_seed)
                 prior = np.zeros_like(y)
                 if self.cfg.prior:
-                    coef, intercept = fit_prior(features[train], y[train], [prompts[i] for i in train], member_seed)
+                    coef, intercept = fit_prior(
+                        features[train], y[train], [prompts[i] for i in train], member_seed, prs_relevance
+                    )
                     self.priors.append((coef, intercept))
                     prior = np.einsum("np,pmo->nmo", features, coef) + intercept
                 state, report = self._fit_member(tokens, stats, y - prior, train, valid, member_seed)
