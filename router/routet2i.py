@@ -699,7 +699,8 @@ _BLAS_CONTROLLER: Any = None
 
 
 def _one_blas_thread() -> Any:
-    """numpy's BLAS on one thread for a block (about 7 µs to enter and leave).
+    """numpy's BLAS on one thread for a block (about 7 µs to enter and leave; the limit covers the BLAS
+    libraries loaded at the first call, numpy's among them, which is the one these products run on).
 
     The products here are small, and the encoder's ONNX Runtime threads hold the cores between them: idle
     OpenBLAS threads spin for a while after each product and take those cores from the next forward pass
