@@ -11,7 +11,7 @@ import pytest
 
 from router.base import RouterError, create_router, load_router
 from router.log import LogRecord
-from router.routet2i import RouteT2IConfig, RouteT2IRouter, _Batch, build_network, prompt_statistics
+from router.routet2i import RouteT2IConfig, RouteT2IRouter, _Batch, build_network, fit_prior, prompt_statistics
 from router.types import QualityVector
 
 SMALL = {"members": 2, "max_epochs": 40, "patience": 8, "threads": 1}
@@ -243,3 +243,19 @@ def test_scoring_runs_blas_on_one_thread_and_gives_the_threads_back(fitted: Rout
         assert blas_threads() == {2}
     assert seen == [{1}]
     assert scores.shape == (2,)
+
+
+def test_the_prior_picks_its_l2_strength_on_the_weighted_gaps() -> None:
+    # Metric 0's gap is noise (best: the strongest L2), metric 1's is a clean linear signal (best: the weakest).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8))
+    y = np.zeros((200, 2, 2))
+    y[:, 0, 1] = rng.normal(size=200)
+    y[:, 1, 1] = x @ rng.normal(size=8)
+    prompts = [f"prompt {i}" for i in range(200)]
+
+    def slope(weights: np.ndarray) -> float:
+        coef, _ = fit_prior(x, y, prompts, seed=0, weights=weights)
+        return float(np.abs(coef[:, 1, 1] - coef[:, 1, 0]).sum())
+
+    assert slope(np.array([0.0, 1.0])) > 5 * slope(np.array([1.0, 0.0]))
