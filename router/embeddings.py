@@ -377,9 +377,15 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            logging.getLogger().setLevel(logging.ERROR)  # it logs advice on preprocessing at WARNING
-            quantize_dynamic(exported, exported.with_name("int8.onnx"), weight_type=QuantType.QInt8, per_channel=True)
-            exported = exported.with_name("int8.onnx")
+            quantized = exported.with_name("int8.onnx")
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # it logs advice on preprocessing at WARNING
+            try:
+                quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8, per_channel=True)
+            finally:
+                root.setLevel(level)
+            exported = quantized
         tmp_target = target.with_name(target.name + ".tmp")
         tmp_target.write_bytes(exported.read_bytes())
         tmp_target.replace(target)
