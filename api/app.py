@@ -9,7 +9,7 @@ from flask import Flask
 from api.auth import LOCAL_TENANT, KeyCache
 from api.errors import register_error_handlers
 from api.ratelimit import RateLimiter
-from api.schemas import job_create_model
+from api.schemas import job_batch_model, job_create_model
 from api.state import EXTENSION, ApiState
 from db.images import ImageStore
 from db.session import make_engine, make_session_factory
@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         celery=create_celery(settings),
         images=ImageStore(settings.image_dir),
         redis=client,
-        job_create_model=job_create_model(settings),
+        job_create_model=(job_model := job_create_model(settings)),
+        job_batch_model=job_batch_model(job_model),
         key_cache=KeyCache(),
         rate_limiter=RateLimiter(client),
     )

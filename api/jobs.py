@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import kombu.exceptions
-import redis.exceptions
 import sqlalchemy.exc
 from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ValidationError
@@ -17,9 +16,13 @@ from sqlalchemy.orm import Session
 from api.auth import authenticate, principal
 from api.errors import ApiError, from_validation_error
 from api.openapi import PNG, documented
+from api.ratelimit import burst
 from api.schemas import (
     MAX_SEED,
     JobAccepted,
+    JobBatchAccepted,
+    JobBatchCreateBase,
+    JobBatchItem,
     JobCreateBase,
     JobListQuery,
     JobOut,
@@ -31,11 +34,20 @@ from api.schemas import (
 from api.state import state
 from db.decisions import get_decision
 from db.generations import job_costs, primary_generation
-from db.jobs import create_job, get_job, get_job_by_idempotency_key, list_events, list_jobs, transition
+from db.jobs import (
+    NewJob,
+    create_jobs,
+    get_job,
+    get_job_by_idempotency_key,
+    get_jobs_by_idempotency_keys,
+    list_events,
+    list_jobs,
+    transition,
+)
 from db.models import Job, JobStatus
 from db.pagination import InvalidCursor
 from db.session import transaction
-from worker.app import ROUTE_TASK, publish
+from worker.app import BROKER_ERRORS, ROUTE_TASK, chunks, publish_many
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("jobs", __name__)
@@ -116,16 +128,64 @@ def submit_job(spec: JobCreateBase) -> tuple[Job, bool]:
         The job and whether it was created by this call.
 
     Raises:
-        ApiError: 403 for a forced tier the tenant may not use, 429 over the rate limit, 409 when the
-            idempotency key was used for a different request, 503 when the database or the broker cannot
-            take the job (a job that cannot be enqueued is failed, never left hanging).
+        ApiError: as :func:`submit_jobs`.
+    """
+    ((job, created),) = submit_jobs([spec])
+    return job, created
+
+
+def submit_jobs(specs: Sequence[JobCreateBase], *, field_prefix: str | None = None) -> list[tuple[Job, bool]]:
+    """Create (or find, by idempotency key) the caller's jobs in one transaction and enqueue them for routing.
+
+    All or nothing: every job is checked (forced tier, idempotency key, rate limit) before any is written.
+
+    Args:
+        specs: the jobs, validated.
+        field_prefix: how errors name job ``i``'s fields: None for a single job (``tier``), ``"jobs"`` for a
+            batch (``jobs.3.tier``).
+
+    Returns:
+        Per job, in order: the job and whether it was created by this call (False: the idempotency key's
+        earlier job).
+
+    Raises:
+        ApiError: 403 for a forced tier the tenant may not use, 429 over the rate limit, 409 when an
+            idempotency key was used for a different request, 422 for a key repeated within the batch or a
+            batch larger than the tenant's burst, 503 when the database or the broker cannot take the jobs (a
+            job that cannot be enqueued is failed, never left hanging).
     """
     st = state()
     who = principal()
-    if spec.tier is not None and not (who.is_admin or spec.tier in who.forced_tiers):
-        raise ApiError(403, "forbidden", f"tenant {who.tenant_name!r} may not force tier {spec.tier!r}", field="tier")
+
+    def field(i: int, name: str) -> str:
+        return name if field_prefix is None else f"{field_prefix}.{i}.{name}"
+
+    keys: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.tier is not None and not (who.is_admin or spec.tier in who.forced_tiers):
+            raise ApiError(
+                403, "forbidden", f"tenant {who.tenant_name!r} may not force tier {spec.tier!r}", field=field(i, "tier")
+            )
+        if spec.idempotency_key is not None:
+            if spec.idempotency_key in keys:
+                name = field(i, "idempotency_key")
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"{name}: repeats {field(keys[spec.idempotency_key], 'idempotency_key')}",
+                    field=name,
+                )
+            keys[spec.idempotency_key] = i
     limit = who.rate_limit_per_minute if who.rate_limit_per_minute is not None else st.settings.rate_limit_per_minute
-    wait = st.rate_limiter.check(who.tenant_id, limit)
+    if limit > 0 and len(specs) > burst(limit):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"at most {burst(limit)} jobs per request for tenant {who.tenant_name!r} "
+            f"(its limit of {limit} submissions per minute allows bursts of {burst(limit)})",
+            field=field_prefix or "body",
+        )
+    wait = st.rate_limiter.check(who.tenant_id, limit, cost=len(specs))
     if wait is not None:
         raise ApiError(
             429,
@@ -133,70 +193,89 @@ def submit_job(spec: JobCreateBase) -> tuple[Job, bool]:
             f"tenant {who.tenant_name!r} is over its limit of {limit} submissions per minute",
             headers={"Retry-After": str(int(wait))},
         )
-    key = spec.idempotency_key
     try:
         try:
             with transaction(st.sessions) as session:
                 existing = (
-                    get_job_by_idempotency_key(session, tenant_id=who.tenant_id, key=key) if key is not None else None
+                    get_jobs_by_idempotency_keys(session, tenant_id=who.tenant_id, keys=list(keys)) if keys else {}
                 )
-                if existing is not None:
-                    return _check_replay(existing, spec), False
-                job = create_job(
-                    session,
-                    tenant_id=who.tenant_id,
-                    prompt=spec.prompt,
-                    seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
-                    steps=spec.steps,
-                    width=spec.width,
-                    height=spec.height,
-                    idempotency_key=key,
-                    requested_tier=spec.tier,
+                replays: dict[int, Job] = {}
+                for i, spec in enumerate(specs):
+                    earlier = existing.get(spec.idempotency_key) if spec.idempotency_key is not None else None
+                    if earlier is not None:
+                        replays[i] = _check_replay(earlier, spec, field=field(i, "idempotency_key"))
+                new = iter(
+                    create_jobs(
+                        session,
+                        tenant_id=who.tenant_id,
+                        jobs=[
+                            NewJob(
+                                prompt=spec.prompt,
+                                seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
+                                steps=spec.steps,
+                                width=spec.width,
+                                height=spec.height,
+                                idempotency_key=spec.idempotency_key,
+                                requested_tier=spec.tier,
+                            )
+                            for i, spec in enumerate(specs)
+                            if i not in replays
+                        ],
+                    )
                 )
+                results = [(replays[i], False) if i in replays else (next(new), True) for i in range(len(specs))]
         except sqlalchemy.exc.IntegrityError:
-            # A concurrent request with the same key committed first: answer with its job.
+            # A concurrent request with one of the keys committed first: answer with its job.
+            if len(specs) > 1:
+                return [pair for spec in specs for pair in submit_jobs([spec])]
+            spec = specs[0]
             with st.sessions() as session:
-                existing = (
-                    get_job_by_idempotency_key(session, tenant_id=who.tenant_id, key=key) if key is not None else None
+                found = (
+                    get_job_by_idempotency_key(session, tenant_id=who.tenant_id, key=spec.idempotency_key)
+                    if spec.idempotency_key is not None
+                    else None
                 )
-            if existing is None:
+            if found is None:
                 raise
-            return _check_replay(existing, spec), False
+            return [(_check_replay(found, spec, field=field(0, "idempotency_key")), False)]
     except DATABASE_DOWN as exc:
         raise ApiError(
             503, "database_unavailable", "the job database is unavailable; retry later", headers={"Retry-After": "5"}
         ) from exc
 
+    created = [job for job, new in results if new]
     try:
-        publish(st.celery, ROUTE_TASK, str(job.id))
-    except (kombu.exceptions.OperationalError, redis.exceptions.RedisError, OSError) as exc:
-        log.error("broker unavailable, failing job", extra={"job_id": str(job.id), "error": str(exc)})
+        # One route message per router batch of jobs, all in one round trip to the broker.
+        ids = [str(job.id) for job in created]
+        publish_many(st.celery, [(ROUTE_TASK, chunk, {}) for chunk in chunks(ids, st.settings.route_batch)])
+    except BROKER_ERRORS as exc:
+        log.error(
+            "broker unavailable, failing jobs", extra={"job_ids": [str(j.id) for j in created], "error": str(exc)}
+        )
         with transaction(st.sessions) as session:
-            row = get_job(session, job.id, for_update=True)
-            if row is not None and not JobStatus(row.status).terminal:
-                transition(
-                    session,
-                    row,
-                    JobStatus.FAILED,
-                    detail={"stage": "enqueue"},
-                    error=f"broker unavailable: {exc}",
-                )
+            for job in created:
+                row = get_job(session, job.id, for_update=True)
+                if row is not None and not JobStatus(row.status).terminal:
+                    transition(
+                        session, row, JobStatus.FAILED, detail={"stage": "enqueue"}, error=f"broker unavailable: {exc}"
+                    )
         raise ApiError(
             503,
             "broker_unavailable",
-            "the job queue is unavailable; the job was not started",
+            "the job queue is unavailable; "
+            + ("the job was not started" if len(created) == 1 else f"the {len(created)} new jobs were not started"),
             headers={"Retry-After": "5"},
         ) from exc
-    return job, True
+    return results
 
 
-def _check_replay(job: Job, spec: JobCreateBase) -> Job:
+def _check_replay(job: Job, spec: JobCreateBase, *, field: str = "idempotency_key") -> Job:
     if not _same_request(job, spec):
         raise ApiError(
             409,
             "idempotency_conflict",
-            "idempotency_key was already used for a different request",
-            field="idempotency_key",
+            f"{field} was already used for a different request",
+            field=field,
             job_id=str(job.id),
         )
     return job
@@ -229,6 +308,41 @@ def create() -> Any:
         spec = spec.model_copy(update={"idempotency_key": header_key})
     job, created = submit_job(spec)
     return _accepted(job, 202 if created else 200)
+
+
+@blueprint.post("/v1/jobs/batch")
+@documented(
+    summary="Submit several prompts as jobs in one request",
+    tag="jobs",
+    body=lambda st: st.job_batch_model,
+    responses={
+        202: ("The jobs were accepted (items whose idempotency key repeats are the earlier jobs).", JobBatchAccepted),
+        200: ("Every item's idempotency key repeats: the earlier jobs.", JobBatchAccepted),
+    },
+    extra_errors=(403, 409, 429),
+)
+def create_batch() -> Any:
+    """Submit up to 100 prompts at once: one transaction and one broker connection for all of them.
+
+    All or nothing: if any job is refused (validation, a forced tier, an idempotency conflict, the rate limit,
+    which counts every job), none is created, and the error names the job's field (``jobs.3.prompt``).
+    """
+    batch: JobBatchCreateBase = parse_body(state().job_batch_model)
+    if request.headers.get("Idempotency-Key") is not None:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "a batch takes an idempotency_key per job, not an Idempotency-Key header",
+            field="idempotency_key",
+        )
+    results = submit_jobs(batch.jobs, field_prefix="jobs")
+    body = JobBatchAccepted(
+        items=[
+            JobBatchItem(id=job.id, url=job_url(job.id), status=job.status, created=created)  # type: ignore[arg-type]
+            for job, created in results
+        ]
+    )
+    return jsonify(body.model_dump(mode="json")), 202 if any(created for _, created in results) else 200
 
 
 @blueprint.get("/v1/jobs/<job_id>")

@@ -25,7 +25,7 @@ from pydantic import Field, StringConstraints, ValidationError, field_validator
 
 from api.auth import authenticate
 from api.errors import ApiError
-from api.jobs import submit_job
+from api.jobs import submit_jobs
 from api.openapi import PNG, documented
 from api.schemas import SIZE_MULTIPLE, StrictModel
 from api.state import state
@@ -199,7 +199,7 @@ def generations() -> Any:
 
     deadline = time.monotonic() + st.settings.images_wait_s
     try:
-        job_ids = [submit_job(job_spec)[0].id for _ in range(spec.n)]
+        job_ids = [job.id for job, _ in submit_jobs([job_spec] * spec.n)]
     except ApiError as exc:
         raise openai_error(exc.status, exc.message, param=exc.field if exc.field == "tier" else None) from exc
     jobs = _wait(job_ids, deadline)

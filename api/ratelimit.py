@@ -32,20 +32,28 @@ return {1, 0}
 """
 
 
+def burst(limit_per_minute: int) -> int:
+    """The most submissions a tenant with this limit may make at once (a tenth of a minute's quota)."""
+    return max(1, limit_per_minute // 10)
+
+
 class RateLimiter:
     """``limit`` requests per minute per tenant, allowing bursts of up to a tenth of a minute's quota."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._script = client.register_script(_GCRA)
 
-    def check(self, tenant_id: uuid.UUID, limit_per_minute: int) -> float | None:
-        """None when allowed, else the seconds to wait. Fails open (allows) if Redis cannot answer."""
+    def check(self, tenant_id: uuid.UUID, limit_per_minute: int, cost: int = 1) -> float | None:
+        """None when ``cost`` submissions are allowed now, else the seconds to wait. Fails open (allows) if
+        Redis cannot answer. ``cost`` must not exceed :func:`burst` (it could never be allowed)."""
         if limit_per_minute <= 0:
             return None
         interval_ms = 60_000.0 / limit_per_minute
-        burst_ms = interval_ms * max(1, limit_per_minute // 10)
+        burst_ms = interval_ms * burst(limit_per_minute)
         try:
-            allowed, wait_ms = self._script(keys=[f"routet2i:ratelimit:{tenant_id}"], args=[interval_ms, burst_ms])
+            allowed, wait_ms = self._script(
+                keys=[f"routet2i:ratelimit:{tenant_id}"], args=[interval_ms * cost, burst_ms]
+            )
         except redis.exceptions.RedisError as exc:
             log.warning("rate limiter unavailable, allowing", extra={"error": str(exc)})
             return None

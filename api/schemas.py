@@ -90,6 +90,26 @@ def job_create_model(settings: Settings) -> type[JobCreateBase]:
     return model
 
 
+MAX_BATCH_JOBS = 100
+"""Most jobs one ``POST /v1/jobs/batch`` may submit."""
+
+
+class JobBatchCreateBase(StrictModel):
+    """Several job submissions in one request; the job model is attached by :func:`job_batch_model`."""
+
+    jobs: list[JobCreateBase]
+
+
+def job_batch_model(job_model: type[JobCreateBase]) -> type[JobBatchCreateBase]:
+    """The batch submission model whose jobs are ``job_model`` (this deployment's limits)."""
+    model: type[JobBatchCreateBase] = create_model(
+        "JobBatchCreate",
+        __base__=JobBatchCreateBase,
+        jobs=(Annotated[list[job_model], Field(min_length=1, max_length=MAX_BATCH_JOBS)], ...),  # type: ignore[valid-type,arg-type]
+    )
+    return model
+
+
 class JobListQuery(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
@@ -211,6 +231,16 @@ class JobAccepted(BaseModel):
     id: uuid.UUID
     url: str
     status: StatusName
+
+
+class JobBatchItem(JobAccepted):
+    created: bool
+    """False: the job submitted earlier with this item's idempotency key."""
+
+
+class JobBatchAccepted(BaseModel):
+    items: list[JobBatchItem]
+    """One per submitted job, in the order of the request."""
 
 
 class JobPage(BaseModel):

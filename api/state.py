@@ -17,7 +17,7 @@ from routet2i.settings import Settings
 if TYPE_CHECKING:
     from api.auth import KeyCache, Principal
     from api.ratelimit import RateLimiter
-    from api.schemas import JobCreateBase
+    from api.schemas import JobBatchCreateBase, JobCreateBase
 
 EXTENSION = "routet2i"
 
@@ -31,6 +31,7 @@ class ApiState:
     images: ImageStore
     redis: redis.Redis
     job_create_model: type[JobCreateBase]
+    job_batch_model: type[JobBatchCreateBase]
     key_cache: KeyCache
     rate_limiter: RateLimiter
     local_principal: Principal | None = field(default=None)

@@ -170,11 +170,32 @@ def _route(
     return BudgetVerdict(False, threshold, snapshot, f"score {score:.4g} at or below threshold {threshold:.4g}")
 
 
-class BudgetStore(Protocol):
-    """Holds a :class:`BudgetState` and applies a decision to it atomically."""
+@dataclass(frozen=True)
+class BudgetRequest:
+    """One request to decide against the budget (the keyword arguments of :func:`decide`)."""
 
-    def transact(self, fn: Callable[[BudgetState], BudgetVerdict], score: float) -> BudgetVerdict:
-        """Run ``fn`` on the current state and record its decision and ``score``, as one atomic step."""
+    score: float
+    floor: float | None = None
+    calibrated_threshold: float | None = None
+    shadow: bool = False
+
+
+def advance(state: BudgetState, verdict: BudgetVerdict, score: float, window: int) -> BudgetState:
+    """The window after ``verdict`` on ``score`` was recorded (newest first, at most ``window`` entries)."""
+    return BudgetState(
+        decisions=(1 if verdict.uses_cloud else 0, *state.decisions[: window - 1]),
+        scores=(float(score), *state.scores[: window - 1]),
+    )
+
+
+class BudgetStore(Protocol):
+    """Holds a :class:`BudgetState` and applies decisions to it atomically."""
+
+    def transact(
+        self, fn: Callable[[BudgetState], Sequence[BudgetVerdict]], scores: Sequence[float]
+    ) -> list[BudgetVerdict]:
+        """Run ``fn`` on the current state and record its verdicts (oldest first) with ``scores``, as one
+        atomic step: no other decision comes between them."""
         ...
 
     def snapshot(self) -> BudgetState: ...
@@ -190,12 +211,15 @@ class MemoryBudgetStore:
         self._scores: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
 
-    def transact(self, fn: Callable[[BudgetState], BudgetVerdict], score: float) -> BudgetVerdict:
+    def transact(
+        self, fn: Callable[[BudgetState], Sequence[BudgetVerdict]], scores: Sequence[float]
+    ) -> list[BudgetVerdict]:
         with self._lock:
-            verdict = fn(self.snapshot())
-            self._decisions.appendleft(1 if verdict.uses_cloud else 0)
-            self._scores.appendleft(float(score))
-            return verdict
+            verdicts = list(fn(self.snapshot()))
+            for verdict, score in zip(verdicts, scores, strict=True):
+                self._decisions.appendleft(1 if verdict.uses_cloud else 0)
+                self._scores.appendleft(float(score))
+            return verdicts
 
     def snapshot(self) -> BudgetState:
         return BudgetState(decisions=tuple(self._decisions), scores=tuple(self._scores))
@@ -207,7 +231,7 @@ class MemoryBudgetStore:
 
 
 class BudgetController:
-    """Decides requests one by one against a budget held in a :class:`BudgetStore`."""
+    """Decides requests against a budget held in a :class:`BudgetStore`, one at a time or several at once."""
 
     def __init__(self, config: BudgetConfig, store: BudgetStore, *, name: str = "default") -> None:
         self.config = config
@@ -222,9 +246,31 @@ class BudgetController:
         calibrated_threshold: float | None = None,
         shadow: bool = False,
     ) -> BudgetVerdict:
-        return self.store.transact(
-            lambda state: decide(
-                score, state, self.config, floor=floor, calibrated_threshold=calibrated_threshold, shadow=shadow
-            ),
-            score,
-        )
+        return self.decide_many([BudgetRequest(score, floor, calibrated_threshold, shadow)])[0]
+
+    def decide_many(self, requests: Sequence[BudgetRequest]) -> list[BudgetVerdict]:
+        """Decide ``requests`` in order, each seeing the decisions before it, in one store transaction (a
+        router worker's batch costs one round trip to the shared window, not one per job).
+
+        Returns:
+            One verdict per request, in order.
+        """
+        if not requests:
+            return []
+
+        def decide_all(state: BudgetState) -> list[BudgetVerdict]:
+            verdicts = []
+            for request in requests:
+                verdict = decide(
+                    request.score,
+                    state,
+                    self.config,
+                    floor=request.floor,
+                    calibrated_threshold=request.calibrated_threshold,
+                    shadow=request.shadow,
+                )
+                verdicts.append(verdict)
+                state = advance(state, verdict, request.score, self.config.window)
+            return verdicts
+
+        return self.store.transact(decide_all, [request.score for request in requests])

@@ -1,21 +1,41 @@
 """The online routing policy: a router's prediction, judged against the shared cloud budget.
 
-This is the one function the route task calls for each job. It is pure apart from the budget store it is
-given (in memory for tests and replay, Redis for router workers).
+The route task calls it for each batch of jobs. It is pure apart from the budget store it is given (in memory
+for tests and replay, Redis for router workers).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from router.base import Router
-from router.budget import BudgetController
-from router.types import Prediction, RoutingDecision, Tier
+from router.budget import BudgetController, BudgetRequest
+from router.types import BudgetVerdict, Prediction, RoutingDecision, Tier
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """One prompt to route.
+
+    Attributes:
+        prompt: the job's prompt.
+        requested_tier: a tier the caller forced; the router still predicts (for the audit trail) but the
+            budget is neither consulted nor charged.
+        budget: a budget other than the policy's own (a tenant with its own cloud budget).
+        shadow: the job was sampled to run on both tiers (done only if the budget has room).
+    """
+
+    prompt: str
+    requested_tier: Tier | None = None
+    budget: BudgetController | None = None
+    shadow: bool = False
 
 
 class RoutingPolicy:
-    """Routes single prompts with ``router`` under ``budget``."""
+    """Routes prompts with ``router`` under ``budget``, one at a time or a batch at once."""
 
     def __init__(self, router: Router, budget: BudgetController) -> None:
         self.router = router
@@ -29,42 +49,76 @@ class RoutingPolicy:
         budget: BudgetController | None = None,
         shadow: bool = False,
     ) -> RoutingDecision:
-        """Route one prompt.
+        """Route one prompt (see :class:`RouteRequest` for the arguments)."""
+        return self.decide_many([RouteRequest(prompt, requested_tier, budget, shadow)])[0]
 
-        Args:
-            prompt: the job's prompt.
-            requested_tier: a tier the caller forced; the router still predicts (for the audit trail) but the
-                budget is neither consulted nor charged.
-            budget: a budget other than the policy's own (a tenant with its own cloud budget).
-            shadow: the job was sampled to run on both tiers (done only if the budget has room).
+    def decide_many(self, requests: Sequence[RouteRequest]) -> list[RoutingDecision]:
+        """Route several prompts: one router call for all of them, one budget transaction per budget.
+
+        Decisions against one budget are taken in the order given, each seeing the ones before it, exactly as
+        if they had come one by one.
 
         Returns:
-            The decision with everything the audit trail needs.
+            One decision per request, in order, with everything the audit trail needs. ``latency_ms`` is the
+            time the whole batch took (what each of its jobs waited for its decision).
         """
+        if not requests:
+            return []
         started = time.perf_counter()
-        budget = budget or self.budget
-        prediction: Prediction = self.router.predict([prompt])[0]
-        inputs = {"prompt_chars": len(prompt), **dict(prediction.features)}
-        config = budget.config
+        predictions: list[Prediction] = self.router.predict([r.prompt for r in requests])
+        verdicts: dict[int, BudgetVerdict] = {}
+        by_budget: dict[int, tuple[BudgetController, list[int]]] = {}
+        for i, request in enumerate(requests):
+            if request.requested_tier is None:
+                controller = request.budget or self.budget
+                by_budget.setdefault(id(controller), (controller, []))[1].append(i)
+        for controller, indices in by_budget.values():
+            calibrated = self.router.calibrated_threshold(controller.config.rho)
+            asked = [
+                BudgetRequest(
+                    predictions[i].score,
+                    floor=predictions[i].max_score_for_edge,
+                    calibrated_threshold=calibrated,
+                    shadow=requests[i].shadow,
+                )
+                for i in indices
+            ]
+            verdicts.update(zip(indices, controller.decide_many(asked), strict=True))
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        return [
+            self._decision(request, prediction, verdicts.get(i), latency_ms, len(requests))
+            for i, (request, prediction) in enumerate(zip(requests, predictions, strict=True))
+        ]
 
+    def _decision(
+        self,
+        request: RouteRequest,
+        prediction: Prediction,
+        verdict: BudgetVerdict | None,
+        latency_ms: float,
+        batch: int,
+    ) -> RoutingDecision:
+        inputs = {"prompt_chars": len(request.prompt), **dict(prediction.features), "batch": batch}
+        config = (request.budget or self.budget).config
         shadowed = False
-        if requested_tier is not None:
-            tier: Tier = requested_tier
+        if verdict is None:
+            assert request.requested_tier is not None
+            tier: Tier = request.requested_tier
             threshold = None
-            state = {"rho": config.rho, "window": config.window, "budget": budget.name, "forced": True}
-            reason = f"tier {requested_tier!r} requested by the caller"
-            inputs["requested_tier"] = requested_tier
+            state = {
+                "rho": config.rho,
+                "window": config.window,
+                "budget": (request.budget or self.budget).name,
+                "forced": True,
+            }
+            reason = f"tier {request.requested_tier!r} requested by the caller"
+            inputs["requested_tier"] = request.requested_tier
         else:
-            verdict = budget.decide(
-                prediction.score,
-                floor=prediction.max_score_for_edge,
-                calibrated_threshold=self.router.calibrated_threshold(config.rho),
-                shadow=shadow,
-            )
             shadowed = verdict.shadow
             tier = "cloud" if verdict.cloud else "edge"
-            threshold, state, reason = verdict.threshold, {**verdict.state, "budget": budget.name}, verdict.reason
-
+            threshold = verdict.threshold
+            state = {**verdict.state, "budget": (request.budget or self.budget).name}
+            reason = verdict.reason
         return RoutingDecision(
             tier=tier,
             router_name=self.router.name,
@@ -78,7 +132,7 @@ class RoutingPolicy:
             predicted=prediction.predicted_dict(),
             explanation=dict(prediction.explanation) if prediction.explanation else None,
             shadow=shadowed,
-            latency_ms=(time.perf_counter() - started) * 1000.0,
+            latency_ms=latency_ms,
         )
 
 

@@ -50,6 +50,11 @@ class TierSettings(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=20)
     """Retries of a failed generation (transient errors only) before the job fails."""
+    max_batch: int = Field(default=4, ge=1, le=256)
+    """Most jobs one worker process takes at once when several are waiting (never waiting for more): a
+    diffusers pipeline generates those of one size and step count in one call, a remote API gets them all in
+    flight at once, and their database work is one transaction each way. 1: one job at a time. A worker
+    holds up to twice this many messages per process, which other workers of the tier cannot take meanwhile."""
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> TierSettings:
@@ -129,6 +134,9 @@ class Settings(BaseSettings):
     live traffic (``routet2i data export``). Their cloud images are paid from the cloud budget."""
     router: str = "routet2i"
     """Name of the routing policy used by the router worker (``routet2i``, a baseline, or a plug-in)."""
+    route_batch: int = Field(default=32, ge=1, le=1024)
+    """Most jobs a router worker process routes at once when several are waiting (it never waits for more):
+    one transaction, one encoder pass and one budget transaction for all of them."""
     router_model: Path | None = None
     """Trained router artifact directory (``routet2i train``). None: the router's shipped artifact, if any
     (RouteT2I ships one trained on the carried AGIQA-3K ratings)."""

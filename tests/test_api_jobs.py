@@ -243,3 +243,105 @@ def test_events_record_each_state(client, pg_settings) -> None:
     with make_session_factory(make_engine(pg_settings.database_url))() as session:
         events = session.scalars(select(JobEvent).where(JobEvent.job_id == uuid.UUID(job_id))).all()
     assert [e.status for e in events] == ["queued"]
+
+
+# --- batch submission ------------------------------------------------------------------------------------
+
+
+def route_queue_jobs(client_redis: redis.Redis) -> list[str]:
+    """The job ids the route queue's messages carry, in queue order."""
+    from worker.reconcile import job_ids_of
+
+    return [job_id for raw in reversed(client_redis.lrange("route", 0, -1)) for job_id in job_ids_of(raw)]
+
+
+def test_a_batch_creates_every_job_in_order_in_one_message(client, redis_client) -> None:
+    jobs = [{"prompt": f"a boat number {i}", "seed": i} for i in range(5)]
+    response = client.post("/v1/jobs/batch", json={"jobs": jobs})
+    assert response.status_code == 202
+    items = response.get_json()["items"]
+    assert [i["created"] for i in items] == [True] * 5 and len({i["id"] for i in items}) == 5
+    fetched = [client.get(i["url"]).get_json() for i in items]
+    assert [(j["prompt"], j["seed"], j["status"]) for j in fetched] == [
+        (f"a boat number {i}", i, "queued") for i in range(5)
+    ]
+    assert all([e["status"] for e in j["events"]] == ["queued"] for j in fetched)
+    assert route_queue_length(redis_client) == 1  # the router takes the jobs of one submission together
+    assert route_queue_jobs(redis_client) == [i["id"] for i in items]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"jobs": []}, "jobs"),
+        ({"jobs": [{"prompt": "a"}] * 101}, "jobs"),
+        ({"jobs": [{"prompt": "a cat"}, {"prompt": ""}]}, "jobs.1.prompt"),
+        ({"jobs": [{"prompt": "a cat"}, {"prompt": "a dog", "steps": 0}]}, "jobs.1.steps"),
+        ({"jobs": [{"prompt": "a cat", "colour": "red"}]}, "jobs.0.colour"),
+        ({"jobs": "a cat"}, "jobs"),
+        ({"prompt": "a cat"}, "jobs"),
+        (
+            {"jobs": [{"prompt": "a", "idempotency_key": "k"}, {"prompt": "b", "idempotency_key": "k"}]},
+            "jobs.1.idempotency_key",
+        ),
+    ],
+)
+def test_a_refused_batch_names_the_field_and_creates_nothing(client, redis_client, pg_settings, body, field) -> None:
+    before = job_count(pg_settings)
+    response = client.post("/v1/jobs/batch", json=body)
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["error"]["field"] == field
+    assert job_count(pg_settings) == before
+    assert route_queue_length(redis_client) == 0
+
+
+def test_a_batch_forcing_a_tier_it_may_not_is_refused_whole(client, redis_client, pg_settings) -> None:
+    before = job_count(pg_settings)
+    response = client.post("/v1/jobs/batch", json={"jobs": [{"prompt": "a cat"}, {"prompt": "a dog", "tier": "cloud"}]})
+    assert response.status_code == 403
+    assert response.get_json()["error"]["field"] == "jobs.1.tier"
+    assert job_count(pg_settings) == before and route_queue_length(redis_client) == 0
+
+
+def test_a_batch_repeating_idempotency_keys_answers_the_earlier_jobs(client, redis_client) -> None:
+    first = client.post("/v1/jobs", json={"prompt": "a red kite", "idempotency_key": "kite-1"}).get_json()
+    response = client.post(
+        "/v1/jobs/batch",
+        json={
+            "jobs": [
+                {"prompt": "a red kite", "idempotency_key": "kite-1"},
+                {"prompt": "a blue kite", "idempotency_key": "kite-2"},
+            ]
+        },
+    )
+    assert response.status_code == 202
+    items = response.get_json()["items"]
+    assert [(i["id"] == first["id"], i["created"]) for i in items] == [(True, False), (False, True)]
+    again = client.post(
+        "/v1/jobs/batch",
+        json={
+            "jobs": [
+                {"prompt": "a red kite", "idempotency_key": "kite-1"},
+                {"prompt": "a blue kite", "idempotency_key": "kite-2"},
+            ]
+        },
+    )
+    assert again.status_code == 200
+    assert [i["id"] for i in again.get_json()["items"]] == [i["id"] for i in items]
+    conflict = client.post("/v1/jobs/batch", json={"jobs": [{"prompt": "a green kite", "idempotency_key": "kite-2"}]})
+    assert conflict.status_code == 409 and conflict.get_json()["error"]["field"] == "jobs.0.idempotency_key"
+    assert sorted(route_queue_jobs(redis_client)) == sorted({first["id"], items[1]["id"]})  # each new job once
+
+
+def test_a_batch_counts_every_job_against_the_rate_limit(app, pg_settings, redis_client) -> None:
+    key = create_tenant_key(pg_settings, rate_limit_per_minute=60)  # bursts of 6
+    with app.test_client() as raw:
+        client = authorize(raw, key)
+        too_big = client.post("/v1/jobs/batch", json={"jobs": [{"prompt": f"p{i}"} for i in range(7)]})
+        assert too_big.status_code == 422 and too_big.get_json()["error"]["field"] == "jobs"
+        assert "at most 6" in too_big.get_json()["error"]["message"]
+        assert client.post("/v1/jobs/batch", json={"jobs": [{"prompt": f"p{i}"} for i in range(5)]}).status_code == 202
+        refused = client.post("/v1/jobs/batch", json={"jobs": [{"prompt": "p5"}, {"prompt": "p6"}]})
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+        assert client.post("/v1/jobs", json={"prompt": "p7"}).status_code == 202  # the sixth of the burst
+    assert len(route_queue_jobs(redis_client)) == 6

@@ -95,19 +95,24 @@ def http_settings(pg_url: str, redis_url: str, image_api: ImageApi, tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def client(http_settings: Settings, stack: WorkerPool, tmp_path_factory):
+def http_workers(http_settings: Settings, stack: WorkerPool, tmp_path_factory) -> Iterator[WorkerPool]:
     # The session's workers use the offline models; these use the HTTP API. Stop those so these get the jobs.
     stack.stop_all()
     pool = WorkerPool(http_settings, log_dir=tmp_path_factory.mktemp("http-worker-logs"))
     for queue in ("route", "edge", "cloud"):
         pool.start(queue)
     pool.wait_ready()
-    with create_app(http_settings).test_client() as test_client:
-        yield authorize(test_client, create_tenant_key(http_settings))
+    yield pool
     pool.stop_all()
     for queue in ("route", "edge", "cloud"):
         stack.start(queue)
     stack.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def client(http_settings: Settings, http_workers: WorkerPool):
+    with create_app(http_settings).test_client() as test_client:
+        yield authorize(test_client, create_tenant_key(http_settings))
 
 
 def test_png_answer_is_stored_and_billed(client, image_api: ImageApi) -> None:
@@ -167,3 +172,29 @@ def test_exhausted_retries_dead_letter_the_job_and_replay_revives_it(
     assert replay.returncode == 0, replay.stderr
     revived = wait_for_job(client, job["id"])
     assert revived["status"] == "succeeded" and not revived["dead_lettered"] and revived["error"] is None
+
+
+def test_each_job_of_a_batch_gets_its_own_outcome(http_settings, http_workers: WorkerPool, image_api: ImageApi) -> None:
+    from tests.support import wait_until
+
+    forced = authorize(
+        create_app(http_settings).test_client(), create_tenant_key(http_settings, forced_tiers=("edge",))
+    )
+    for node in [n for n in http_workers.processes if n.startswith(("route-", "edge-"))]:
+        http_workers.stop(node)
+    prompts = ["batch: a plain kite", "batch: a flaky kite", "batch: refuse this kite", "batch: json kite"]
+    response = forced.post("/v1/jobs/batch", json={"jobs": [{"prompt": p, "tier": "edge"} for p in prompts]})
+    ids = [item["id"] for item in response.get_json()["items"]]
+    # Submitted together, the four are routed as one batch and reach the edge queue as one message, which the
+    # edge worker runs as one batch.
+    http_workers.wait_ready([http_workers.start("route")])
+    wait_until(lambda: all(forced.get(f"/v1/jobs/{i}").get_json()["decision"] for i in ids), timeout=60, what="routing")
+    http_workers.wait_ready([http_workers.start("edge")])
+    jobs = [wait_for_job(forced, job_id) for job_id in ids]
+    assert [j["status"] for j in jobs] == ["succeeded", "succeeded", "failed", "succeeded"]
+    assert "content policy violation" in jobs[2]["error"]
+    assert jobs[1]["attempts"] == 3 and image_api.calls["batch: a flaky kite"] == 3
+    assert [j["attempts"] for j in (jobs[0], jobs[2], jobs[3])] == [1, 1, 1]
+    assert [j["decision"]["inputs"]["batch"] for j in jobs] == [4, 4, 4, 4]
+    first_attempts = [next(e for e in j["events"] if e["status"] == "generating") for j in jobs]
+    assert [e["detail"]["batch"] for e in first_attempts] == [4, 4, 4, 4]

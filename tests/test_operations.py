@@ -222,10 +222,13 @@ def test_api_and_worker_logs_are_json_lines_with_the_job_id(
     polled = [r for r in json_lines(ops_api.log()) if r.get("path") == f"/v1/jobs/{job_id}"]
     assert polled and all(r["job_id"] == job_id and r["status"] == 200 for r in polled)
 
-    route_records = [r for r in json_lines(ops_pool.log(ROUTE_NODE)) if r.get("job_id") == job_id]
+    route_log = json_lines(ops_pool.log(ROUTE_NODE))
+    route_records = [r for r in route_log if r.get("job_id") == job_id]
     assert any(r["msg"] == "routed" and r["tier"] == "edge" for r in route_records), route_records
-    # Celery's own record of the task carries the job id too (bound around the task's execution).
-    assert any(r["logger"] == "celery.app.trace" and "router.route" in r["msg"] for r in route_records), route_records
+    assert {r.get("task") for r in route_records} == {"router.route"}
+    # Each batch the worker ran ends with a record of its size and run time, tagged with its task.
+    finished = [r for r in route_log if r["msg"] == "batch finished"]
+    assert finished and all(r["task"] == "router.route" and r["jobs"] >= 1 and r["runtime_s"] > 0 for r in finished)
 
     edge_records = [r for node in EDGE_NODES for r in json_lines(ops_pool.log(node)) if r.get("job_id") == job_id]
     assert any(r["msg"] == "generated" for r in edge_records), edge_records

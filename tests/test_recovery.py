@@ -22,7 +22,7 @@ from tests.support import PrivateRedis
 from worker.app import create_celery
 from worker.context import WorkerContext
 from worker.pipeline import generate_job
-from worker.reconcile import broker_job_ids, job_id_of, reconcile
+from worker.reconcile import broker_job_ids, job_ids_of, reconcile
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def test_lost_job_is_republished_and_a_queued_one_left_alone(env) -> None:
     later = utcnow() + timedelta(seconds=10 * settings.reconcile_after_s)
     again = reconcile(sessions, app, client, settings, now=later)
     assert lost not in again.republished and again.still_queued >= 1
-    assert [job_id_of(raw) for raw in client.lrange("route", 0, -1)].count(lost) == 1
+    assert [job_id for raw in client.lrange("route", 0, -1) for job_id in job_ids_of(raw)].count(lost) == 1
 
 
 def test_backoff_doubles_and_exhausted_jobs_are_dead_lettered(env) -> None:
@@ -172,3 +172,15 @@ def test_a_message_for_another_tier_is_ignored(env) -> None:
     assert generate_job(WorkerContext(settings, app), job_id, "edge", delivery="stale") is False
     job = reload(sessions, job_id)
     assert (job.status, job.attempts, job.lease_owner) == ("queued", 0, None)
+
+
+def test_every_job_of_a_message_carrying_many_is_seen_in_the_broker(env) -> None:
+    from worker.app import ROUTE_TASK, publish_many
+
+    _, _, app, client, _ = env
+    ids = [str(uuid.uuid4()) for _ in range(40)]  # their repr is far longer than Celery's argsrepr keeps
+    publish_many(app, [(ROUTE_TASK, ids, {})])
+    assert client.llen("route") == 1
+    assert job_ids_of(client.lrange("route", 0, -1)[0]) == ids
+    assert set(ids) <= broker_job_ids(client)
+    assert job_ids_of(b"not a message") == []

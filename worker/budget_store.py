@@ -1,13 +1,13 @@
 """The cloud budget window in Redis, shared by every router worker process.
 
-A decision reads the window, decides and appends to it as one optimistic transaction (``WATCH`` /
-``MULTI``): if another router wrote in between, the transaction is retried with the fresh window, so two
-routers can never both take the last cloud slot.
+A router's batch of decisions reads the window, decides in order and appends to it as one optimistic
+transaction (``WATCH`` / ``MULTI``): if another router wrote in between, the transaction is retried with the
+fresh window, so two routers can never both take the last cloud slot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import redis
@@ -36,17 +36,24 @@ class RedisBudgetStore:
         self.window = window
         self.key = f"{KEY_PREFIX}:{name}:window"
 
-    def transact(self, fn: Callable[[BudgetState], BudgetVerdict], score: float) -> BudgetVerdict:
+    def transact(
+        self, fn: Callable[[BudgetState], Sequence[BudgetVerdict]], scores: Sequence[float]
+    ) -> list[BudgetVerdict]:
         for _ in range(MAX_ATTEMPTS):
             with self.client.pipeline() as pipe:
                 try:
                     pipe.watch(self.key)
-                    verdict = fn(self._read(pipe))
+                    verdicts = list(fn(self._read(pipe)))
+                    entries = [
+                        f"{1 if v.uses_cloud else 0}:{float(s)!r}" for v, s in zip(verdicts, scores, strict=True)
+                    ]
+                    if not entries:
+                        return verdicts
                     pipe.multi()
-                    pipe.lpush(self.key, f"{1 if verdict.uses_cloud else 0}:{float(score)!r}")
+                    pipe.lpush(self.key, *entries)  # LPUSH of several values leaves the last one at the head
                     pipe.ltrim(self.key, 0, self.window - 1)
                     pipe.execute()
-                    return verdict
+                    return verdicts
                 except redis.WatchError:
                     continue
         raise BudgetContention(f"budget window changed {MAX_ATTEMPTS} times in a row")

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +68,37 @@ class Generator(Protocol):
 
     def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        """Generate several requests; each failure is that request's outcome, in order."""
+        ...
+
+
+def generate_each(generator: Generator, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+    """:meth:`Generator.generate_batch` for backends that gain nothing from batches: one request at a time."""
+    outcomes: list[GenerationResult | Exception] = []
+    for request in requests:
+        outcomes.append(_outcome(generator, request))
+    return outcomes
+
+
+def generate_concurrently(
+    generator: Generator, requests: Sequence[GenerationRequest]
+) -> list[GenerationResult | Exception]:
+    """:meth:`Generator.generate_batch` for remote APIs: every request of the batch in flight at once."""
+    if len(requests) <= 1:
+        return generate_each(generator, requests)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="generate") as pool:
+        return list(pool.map(lambda request: _outcome(generator, request), requests))
+
+
+def _outcome(generator: Generator, request: GenerationRequest) -> GenerationResult | Exception:
+    try:
+        return generator.generate(request)
+    except Exception as exc:  # the job's outcome; the task decides between retrying and failing it
+        return exc
+
 
 def encode_png(image: Any) -> bytes:
     buffer = io.BytesIO()
@@ -117,34 +149,57 @@ class DiffusersGenerator:
             self.pipe.set_progress_bar_config(disable=True)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        (result,) = self._run([request])
+        return result
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        """Requests of one size and step count go through the pipeline together (one denoising loop over a
+        batch of latents, each with its own seed's generator, so each image is the one it would be alone);
+        a call that fails is retried one request at a time, so only the request that fails alone fails."""
+        outcomes: list[GenerationResult | Exception | None] = [None] * len(requests)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault((request.steps, request.width, request.height), []).append(i)
+        for indices in groups.values():
+            chunk = [requests[i] for i in indices]
+            try:
+                results: list[GenerationResult | Exception] = list(self._run(chunk))
+            except Exception as exc:  # that request's outcome, or find which of the batch fails alone
+                results = [exc] if len(chunk) == 1 else generate_each(self, chunk)
+            for i, result in zip(indices, results, strict=True):
+                outcomes[i] = result
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """One pipeline call for requests of the same size and step count; device time is shared equally."""
         torch = self._torch
+        first = requests[0]
         started = time.perf_counter()
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         compute_start = time.perf_counter()
         with torch.inference_mode():
             output = self.pipe(
-                request.prompt,
-                num_inference_steps=request.steps,
-                width=request.width,
-                height=request.height,
+                [r.prompt for r in requests] if len(requests) > 1 else first.prompt,
+                num_inference_steps=first.steps,
+                width=first.width,
+                height=first.height,
                 guidance_scale=self.settings.guidance_scale,
-                generator=generator,
+                generator=generators if len(requests) > 1 else generators[0],
                 output_type="pil",
             )
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        gpu_s = time.perf_counter() - compute_start
-        png = encode_png(output.images[0])
-        return GenerationResult(
-            png=png,
-            backend=self.backend,
-            model_id=self.model_id,
-            device=self.device,
-            wall_s=time.perf_counter() - started,
-            gpu_s=gpu_s,
-        )
+        gpu_s = (time.perf_counter() - compute_start) / len(requests)
+        pngs = [encode_png(image) for image in output.images]
+        wall_s = (time.perf_counter() - started) / len(requests)
+        return [
+            GenerationResult(
+                png=png, backend=self.backend, model_id=self.model_id, device=self.device, wall_s=wall_s, gpu_s=gpu_s
+            )
+            for png in pngs
+        ]
 
 
 class HttpGenerator:
@@ -208,6 +263,9 @@ class HttpGenerator:
             wall_s=time.perf_counter() - started,
             gpu_s=elapsed,
         )
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        return generate_concurrently(self, requests)
 
 
 class OpenAIGenerator:
@@ -288,6 +346,9 @@ class OpenAIGenerator:
             png=png, backend=self.backend, model_id=self.model_id, device=self.device, wall_s=elapsed, gpu_s=elapsed
         )
 
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        return generate_concurrently(self, requests)
+
 
 class NullGenerator:
     """No model: a flat colour derived from the prompt and seed. Costs only what the settings say."""
@@ -313,6 +374,9 @@ class NullGenerator:
             wall_s=time.perf_counter() - started,
             gpu_s=0.0,
         )
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        return generate_each(self, requests)
 
 
 def create_generator(settings: TierSettings, *, cache_dir: Path) -> Generator:

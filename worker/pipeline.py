@@ -1,7 +1,8 @@
-"""The job pipeline as plain functions: route a job, generate and score its image, fail it.
+"""The job pipeline as plain functions: route jobs, generate and score their images, fail a job.
 
-Each function takes a job id, reads the job from the database (the source of truth), does its step and
-commits the outcome with the job's next state. All are idempotent: a redelivered message for a step that was
+Each step takes a batch of job ids (a worker's batch of messages; one id when the system is idle), reads the
+jobs from the database (the source of truth), does its step for all of them and commits the outcomes with the
+jobs' next states. All are idempotent: a redelivered message for a step that was
 already done only re-publishes the next step, and unique keys make a duplicate generation or cost entry
 fail at commit instead of being recorded twice.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -29,10 +31,10 @@ from db.jobs import get_job, transition
 from db.models import Job, JobStatus, Tenant, utcnow
 from db.pagination import as_utc
 from db.session import transaction
-from router.policy import shadow_sampled
-from worker.app import GENERATE_TASKS, publish
+from router.policy import RouteRequest, shadow_sampled
+from worker.app import GENERATE_TASKS, chunks, publish_many
 from worker.context import ScorerUnavailable, WorkerContext
-from worker.generation import GenerationRequest, cost_usd
+from worker.generation import GenerationRequest, GenerationResult, cost_usd
 
 log = logging.getLogger(__name__)
 
@@ -42,93 +44,140 @@ def _is_done(job: Job | None) -> bool:
 
 
 def route_job(ctx: WorkerContext, job_id: str) -> str | None:
-    """Decide the tier of a queued job, record the decision, and enqueue the generation.
-
-    One transaction: the job row is locked, the router decides (its shared budget window is updated in
-    Redis), and the decision is written with the job's ``routing`` and ``queued`` history entries. A
-    redelivered message finds the job already routed and only repeats the hand-off to the tier queue.
+    """Route one job (:func:`route_jobs` with one id).
 
     Returns:
         The chosen tier, or None when the job no longer needs routing.
     """
-    key = uuid.UUID(job_id)
+    return route_jobs(ctx, [job_id])[job_id]
+
+
+def route_jobs(ctx: WorkerContext, job_ids: Sequence[str]) -> dict[str, str | None]:
+    """Decide the tier of queued jobs, record the decisions, and enqueue their generations.
+
+    One transaction for the whole batch: the job rows are locked (in id order, so two batches never wait on
+    each other in a cycle), the router scores every prompt in one call, each budget window is updated in one
+    Redis transaction, and each decision is written with its job's ``routing`` and ``queued`` history
+    entries. A redelivered message finds its job already routed and only repeats the hand-off to the tier
+    queue.
+
+    Returns:
+        Per job id, the chosen tier, or None when the job no longer needs routing.
+    """
+    tiers: dict[str, str | None] = dict.fromkeys(job_ids)
+    keys = sorted({uuid.UUID(job_id) for job_id in job_ids})
+    handoffs: list[tuple[str, str, bool]] = []  # (job id, tier, shadow)
     try:
         with transaction(ctx.sessions) as session:
-            row = session.execute(
+            rows = session.execute(
                 select(Job, Tenant.cloud_budget)
                 .join(Tenant, Tenant.id == Job.tenant_id)
-                .where(Job.id == key)
+                .where(Job.id.in_(keys))
+                .order_by(Job.id)
                 .with_for_update(of=Job)
-            ).first()
-            if row is None or _is_done(row[0]):
-                return None
-            job, tenant_budget = row
-            if job.tier is not None:
-                # Redelivery after the decision was committed: only the hand-off may be missing.
-                existing = get_decision(session, job_id=key)
-                tier, shadow = job.tier, bool(existing and existing.shadow)
-            else:
-                started = utcnow()
+            ).all()
+            pending: list[tuple[Job, RouteRequest]] = []
+            for job, tenant_budget in rows:
+                if _is_done(job):
+                    continue
+                if job.tier is not None:
+                    # Redelivery after the decision was committed: only the hand-off may be missing.
+                    existing = get_decision(session, job_id=job.id)
+                    handoffs.append((str(job.id), job.tier, bool(existing and existing.shadow)))
+                    continue
                 # A tenant with its own cloud budget is held to it over its own window; others share one.
                 budget = ctx.budget(f"tenant-{job.tenant_id}", tenant_budget) if tenant_budget is not None else None
-                decision = ctx.policy().decide(
+                request = RouteRequest(
                     job.prompt,
                     requested_tier=job.requested_tier,  # type: ignore[arg-type]
                     budget=budget,
-                    shadow=job.requested_tier is None and shadow_sampled(job_id, ctx.settings.shadow_rate),
+                    shadow=job.requested_tier is None and shadow_sampled(str(job.id), ctx.settings.shadow_rate),
                 )
-                tier, shadow = decision.tier, decision.shadow
-                transition(session, job, JobStatus.ROUTING, at=started)
-                record_decision(session, job=job, decision=decision)
-                job.enqueued_at = utcnow()
-                transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": tier})
-                log.info("routed", extra={"job_id": job_id, "tier": tier, "score": decision.score, "shadow": shadow})
+                pending.append((job, request))
+            if pending:
+                started = utcnow()
+                decisions = ctx.policy().decide_many([request for _, request in pending])
+                for (job, _), decision in zip(pending, decisions, strict=True):
+                    transition(session, job, JobStatus.ROUTING, at=started)
+                    record_decision(session, job=job, decision=decision)
+                    job.enqueued_at = utcnow()
+                    transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": decision.tier})
+                    handoffs.append((str(job.id), decision.tier, decision.shadow))
+                    log.info(
+                        "routed",
+                        extra={
+                            "job_id": str(job.id),
+                            "tier": decision.tier,
+                            "score": decision.score,
+                            "shadow": decision.shadow,
+                            "batch": len(pending),
+                        },
+                    )
     except IntegrityError:
-        # Without row locks (SQLite) a concurrent delivery of this message may have decided first: follow it.
+        if len(keys) > 1:
+            # Without row locks (SQLite) a concurrent delivery decided one of these first: route each alone.
+            for job_id in job_ids:
+                tiers.update(route_jobs(ctx, [job_id]))
+            return tiers
+        # A concurrent delivery of this message decided first: follow it.
         with ctx.sessions() as session:
-            winner = get_decision(session, job_id=key)
+            winner = get_decision(session, job_id=keys[0])
         if winner is None:
             raise
-        tier, shadow = winner.tier, winner.shadow
+        handoffs = [(str(keys[0]), winner.tier, winner.shadow)]
 
-    publish(ctx.app, GENERATE_TASKS[tier], job_id)
-    if shadow:
-        publish(ctx.app, GENERATE_TASKS[OTHER_TIER[tier]], job_id, role="shadow")
-    return tier
+    # The batch's hand-offs in one round trip to the broker: per tier, messages of at most as many jobs as one
+    # of its workers takes at once; shadow generations one per message.
+    messages: list[tuple[str, Sequence[str], dict[str, Any]]] = []
+    for tier, task in GENERATE_TASKS.items():
+        ids = [job_id for job_id, chosen, _ in handoffs if chosen == tier]
+        messages += [(task, chunk, {}) for chunk in chunks(ids, ctx.settings.tier(tier).max_batch)]
+    messages += [(GENERATE_TASKS[OTHER_TIER[tier]], [job_id], {"role": "shadow"}) for job_id, tier, s in handoffs if s]
+    publish_many(ctx.app, messages)
+    given = {str(uuid.UUID(job_id)): job_id for job_id in job_ids}
+    for job_id, tier, _ in handoffs:
+        tiers[given[job_id]] = tier
+    return tiers
 
 
 OTHER_TIER = {"edge": "cloud", "cloud": "edge"}
 
 
-def score_image(ctx: WorkerContext, png: bytes, prompt: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Score a generated image with the process's CLIP scorer.
+def score_images(
+    ctx: WorkerContext, pngs: Sequence[bytes], prompts: Sequence[str]
+) -> list[tuple[dict[str, Any] | None, dict[str, Any]]]:
+    """Score generated images with the process's CLIP scorer (in batches of its ``batch_size``).
 
     A scoring failure never costs the user the image they paid for: the image is delivered with no quality
     vector (``quality`` null) and the reason goes into the job's history. A job only fails when it has no
     image to deliver.
 
     Returns:
-        The quality vector as stored (``QualityVector.to_dict()``), or None when scoring is off or failed;
-        and details for the job's history (``scoring_s``, or ``scoring_error``).
+        Per image: the quality vector as stored (``QualityVector.to_dict()``), or None when scoring is off or
+        failed; and details for the job's history (``scoring_s``, the batch's time per image, or
+        ``scoring_error``).
     """
-    if not ctx.settings.scorer.enabled:
-        return None, {}
+    if not ctx.settings.scorer.enabled or not pngs:
+        return [(None, {}) for _ in pngs]
     started = time.perf_counter()
     try:
         from worker.scoring import decode_image
 
-        vector = ctx.scorer().score([decode_image(png, source="generated image")], [prompt])[0]
+        images = [decode_image(png, source="generated image") for png in pngs]
+        vectors = ctx.scorer().score(images, list(prompts))
     except ScorerUnavailable as exc:  # its traceback was logged once, when loading failed
         log.warning("no scorer; the image is delivered without quality", extra={"error": str(exc)})
-        return None, {"scoring_error": str(exc)}
+        return [(None, {"scoring_error": str(exc)}) for _ in pngs]
     except Exception as exc:
         log.exception("scoring failed; the image is delivered without quality", extra={"error": str(exc)})
-        return None, {"scoring_error": f"{type(exc).__name__}: {exc}"}
-    return vector.to_dict(), {"scoring_s": round(time.perf_counter() - started, 4)}
+        return [(None, {"scoring_error": f"{type(exc).__name__}: {exc}"}) for _ in pngs]
+    per_image = round((time.perf_counter() - started) / len(pngs), 4)
+    return [(vector.to_dict(), {"scoring_s": per_image}) for vector in vectors]
 
 
-def _claim(session: Session, job: Job, *, tier: str, delivery: str, ctx: WorkerContext) -> bool:
-    """Take the generation lease for ``delivery``; False when another live delivery holds it."""
+def _claim(session: Session, job: Job, *, tier: str, delivery: str, ctx: WorkerContext, batch: int) -> bool:
+    """Take the generation lease for ``delivery``; False when another live delivery holds it. ``batch``: how
+    many jobs the worker took together (recorded in the job's history)."""
     now = utcnow()
     if (
         job.status == JobStatus.GENERATING
@@ -140,64 +189,108 @@ def _claim(session: Session, job: Job, *, tier: str, delivery: str, ctx: WorkerC
     job.attempts += 1
     job.lease_owner = delivery
     job.lease_until = now + timedelta(seconds=ctx.settings.lease_s)
-    transition(session, job, JobStatus.GENERATING, detail={"tier": tier, "attempt": job.attempts})
+    transition(session, job, JobStatus.GENERATING, detail={"tier": tier, "attempt": job.attempts, "batch": batch})
     return True
 
 
 def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | None = None) -> bool:
-    """Generate the image of a routed job on ``tier``, score, store and bill it, and mark the job succeeded.
-
-    Args:
-        ctx: the worker process's resources.
-        job_id: the job.
-        tier: the tier whose worker runs this.
-        delivery: the Celery task id of the message being handled (a redelivery keeps its id).
+    """Generate one job's image (:func:`generate_jobs` with one job).
 
     Returns:
         True when this call produced the image, False when there was nothing (left) to do.
+
+    Raises:
+        GenerationError: (or any other exception) the generator failed for this job.
     """
-    key = uuid.UUID(job_id)
-    delivery = delivery or f"local-{uuid.uuid4()}"
+    outcome = generate_jobs(ctx, [(job_id, delivery or f"local-{uuid.uuid4()}")], tier)[job_id]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str) -> dict[str, bool | Exception]:
+    """Generate the images of routed jobs on ``tier``, score, store and bill them, and mark them succeeded.
+
+    Two transactions for the whole batch: one takes every job's generation lease, one records every image
+    with its cost and the job's ``succeeded``. Between them the generator runs on all the claimed jobs at once
+    (a diffusers pipeline generates jobs of one size and step count in one call) and the scorer scores every
+    image in batches.
+
+    Args:
+        ctx: the worker process's resources.
+        jobs: ``(job id, delivery)`` pairs; the delivery is the Celery task id of the message being handled
+            (a redelivery keeps its id).
+        tier: the tier whose worker runs this.
+
+    Returns:
+        Per job id: True when this call produced the image, False when there was nothing (left) to do, or the
+        exception the generator raised for that job (the caller decides between retrying and failing it).
+        Database and broker errors are raised for the whole batch.
+    """
     tier_settings = ctx.settings.tier(tier)
+    outcomes: dict[str, bool | Exception] = {job_id: False for job_id, _ in jobs}
+    given = {uuid.UUID(job_id): job_id for job_id, _ in jobs}
+    delivery_of = {uuid.UUID(job_id): delivery for job_id, delivery in jobs}
+    claimed: list[tuple[uuid.UUID, GenerationRequest]] = []
     with transaction(ctx.sessions) as session:
-        job = get_job(session, key, for_update=True)
-        if _is_done(job):
-            return False
-        assert job is not None
-        if job.tier != tier:
-            # A stale message: the job was (re)routed elsewhere, or its routing was not recorded. The message of
-            # its current step, or the reconciler, takes it from here.
-            log.warning(
-                "message for another tier ignored", extra={"job_id": job_id, "tier": tier, "job_tier": job.tier}
-            )
-            return False
-        # No generation can exist yet: the image, its cost and ``succeeded`` are committed together.
-        if job.attempts >= ctx.settings.max_attempts:
-            _dead_letter(session, job, f"generation started {job.attempts} times without finishing", stage="generation")
-            return False
-        if not _claim(session, job, tier=tier, delivery=delivery, ctx=ctx):
-            log.info("duplicate message left alone: a live delivery holds the lease", extra={"job_id": job_id})
-            return False
-        request = GenerationRequest(
-            prompt=job.prompt,
-            seed=job.seed,
-            steps=job.steps or tier_settings.steps,
-            width=job.width or tier_settings.width,
-            height=job.height or tier_settings.height,
-        )
-
-    generator = ctx.generator(tier)
-    result = generator.generate(request)
-    stored = ctx.images.put(result.png)
-    cost = cost_usd(tier_settings, result.gpu_s)
-    quality, scoring = score_image(ctx, result.png, request.prompt)
-
-    try:
-        with transaction(ctx.sessions) as session:
-            job = get_job(session, key, for_update=True)
+        for job in _locked_jobs(session, sorted(given)):
             if _is_done(job):
-                return False
+                continue
+            job_id = str(job.id)
+            if job.tier != tier:
+                # A stale message: the job was (re)routed elsewhere, or its routing was not recorded. The message
+                # of its current step, or the reconciler, takes it from here.
+                log.warning(
+                    "message for another tier ignored", extra={"job_id": job_id, "tier": tier, "job_tier": job.tier}
+                )
+                continue
+            # No generation can exist yet: the image, its cost and ``succeeded`` are committed together.
+            if job.attempts >= ctx.settings.max_attempts:
+                _dead_letter(
+                    session, job, f"generation started {job.attempts} times without finishing", stage="generation"
+                )
+                continue
+            if not _claim(session, job, tier=tier, delivery=delivery_of[job.id], ctx=ctx, batch=len(given)):
+                log.info("duplicate message left alone: a live delivery holds the lease", extra={"job_id": job_id})
+                continue
+            claimed.append(
+                (
+                    job.id,
+                    GenerationRequest(
+                        prompt=job.prompt,
+                        seed=job.seed,
+                        steps=job.steps or tier_settings.steps,
+                        width=job.width or tier_settings.width,
+                        height=job.height or tier_settings.height,
+                    ),
+                )
+            )
+    if not claimed:
+        return outcomes
+
+    results = ctx.generator(tier).generate_batch([request for _, request in claimed])
+    produced: list[tuple[uuid.UUID, GenerationRequest, GenerationResult]] = []
+    for (key, request), result in zip(claimed, results, strict=True):
+        if isinstance(result, Exception):
+            outcomes[given[key]] = result
+        else:
+            produced.append((key, request, result))
+    stored = [ctx.images.put(result.png) for _, _, result in produced]
+    scored = score_images(
+        ctx, [result.png for _, _, result in produced], [request.prompt for _, request, _ in produced]
+    )
+
+    def record(session: Session, items: Sequence[int]) -> list[int]:
+        """Record the produced images ``items`` (indices into ``produced``); returns those recorded."""
+        recorded = []
+        jobs_by_id = {job.id: job for job in _locked_jobs(session, sorted(produced[i][0] for i in items))}
+        for i in items:
+            key, request, result = produced[i]
+            job = jobs_by_id.get(key)
+            if _is_done(job):
+                continue
             assert job is not None
+            quality, scoring = scored[i]
             record_generation(
                 session,
                 job=job,
@@ -210,22 +303,52 @@ def generate_job(ctx: WorkerContext, job_id: str, tier: str, *, delivery: str | 
                 steps=request.steps,
                 width=request.width,
                 height=request.height,
-                image_path=stored.path,
-                image_sha256=stored.sha256,
+                image_path=stored[i].path,
+                image_sha256=stored[i].sha256,
                 wall_s=result.wall_s,
                 gpu_s=result.gpu_s,
-                cost_usd=cost,
+                cost_usd=cost_usd(tier_settings, result.gpu_s),
                 quality=quality,
             )
             job.lease_owner = None
             job.lease_until = None
-            detail = {"tier": tier, "image_sha256": stored.sha256, **scoring}
-            transition(session, job, JobStatus.SUCCEEDED, detail=detail)
+            transition(
+                session, job, JobStatus.SUCCEEDED, detail={"tier": tier, "image_sha256": stored[i].sha256, **scoring}
+            )
+            recorded.append(i)
+        return recorded
+
+    try:
+        with transaction(ctx.sessions) as session:
+            recorded = record(session, range(len(produced)))
     except IntegrityError:
-        log.warning("duplicate generation discarded", extra={"job_id": job_id, "tier": tier})
-        return False
-    log.info("generated", extra={"job_id": job_id, "tier": tier, "wall_s": round(result.wall_s, 3)})
-    return True
+        if len(produced) == 1:
+            log.warning("duplicate generation discarded", extra={"job_id": given[produced[0][0]], "tier": tier})
+            recorded = []
+        else:
+            # One of them was recorded by a concurrent delivery: record the others one by one.
+            recorded = []
+            for i in range(len(produced)):
+                try:
+                    with transaction(ctx.sessions) as session:
+                        recorded += record(session, [i])
+                except IntegrityError:
+                    log.warning("duplicate generation discarded", extra={"job_id": given[produced[i][0]], "tier": tier})
+    for i in recorded:
+        key, _, result = produced[i]
+        outcomes[given[key]] = True
+        log.info(
+            "generated",
+            extra={"job_id": given[key], "tier": tier, "wall_s": round(result.wall_s, 3), "batch": len(claimed)},
+        )
+    return outcomes
+
+
+def _locked_jobs(session: Session, keys: Sequence[uuid.UUID]) -> list[Job]:
+    """The jobs ``keys`` with their rows locked, in id order (so two batches never wait on each other in a cycle)."""
+    if not keys:
+        return []
+    return list(session.scalars(select(Job).where(Job.id.in_(keys)).order_by(Job.id).with_for_update()))
 
 
 def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
@@ -253,7 +376,7 @@ def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
         )
     result = ctx.generator(tier).generate(request)
     stored = ctx.images.put(result.png)
-    quality, _ = score_image(ctx, result.png, request.prompt)
+    ((quality, _),) = score_images(ctx, [result.png], [request.prompt])
     try:
         with transaction(ctx.sessions) as session:
             job = get_job(session, key, for_update=True)

@@ -16,6 +16,7 @@ job that is merely waiting in a long queue from being published twice.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import uuid
@@ -62,16 +63,20 @@ class ReconcileReport:
         }
 
 
-def job_id_of(raw: bytes | str) -> str | None:
-    """The job id carried by a Celery message as kombu's Redis transport stores it."""
+def job_ids_of(raw: bytes | str) -> list[str]:
+    """The job ids carried by a Celery message as kombu's Redis transport stores it (its arguments, read from
+    the body: the ``argsrepr`` header is cut short for a message carrying many ids)."""
     try:
         message = json.loads(raw)
         if isinstance(message, list):  # the unacked hash stores [message, exchange, routing_key]
             message = message[0]
-        args = message["headers"].get("argsrepr") or ""
-        return args.strip("[]()'\" ,") or None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return [str(a) for a in args] if isinstance(args, list) else []
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return []
 
 
 def broker_job_ids(client: redis.Redis) -> set[str]:
@@ -79,11 +84,9 @@ def broker_job_ids(client: redis.Redis) -> set[str]:
     ids: set[str] = set()
     for queue in QUEUES:
         for raw in client.lrange(queue, 0, -1):
-            if (job_id := job_id_of(raw)) is not None:
-                ids.add(job_id)
+            ids.update(job_ids_of(raw))
     for raw in client.hvals(UNACKED_KEY):
-        if (job_id := job_id_of(raw)) is not None:
-            ids.add(job_id)
+        ids.update(job_ids_of(raw))
     return ids
 
 

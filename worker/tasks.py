@@ -1,6 +1,9 @@
-"""Celery tasks: thin adapters from a message (a job id) to a :mod:`worker.pipeline` function.
+"""Celery tasks: thin adapters from messages (the ids of one or more jobs each) to a :mod:`worker.pipeline`
+function.
 
-Failures are sorted in two kinds. Infrastructure that blinks (database, Redis, broker, a remote image API's
+Each task runs on a batch of messages (:mod:`worker.batching`): every message waiting when a pool process
+becomes free, up to the queue's batch size in jobs, one message when the system is idle. Failures are settled
+per job, and sorted in two kinds. Infrastructure that blinks (database, Redis, broker, a remote image API's
 429/5xx) is retried with capped exponential backoff; anything else ends the job as ``failed`` with the reason,
 so every job reaches a terminal state the user can see.
 """
@@ -8,16 +11,19 @@ so every job reaches a terminal state the user can see.
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import kombu.exceptions
 import redis.exceptions
 import sqlalchemy.exc
-from celery import Celery, Task
+from celery import Celery
 from celery.signals import worker_process_init
 
-from worker import pipeline
+from routet2i.settings import Settings
+from worker import batching, pipeline
 from worker.app import GENERATE_TASKS, ROUTE_TASK
+from worker.batching import BatchTask, Delivery
 from worker.budget_store import BudgetContention
 from worker.context import get_context
 from worker.generation import GenerationError
@@ -46,50 +52,122 @@ def backoff(retries: int) -> float:
     return float(min(BACKOFF_CAP_S, 0.5 * 2**retries))
 
 
-def _run(task: Task, stage: str, job_id: str, step: Any, *, generation_retries: int = 0) -> Any:
-    """Run one pipeline step with the retry and failure policy above."""
+def _settle(
+    task: BatchTask, delivery: Delivery, job_id: str, stage: str, exc: Exception, *, generation_retries: int = 0
+) -> None:
+    """Apply the failure policy to ``job_id`` of ``delivery``, whose step raised ``exc``: retry the job later (in
+    a message of its own), or fail it."""
     ctx = get_context(task.app)
     try:
-        return step(ctx)
-    except TRANSIENT as exc:
-        if task.request.retries < INFRA_MAX_RETRIES:
-            log.warning("transient failure, retrying", extra={"job_id": job_id, "stage": stage, "error": str(exc)})
-            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=INFRA_MAX_RETRIES) from exc
-        pipeline.fail_job(
-            ctx, job_id, f"{stage} failed: infrastructure unavailable: {exc}", stage=stage, dead_letter=True
-        )
-    except GenerationError as exc:
-        if exc.retryable and task.request.retries < generation_retries:
-            log.warning("generation failed, retrying", extra={"job_id": job_id, "error": str(exc)})
-            wait = max(backoff(task.request.retries), min(exc.retry_after or 0.0, RETRY_AFTER_CAP_S))
-            raise task.retry(exc=exc, countdown=wait, max_retries=generation_retries) from exc
-        pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage, dead_letter=exc.retryable)
+        if isinstance(exc, TRANSIENT):
+            if delivery.retries < INFRA_MAX_RETRIES:
+                log.warning("transient failure, retrying", extra={"job_id": job_id, "stage": stage, "error": str(exc)})
+                task.retry_delivery(delivery, countdown=backoff(delivery.retries), args=[job_id])
+                return
+            pipeline.fail_job(
+                ctx, job_id, f"{stage} failed: infrastructure unavailable: {exc}", stage=stage, dead_letter=True
+            )
+        elif isinstance(exc, GenerationError):
+            if exc.retryable and delivery.retries < generation_retries:
+                log.warning("generation failed, retrying", extra={"job_id": job_id, "error": str(exc)})
+                wait = max(backoff(delivery.retries), min(exc.retry_after or 0.0, RETRY_AFTER_CAP_S))
+                task.retry_delivery(delivery, countdown=wait, args=[job_id])
+                return
+            pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage, dead_letter=exc.retryable)
+        else:
+            log.error("step failed", exc_info=exc, extra={"job_id": job_id, "stage": stage})
+            pipeline.fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)
+    except Exception:
+        # Neither a retry nor the failure could be recorded (the broker or database is gone too): the job
+        # stays unfinished in the database, where the reconciler finds it.
+        log.exception("could not settle a failed step", extra={"job_id": job_id, "stage": stage})
+
+
+def _jobs(deliveries: Sequence[Delivery]) -> list[tuple[str, Delivery]]:
+    """Every job id the deliveries carry, with its delivery; a job carried twice (a duplicate publication)
+    is kept once, with its first delivery."""
+    seen: set[str] = set()
+    jobs = []
+    for delivery in deliveries:
+        for job_id in delivery.args:
+            if job_id not in seen:
+                seen.add(job_id)
+                jobs.append((job_id, delivery))
+    return jobs
+
+
+def route_batch(task: BatchTask, deliveries: Sequence[Delivery]) -> None:
+    """Route a batch of jobs; when the batch fails for a reason other than the infrastructure, route each job
+    alone, so that one job the router cannot handle fails alone."""
+    ctx = get_context(task.app)
+    jobs = _jobs(deliveries)
+    failed: list[tuple[str, Delivery, Exception]]
+    try:
+        pipeline.route_jobs(ctx, [job_id for job_id, _ in jobs])
+        return
+    except TRANSIENT as transient:
+        failed = [(job_id, delivery, transient) for job_id, delivery in jobs]
     except Exception as exc:
-        log.exception("step failed", extra={"job_id": job_id, "stage": stage})
-        pipeline.fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)
-    return None
+        if len(jobs) == 1:
+            failed = [(jobs[0][0], jobs[0][1], exc)]
+        else:
+            log.warning("batch failed; routing its jobs one by one", extra={"error": str(exc), "batch": len(jobs)})
+            failed = []
+            for job_id, delivery in jobs:
+                try:
+                    pipeline.route_jobs(ctx, [job_id])
+                except Exception as one:
+                    failed.append((job_id, delivery, one))
+    for job_id, delivery, error in failed:
+        _settle(task, delivery, job_id, "routing", error)
 
 
-def _run_shadow(task: Task, job_id: str, tier: str, *, generation_retries: int) -> bool | None:
+def generate_batch(task: BatchTask, tier: str, deliveries: Sequence[Delivery], *, generation_retries: int) -> None:
+    """Generate a batch of jobs' images on ``tier``; shadow generations run one by one beside them."""
+    ctx = get_context(task.app)
+    shadows = [d for d in deliveries if d.kwargs.get("role") == "shadow"]
+    primary = _jobs([d for d in deliveries if d.kwargs.get("role", "primary") != "shadow"])
+    for delivery in shadows:
+        for job_id in delivery.args:
+            _run_shadow(task, delivery, job_id, tier, generation_retries=generation_retries)
+    if not primary:
+        return
+    try:
+        outcomes = pipeline.generate_jobs(ctx, [(job_id, delivery.id) for job_id, delivery in primary], tier)
+    except Exception as exc:
+        for job_id, delivery in primary:
+            _settle(task, delivery, job_id, "generation", exc, generation_retries=generation_retries)
+        return
+    for job_id, delivery in primary:
+        outcome = outcomes[job_id]
+        if isinstance(outcome, Exception):
+            _settle(task, delivery, job_id, "generation", outcome, generation_retries=generation_retries)
+
+
+def _run_shadow(task: BatchTask, delivery: Delivery, job_id: str, tier: str, *, generation_retries: int) -> None:
     """A shadow generation: retried like any other on transient faults, but its failure never touches the
     job (the user's image does not depend on it); it is logged and the label is simply not collected."""
     ctx = get_context(task.app)
     try:
-        return pipeline.generate_shadow(ctx, job_id, tier)
+        pipeline.generate_shadow(ctx, job_id, tier)
     except TRANSIENT as exc:
-        if task.request.retries < INFRA_MAX_RETRIES:
-            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=INFRA_MAX_RETRIES) from exc
+        if delivery.retries < INFRA_MAX_RETRIES:
+            task.retry_delivery(delivery, countdown=backoff(delivery.retries), args=[job_id])
+        else:
+            log.warning("shadow generation abandoned", extra={"job_id": job_id, "tier": tier, "error": str(exc)})
     except GenerationError as exc:
-        if exc.retryable and task.request.retries < generation_retries:
-            raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=generation_retries) from exc
-        log.warning("shadow generation failed", extra={"job_id": job_id, "tier": tier, "error": str(exc)})
+        if exc.retryable and delivery.retries < generation_retries:
+            task.retry_delivery(delivery, countdown=backoff(delivery.retries), args=[job_id])
+        else:
+            log.warning("shadow generation failed", extra={"job_id": job_id, "tier": tier, "error": str(exc)})
     except Exception:
         log.exception("shadow generation failed", extra={"job_id": job_id, "tier": tier})
-    return None
 
 
 def register_tasks(app: Celery) -> None:
-    """Register the route task and one generate task per tier on ``app``, and warm up pool children."""
+    """Register the route task and one generate task per tier on ``app`` (batching tasks: each call gets the
+    messages waiting, up to the queue's batch size), and warm up pool children."""
+    settings = app.conf.routet2i_settings
 
     @worker_process_init.connect(weak=False)
     def _warm_up(**_: Any) -> None:
@@ -99,24 +177,31 @@ def register_tasks(app: Celery) -> None:
         except Exception:  # the first task will fail its job with the reason
             log.exception("warm-up failed", extra={"queues": queues})
 
-    @app.task(name=ROUTE_TASK, bind=True)
-    def route(self: Task, job_id: str) -> str | None:
-        return cast(str | None, _run(self, "routing", job_id, lambda ctx: pipeline.route_job(ctx, job_id)))
+    @app.task(name=ROUTE_TASK, bind=True, base=BatchTask, max_batch=settings.route_batch)
+    def route(self: BatchTask, deliveries: list[Delivery]) -> None:
+        route_batch(self, deliveries)
+
+    batching.register(route)
 
     def make_generate(tier: str) -> None:
-        settings = app.conf.routet2i_settings.tier(tier)
+        tier_settings = settings.tier(tier)
 
-        @app.task(name=GENERATE_TASKS[tier], bind=True)
-        def generate(self: Task, job_id: str, role: str = "primary") -> bool | None:
-            if role == "shadow":
-                return _run_shadow(self, job_id, tier, generation_retries=settings.max_retries)
-            return _run(
-                self,
-                "generation",
-                job_id,
-                lambda ctx: pipeline.generate_job(ctx, job_id, tier, delivery=self.request.id),
-                generation_retries=settings.max_retries,
-            )
+        @app.task(name=GENERATE_TASKS[tier], bind=True, base=BatchTask, max_batch=tier_settings.max_batch)
+        def generate(self: BatchTask, deliveries: list[Delivery]) -> None:
+            generate_batch(self, tier, deliveries, generation_retries=tier_settings.max_retries)
+
+        batching.register(generate)
 
     for tier in GENERATE_TASKS:
         make_generate(tier)
+
+
+def prefetch_multiplier(settings: Settings, queue: str) -> int:
+    """Messages a worker process of ``queue`` may hold (run and waiting).
+
+    Route workers: room for a full batch of one-job messages (single submissions) waiting while a batch runs.
+    Tier workers: the message being run and the next one. Their messages already carry up to ``max_batch``
+    jobs each (the route step packs them), and a longer backlog stays in the queue, where idle workers and
+    autoscalers see it, rather than in one busy worker.
+    """
+    return 2 * settings.route_batch if queue == "route" else 2

@@ -37,7 +37,7 @@ from db.tenants import create_tenant, issue_api_key
 from routet2i.bench import Measurement
 from routet2i.settings import Settings
 from routet2i.stack import StackError, check_redis, child_env, free_port
-from worker.reconcile import job_id_of
+from worker.reconcile import job_ids_of
 
 BODY = {"prompt": "a red bicycle leaning on a brick wall, morning light"}
 
@@ -203,5 +203,5 @@ def _clean(settings: Settings, sessions: sessionmaker[Session], tenant_id: uuid.
         session.execute(delete(Tenant).where(Tenant.id == tenant_id))
     client = redis.Redis.from_url(settings.broker_url)
     for raw in cast(list[bytes], client.lrange("route", 0, -1)):
-        if job_id_of(raw) in ids:
+        if set(job_ids_of(raw)) & ids:
             client.lrem("route", 1, raw)  # type: ignore[arg-type]  # the stubs say str; bytes work

@@ -62,6 +62,7 @@ def worker(
 ) -> None:
     """Run a Celery worker for one queue. Start as many as you need, on as many machines."""
     from worker.app import create_celery
+    from worker.tasks import prefetch_multiplier
 
     settings = load_settings()
     app = create_celery(settings, with_tasks=True)
@@ -71,6 +72,7 @@ def worker(
         f"--queues={queue}",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
+        f"--prefetch-multiplier={prefetch_multiplier(settings, queue)}",
         f"--hostname={name or f'{queue}-{os.getpid()}@{socket.gethostname()}'}",
         f"--loglevel={(loglevel or settings.log_level).upper()}",
         "--without-mingle",
