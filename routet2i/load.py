@@ -130,27 +130,35 @@ class LocalRun:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
-    def submit(self, jobs: int, *, clients: int, progress: bool = False, first: int = 0) -> int:
-        """Submit ``jobs`` PartiPrompts from ``clients`` threads; returns how many were accepted."""
+    def submit(self, jobs: int, *, clients: int, progress: bool = False, first: int = 0, per_request: int = 1) -> int:
+        """Submit ``jobs`` PartiPrompts from ``clients`` threads, ``per_request`` jobs per request (more than
+        one: ``POST /v1/jobs/batch``); returns how many were accepted."""
         prompts = partiprompts()
         accepted = 0
         lock = threading.Lock()
         local = threading.local()
         bar = tqdm(total=jobs, desc="submitted", unit="job", file=sys.stderr, disable=not progress)
 
-        def one(i: int) -> None:
+        def one(start: int) -> None:
             nonlocal accepted
             if not hasattr(local, "http"):
                 local.http = httpx.Client(base_url=self.stack.api_url, headers=self.headers, timeout=30.0)
-            response = local.http.post("/v1/jobs", json={"prompt": prompts[i % len(prompts)], "seed": i})
+            batch = [
+                {"prompt": prompts[i % len(prompts)], "seed": i}
+                for i in range(start, min(start + per_request, first + jobs))
+            ]
+            if per_request == 1:
+                response = local.http.post("/v1/jobs", json=batch[0])
+            else:
+                response = local.http.post("/v1/jobs/batch", json={"jobs": batch})
             if response.status_code != 202:
-                raise StackError(f"submission {i} refused: {response.status_code} {response.text[:200]}")
+                raise StackError(f"submission {start} refused: {response.status_code} {response.text[:200]}")
             with lock:
-                accepted += 1
-                bar.update(1)
+                accepted += len(batch)
+                bar.update(len(batch))
 
         with ThreadPoolExecutor(max_workers=clients) as pool:
-            list(pool.map(one, range(first, first + jobs)))
+            list(pool.map(one, range(first, first + jobs, per_request)))
         bar.close()
         return accepted
 

@@ -157,3 +157,64 @@ def test_cpu_accounting_charges_a_child_process_tree_for_its_work() -> None:
         assert os.getpid() in cpu.named(after, lambda name: name.startswith("python") or name.startswith("pytest"))
     finally:
         child.communicate(b"\n", timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_pipeline_benchmark_runs_single_and_batched_submissions_through_the_stack(pg_settings, tmp_path) -> None:
+    import redis as redis_lib
+
+    from tests.support import PrivateRedis
+
+    (tmp_path / "redis").mkdir()
+    broker = PrivateRedis(tmp_path / "redis")
+    broker.start()
+    env = {
+        "ROUTET2I_DATABASE_URL": pg_settings.database_url,
+        "ROUTET2I_BROKER_URL": broker.url,
+        "ROUTET2I_IMAGE_DIR": str(pg_settings.image_dir),  # the session's image store: the dashboard shows them
+        "ROUTET2I_ROUTER": "prompt-complexity",
+    }
+    try:
+        result = CliRunner().invoke(
+            main,
+            [
+                "bench",
+                "pipeline",
+                "--json",
+                "--repeats",
+                "1",
+                "--latency-jobs",
+                "5",
+                "--burst-jobs",
+                "40",
+                "--clients",
+                "4",
+                "--route-workers",
+                "1",
+                "--tier-workers",
+                "1",
+                "--batch-submissions",
+                "10",
+            ],
+            env=env,
+        )
+        assert result.exit_code == 0, result.output
+        measurements = {m["name"]: m for m in json.loads(result.stdout)}
+        for name in ("pipeline.latency.p50", "pipeline.throughput", "pipeline.batch10.throughput"):
+            assert measurements[name]["value"] > 0 and measurements[name]["reference"] > 0
+        if "pipeline.cpu_per_job.total" in measurements:  # Linux: CPU accounted per part of the stack
+            for prefix in ("pipeline", "pipeline.batch10"):
+                parts = [
+                    m
+                    for n, m in measurements.items()
+                    if n.startswith(f"{prefix}.cpu_per_job.") and not n.endswith(".total")
+                ]
+                assert {m["name"].rsplit(".", 1)[1] for m in parts} >= {"api", "route", "edge", "postgres", "redis"}
+                assert sum(m["value"] for m in parts) == pytest.approx(
+                    measurements[f"{prefix}.cpu_per_job.total"]["value"]
+                )
+        # Both bursts were drained: no message is left waiting for a worker.
+        assert redis_lib.Redis.from_url(broker.url).llen("route") == 0
+    finally:
+        broker.stop()

@@ -157,6 +157,7 @@ register(
             Param("route_workers", 2, "Pool size of the route worker."),
             Param("tier_workers", 2, "Pool size of each tier worker."),
             Param("pool", "prefork", "Celery pool of the workers: prefork, solo or threads."),
+            Param("batch_submissions", 20, "Jobs per POST /v1/jobs/batch in the batched bursts (1: none)."),
         ),
         repeats=3,
     )
