@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.decisions import get_decision, record_decision
-from db.generations import get_generation, record_generation
+from db.generations import NewGeneration, get_generation, record_generation, record_generations
 from db.jobs import get_job, transition
 from db.models import Job, JobStatus, Tenant, utcnow
 from db.pagination import as_utc
@@ -282,40 +282,37 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
 
     def record(session: Session, items: Sequence[int]) -> list[int]:
         """Record the produced images ``items`` (indices into ``produced``); returns those recorded."""
-        recorded = []
         jobs_by_id = {job.id: job for job in _locked_jobs(session, sorted(produced[i][0] for i in items))}
-        for i in items:
+        recorded = [i for i in items if not _is_done(jobs_by_id.get(produced[i][0]))]
+        images = []
+        for i in recorded:
             key, request, result = produced[i]
-            job = jobs_by_id.get(key)
-            if _is_done(job):
-                continue
-            assert job is not None
-            quality, scoring = scored[i]
-            record_generation(
-                session,
-                job=job,
-                tier=tier,
-                role="primary",
-                backend=result.backend,
-                model_id=result.model_id,
-                device=result.device,
-                seed=request.seed,
-                steps=request.steps,
-                width=request.width,
-                height=request.height,
-                image_path=stored[i].path,
-                image_sha256=stored[i].sha256,
-                wall_s=result.wall_s,
-                gpu_s=result.gpu_s,
-                cost_usd=cost_usd(tier_settings, result.gpu_s),
-                quality=quality,
+            images.append(
+                NewGeneration(
+                    job_id=key,
+                    tier=tier,
+                    role="primary",
+                    backend=result.backend,
+                    model_id=result.model_id,
+                    device=result.device,
+                    seed=request.seed,
+                    steps=request.steps,
+                    width=request.width,
+                    height=request.height,
+                    image_path=stored[i].path,
+                    image_sha256=stored[i].sha256,
+                    wall_s=result.wall_s,
+                    gpu_s=result.gpu_s,
+                    cost_usd=cost_usd(tier_settings, result.gpu_s),
+                    quality=scored[i][0],
+                )
             )
+            job = jobs_by_id[key]
             job.lease_owner = None
             job.lease_until = None
-            transition(
-                session, job, JobStatus.SUCCEEDED, detail={"tier": tier, "image_sha256": stored[i].sha256, **scoring}
-            )
-            recorded.append(i)
+            detail = {"tier": tier, "image_sha256": stored[i].sha256, **scored[i][1]}
+            transition(session, job, JobStatus.SUCCEEDED, detail=detail)
+        record_generations(session, images)
         return recorded
 
     try:
