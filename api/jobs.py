@@ -38,7 +38,6 @@ from db.jobs import (
     NewJob,
     create_jobs,
     get_job,
-    get_job_by_idempotency_key,
     get_jobs_by_idempotency_keys,
     list_events,
     list_jobs,
@@ -193,51 +192,44 @@ def submit_jobs(specs: Sequence[JobCreateBase], *, field_prefix: str | None = No
             f"tenant {who.tenant_name!r} is over its limit of {limit} submissions per minute",
             headers={"Retry-After": str(int(wait))},
         )
+
+    def insert() -> list[tuple[Job, bool]]:
+        with transaction(st.sessions) as session:
+            existing = get_jobs_by_idempotency_keys(session, tenant_id=who.tenant_id, keys=list(keys)) if keys else {}
+            replays: dict[int, Job] = {}
+            for i, spec in enumerate(specs):
+                earlier = existing.get(spec.idempotency_key) if spec.idempotency_key is not None else None
+                if earlier is not None:
+                    replays[i] = _check_replay(earlier, spec, field=field(i, "idempotency_key"))
+            new = iter(
+                create_jobs(
+                    session,
+                    tenant_id=who.tenant_id,
+                    jobs=[
+                        NewJob(
+                            prompt=spec.prompt,
+                            seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
+                            steps=spec.steps,
+                            width=spec.width,
+                            height=spec.height,
+                            idempotency_key=spec.idempotency_key,
+                            requested_tier=spec.tier,
+                        )
+                        for i, spec in enumerate(specs)
+                        if i not in replays
+                    ],
+                )
+            )
+            return [(replays[i], False) if i in replays else (next(new), True) for i in range(len(specs))]
+
     try:
         try:
-            with transaction(st.sessions) as session:
-                existing = (
-                    get_jobs_by_idempotency_keys(session, tenant_id=who.tenant_id, keys=list(keys)) if keys else {}
-                )
-                replays: dict[int, Job] = {}
-                for i, spec in enumerate(specs):
-                    earlier = existing.get(spec.idempotency_key) if spec.idempotency_key is not None else None
-                    if earlier is not None:
-                        replays[i] = _check_replay(earlier, spec, field=field(i, "idempotency_key"))
-                new = iter(
-                    create_jobs(
-                        session,
-                        tenant_id=who.tenant_id,
-                        jobs=[
-                            NewJob(
-                                prompt=spec.prompt,
-                                seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
-                                steps=spec.steps,
-                                width=spec.width,
-                                height=spec.height,
-                                idempotency_key=spec.idempotency_key,
-                                requested_tier=spec.tier,
-                            )
-                            for i, spec in enumerate(specs)
-                            if i not in replays
-                        ],
-                    )
-                )
-                results = [(replays[i], False) if i in replays else (next(new), True) for i in range(len(specs))]
+            results = insert()
         except sqlalchemy.exc.IntegrityError:
-            # A concurrent request with one of the keys committed first: answer with its job.
-            if len(specs) > 1:
-                return [pair for spec in specs for pair in submit_jobs([spec])]
-            spec = specs[0]
-            with st.sessions() as session:
-                found = (
-                    get_job_by_idempotency_key(session, tenant_id=who.tenant_id, key=spec.idempotency_key)
-                    if spec.idempotency_key is not None
-                    else None
-                )
-            if found is None:
+            if not keys:
                 raise
-            return [(_check_replay(found, spec, field=field(0, "idempotency_key")), False)]
+            # A concurrent request with one of the keys committed first: once more, which now finds its job.
+            results = insert()
     except DATABASE_DOWN as exc:
         raise ApiError(
             503, "database_unavailable", "the job database is unavailable; retry later", headers={"Retry-After": "5"}

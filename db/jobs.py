@@ -111,10 +111,6 @@ def get_job(session: Session, job_id: uuid.UUID, *, for_update: bool = False) ->
     return session.scalars(query).first()
 
 
-def get_job_by_idempotency_key(session: Session, *, tenant_id: uuid.UUID, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)).first()
-
-
 def get_jobs_by_idempotency_keys(session: Session, *, tenant_id: uuid.UUID, keys: Sequence[str]) -> dict[str, Job]:
     """The tenant's jobs submitted with any of ``keys``, by key."""
     jobs = session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key.in_(keys)))

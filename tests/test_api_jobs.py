@@ -345,3 +345,20 @@ def test_a_batch_counts_every_job_against_the_rate_limit(app, pg_settings, redis
         assert refused.status_code == 429 and "Retry-After" in refused.headers
         assert client.post("/v1/jobs", json={"prompt": "p7"}).status_code == 202  # the sixth of the burst
     assert len(route_queue_jobs(redis_client)) == 6
+
+
+def test_concurrent_batches_with_the_same_keys_make_each_job_once(app, key, pg_settings, redis_client) -> None:
+    before = job_count(pg_settings)
+    jobs = [{"prompt": f"a race number {i}", "idempotency_key": f"batch-race-{i}"} for i in range(3)]
+
+    def submit(_: int) -> tuple[int, list[str]]:
+        with authorize(app.test_client(), key) as c:
+            r = c.post("/v1/jobs/batch", json={"jobs": jobs})
+            return r.status_code, [item["id"] for item in r.get_json()["items"]]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(submit, range(16)))
+    assert {tuple(ids) for _, ids in results} == {tuple(results[0][1])}
+    assert sorted(code for code, _ in results).count(202) == 1
+    assert job_count(pg_settings) == before + 3
+    assert sorted(route_queue_jobs(redis_client)) == sorted(results[0][1])
