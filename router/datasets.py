@@ -3,6 +3,10 @@
 GenAI-Bench: 527 prompts, six generators, three 1-5 alignment ratings per image; metric ``alignment`` is
 their mean. AGIQA-3K: 300 prompts, ten generator configurations, mean opinion scores of perceptual
 ``quality`` and text-image ``alignment``.
+
+Each record's ``auxiliary`` labels are the same metrics for the data set's *other* generators on that prompt
+(``"<generator>:<metric>"``; absent where a generator did not render the prompt): training-only labels
+from which a router can learn what makes a prompt hard, with many more ratings per prompt than the two tiers'.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def genai_bench(edge: str, cloud: str) -> list[LogRecord]:
                 edge=QualityVector({"alignment": sum(ratings[edge]) / len(ratings[edge])}, metric_set="human"),
                 cloud=QualityVector({"alignment": sum(ratings[cloud]) / len(ratings[cloud])}, metric_set="human"),
                 extra={"source": "genai-bench-527", "edge_model": edge, "cloud_model": cloud},
+                auxiliary={
+                    f"{model}:alignment": sum(ratings[model]) / len(ratings[model])
+                    for model in GENAI_BENCH_MODELS
+                    if model not in (edge, cloud) and model in ratings
+                },
             )
         )
     return records
@@ -87,6 +96,12 @@ def agiqa_3k(edge: str, cloud: str) -> list[LogRecord]:
                 edge=vector(rows[edge]),
                 cloud=vector(rows[cloud]),
                 extra={"source": "agiqa-3k", "edge_model": edge, "cloud_model": cloud},
+                auxiliary={
+                    f"{config}:{metric}": value
+                    for config in AGIQA_CONFIGS
+                    if config not in (edge, cloud) and config in rows
+                    for metric, value in vector(rows[config]).values.items()
+                },
             )
         )
     return records

@@ -5,14 +5,19 @@ Format of one line::
     {"id": "00001", "prompt": "...",
      "quality": {"edge": {"alignment": 3.0}, "cloud": {"alignment": 4.3}},
      "metric_set": "human",                            # optional: where the numbers come from
+     "auxiliary": {"SDXL_Base:alignment": 2.67},       # optional: other labels of the same prompt
      "cost": {"edge": 0.009, "cloud": 0.065}}          # optional, and any other extra fields
 
-Both tiers must carry the same metrics. Extra fields are kept in :attr:`LogRecord.extra`.
+Both tiers must carry the same metrics. ``auxiliary`` holds labels of the prompt that are neither tier's quality
+(for the carried data sets: the ratings other generators received on the same prompt), by name; a name may be
+missing from some lines. Learned routers may train on them; decisions never see them. Extra fields are kept in
+:attr:`LogRecord.extra`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,8 @@ class LogRecord:
     edge: QualityVector
     cloud: QualityVector
     extra: Mapping[str, Any] = field(default_factory=dict)
+    auxiliary: Mapping[str, float] = field(default_factory=dict)
+    """Training-only labels of the prompt by name (e.g. another generator's rating of it); may be empty."""
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -52,6 +59,7 @@ class LogRecord:
             "prompt": self.prompt,
             "quality": {"edge": dict(self.edge.values), "cloud": dict(self.cloud.values)},
             "metric_set": self.edge.metric_set,
+            **({"auxiliary": dict(self.auxiliary)} if self.auxiliary else {}),
             **self.extra,
         }
 
@@ -76,13 +84,23 @@ class LogRecord:
             vectors[tier] = QualityVector(values=values, metric_set=str(data.get("metric_set", "log")))
         if set(vectors["edge"].metrics) != set(vectors["cloud"].metrics):
             raise LogFormatError(f"{where}: 'quality.edge' and 'quality.cloud' must have the same metrics")
-        extra = {k: v for k, v in data.items() if k not in ("id", "prompt", "quality", "metric_set")}
+        auxiliary = data.get("auxiliary", {})
+        if not isinstance(auxiliary, Mapping):
+            raise LogFormatError(f"{where}: field 'auxiliary' must be an object of numbers by label name")
+        for name, value in auxiliary.items():
+            if not name:
+                raise LogFormatError(f"{where}: field 'auxiliary' has an empty label name")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise LogFormatError(f"{where}: field 'auxiliary.{name}' must be a finite number")
+        reserved = ("id", "prompt", "quality", "metric_set", "auxiliary")
+        extra = {k: v for k, v in data.items() if k not in reserved}
         return cls(
             id=str(data["id"]),
             prompt=data["prompt"],
             edge=vectors["edge"],
             cloud=vectors["cloud"],
             extra=extra,
+            auxiliary={str(k): float(v) for k, v in auxiliary.items()},
         )
 
 
@@ -134,3 +152,8 @@ def write_log(path: Path, records: Iterable[LogRecord]) -> int:
 
 def metric_names(records: Sequence[LogRecord]) -> tuple[str, ...]:
     return records[0].metrics if records else ()
+
+
+def auxiliary_names(records: Sequence[LogRecord]) -> tuple[str, ...]:
+    """Every auxiliary label name that occurs in ``records``, sorted."""
+    return tuple(sorted({name for record in records for name in record.auxiliary}))

@@ -21,6 +21,28 @@ def test_genai_bench_import_has_every_prompt_and_the_mean_rating() -> None:
     assert first.cloud["alignment"] == pytest.approx(5.0)  # ratings 5, 5, 5
 
 
+def test_genai_bench_import_carries_the_other_models_ratings_as_auxiliary_labels() -> None:
+    first = genai_bench("SDXL_Turbo", "DALLE_3")[0]
+    assert first.auxiliary == pytest.approx(
+        {
+            "SDXL_2_1:alignment": 7 / 3,  # ratings 3, 2, 2
+            "SDXL_Base:alignment": 8 / 3,
+            "DeepFloyd_I_XL_v1:alignment": 10 / 3,
+            "Midjourney_6:alignment": 3.0,
+        }
+    )
+
+
+def test_agiqa_import_carries_the_other_configurations_as_auxiliary_labels() -> None:
+    records = agiqa_3k("sd1.5_normal", "xl2.2_normal")
+    first = records[0]
+    assert len(first.auxiliary) == 16  # 8 other configurations x 2 metrics
+    assert not any(name.startswith(("sd1.5_normal:", "xl2.2_normal:")) for name in first.auxiliary)
+    assert first.auxiliary["midjourney_normal:quality"] == pytest.approx(4.324875409)
+    # DALL-E 2 rendered 290 of the 300 prompts: its labels are absent from the other 10.
+    assert sum("DALLE2_normal:quality" in r.auxiliary for r in records) == 290
+
+
 def test_agiqa_import_pairs_configurations_by_prompt_index() -> None:
     records = agiqa_3k("sd1.5_normal", "xl2.2_normal")
     assert len(records) == 300
@@ -39,6 +61,16 @@ def test_log_round_trip(tmp_path) -> None:
     path = tmp_path / "log.jsonl"
     assert write_log(path, records) == 20
     assert read_log(path) == records
+    assert read_log(path)[0].auxiliary["DALLE_3:alignment"] == pytest.approx(5.0)
+
+
+def test_a_log_without_auxiliary_labels_reads_and_writes_without_them(tmp_path) -> None:
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"id": "0", "prompt": "ok", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}}) + "\n")
+    (record,) = read_log(path)
+    assert record.auxiliary == {} and record.extra == {}
+    write_log(path, [record])
+    assert "auxiliary" not in json.loads(path.read_text())
 
 
 @pytest.mark.parametrize(
@@ -50,6 +82,19 @@ def test_log_round_trip(tmp_path) -> None:
         ('{"id": "1", "prompt": "a", "quality": {"edge": {"q": "x"}, "cloud": {"q": 2}}}', "quality.edge.q"),
         ('{"id": "1", "prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"r": 2}}}', "same metrics"),
         ('{"prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}}', "'id'"),
+        (
+            '{"id": "1", "prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}, "auxiliary": [1]}',
+            "'auxiliary'",
+        ),
+        (
+            '{"id": "1", "prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}, "auxiliary": {"m:q": "4"}}',
+            "'auxiliary.m:q'",
+        ),
+        (
+            '{"id": "1", "prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}, "auxiliary": {"m:q": true}}',
+            "'auxiliary.m:q'",
+        ),
+        ('{"id": "1", "prompt": "a", "quality": {"edge": {"q": 1}, "cloud": {"q": 2}}, "auxiliary": {"": 1}}', "empty"),
     ],
 )
 def test_malformed_lines_are_refused_with_their_line_number(tmp_path, line, message) -> None:

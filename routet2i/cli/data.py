@@ -41,6 +41,8 @@ def _write(records: Iterable[LogRecord], output: Path) -> None:
 def genai_bench(edge: str, cloud: str, output: Path) -> None:
     """GenAI-Bench (527 prompts): metric `alignment`, the mean of three 1-5 human ratings.
 
+    Each line's `auxiliary` labels are the other four models' ratings of the prompt (training only).
+
     Models: SDXL_Turbo, SDXL_2_1, SDXL_Base, DeepFloyd_I_XL_v1, Midjourney_6, DALLE_3.
     """
     from router import datasets
@@ -61,6 +63,8 @@ def genai_bench(edge: str, cloud: str, output: Path) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Log file.")
 def agiqa_3k(edge: str, cloud: str, output: Path) -> None:
     """AGIQA-3K (300 prompts): metrics `quality` and `alignment`, human mean opinion scores.
+
+    Each line's `auxiliary` labels are the other configurations' scores of the prompt (training only).
 
     Configurations: AttnGAN_normal, glide_normal, DALLE2_normal, midjourney_normal, midjourney_lowstep,
     sd1.5_normal, sd1.5_lowstep, sd1.5_highcorr, sd1.5_lowcorr, xl2.2_normal.
