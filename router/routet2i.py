@@ -15,12 +15,16 @@ token states ``T`` (n × d) and the sentence embedding ``s``. For expert ``i`` w
    the sentence embedding: ``sentence_width``) to the metric's quality on the edge and on the cloud, in units
    standardised on the training data.
 4. *Ridge prior*: the network predicts corrections to a closed-form ridge regression of every output on the
-   sentence embedding and the prompt statistics (``prior``).
+   sentence embedding and the prompt statistics (``prior``). Where the log carries auxiliary labels (other
+   generators' ratings of the same prompts, :attr:`router.log.LogRecord.auxiliary`), the prior learns them
+   too, in one reduced-rank regression whose shared output space shapes the tiers' predictions
+   (:func:`fit_prior`, ``auxiliary``); they are training targets only, never inputs.
 
 Training: AdamW, mean squared error on both tiers plus ``gap_weight`` times the error of the predicted gap
 (routing depends on the gap), early stopping on a validation split carved out of the training records by
-prompt. ``members`` predictors are trained on different validation splits and averaged (a small ensemble: on
-a few hundred labelled prompts single runs vary more than the differences between routers).
+prompt; each member's corrections are then scaled by the share in [0, 1] that is best on that split
+(``shrink_correction``). ``members`` predictors are trained on different validation splits and averaged (a
+small ensemble: on a few hundred labelled prompts single runs vary more than the differences between routers).
 
 The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds;
 an epoch that back-propagates through the encoder costs about 80 times more on a CPU (docs/router.md).
@@ -37,6 +41,7 @@ sends the lowest PRS first: the largest ``α ≤ ½`` with ``P{PRS < α} ≤ ρ`
 **Ablations** (the paper's): ``routet2i-no-multi-metric`` collapses the metrics into one composite quality
 (each metric divided by its gain scale, averaged) learned by one expert; ``routet2i-no-token-selection``
 weights all tokens by affinity; ``routet2i-no-dual-gate`` replaces ``σ(T⁺ − T⁻)`` by one projection ``tanh(T·P_i·S)``.
+``routet2i-no-auxiliary`` (this implementation's addition) fits the prior without the log's auxiliary labels.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import numpy as np
 from router.base import Router, RouterError, read_manifest, write_manifest
 from router.embeddings import SentenceEncoder, TokenStates, default_encoder
 from router.learned import standardise
-from router.log import LogRecord, metric_names
+from router.log import LogRecord, auxiliary_names, metric_names
 from router.pgr import gain_scales, quality_arrays
 from router.splits import split_folds
 from router.types import Prediction, QualityVector
@@ -79,8 +84,14 @@ class RouteT2IConfig:
         prior: the network predicts corrections to a closed-form ridge regression of every output on the
             sentence embedding and prompt statistics (L2 strength by inner cross-validation on the member's
             training split); early stopping keeps a correction only as far as it helps on validation data.
+        auxiliary: the prior also learns the log's auxiliary labels (``LogRecord.auxiliary``: other generators'
+            ratings of the same prompts) in one reduced-rank regression with the tiers' qualities (:func:`fit_prior`);
+            only training uses them, and a log without them is fitted on the tiers' qualities alone.
         prompt_statistics: the heads also see the prompt's length and noun count (log-scaled, standardised):
             the paper's observation that more objects make the cloud win more often, made explicit.
+        shrink_correction: after early stopping, each member's corrections are scaled by the share in [0, 1]
+            that minimises its validation loss (:func:`correction_share`): 0 when the trained network does not
+            improve on the prior, so a network that cannot help cannot hurt.
         dropout: dropout on the heads' inputs while training.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -107,6 +118,8 @@ class RouteT2IConfig:
     sentence_width: int = 0
     prompt_statistics: bool = True
     prior: bool = True
+    auxiliary: bool = True
+    shrink_correction: bool = True
     dropout: float = 0.1
     lr: float = 2e-3
     weight_decay: float = 1e-2
@@ -232,30 +245,88 @@ class _Batch:
 PRIOR_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(0, 5, 11))
 """L2 strengths tried for the ridge prior (standardised features)."""
 
+PRIOR_RANKS: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
+"""Ranks tried for the prior's shared output space (full rank, plain ridge, is always tried too)."""
+
 
 def fit_prior(
-    x: np.ndarray, y: np.ndarray, prompts: Sequence[str], seed: int, weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Multi-output ridge of ``y`` (n, m, 2) on features ``x`` (n, p): coefficients (p, m, 2) and intercepts.
+    x: np.ndarray,
+    y: np.ndarray,
+    prompts: Sequence[str],
+    seed: int,
+    weights: np.ndarray | None = None,
+    auxiliary: np.ndarray | None = None,
+    ranks: Sequence[int] = PRIOR_RANKS,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Reduced-rank multi-output ridge of ``y`` (n, m, 2) on features ``x`` (n, p), optionally learnt together
+    with auxiliary targets: coefficients (p, m, 2), intercepts (m, 2) and the chosen L2 strength and rank.
 
-    One L2 strength for all outputs, the one with the smallest inner cross-validated error of the predicted
-    cloud-minus-edge gaps combined with ``weights`` (m,) per metric (what routing ranks by: the linearised PRS);
-    None: the sum of the metrics' squared gap errors.
+    The outputs are ``y`` and the columns of ``auxiliary`` (n, q) standardised (NaN: the label is missing;
+    it counts as the column's mean). Every output is ridge-regressed on ``x`` with one L2 strength, and the
+    fitted values are projected onto their top ``r`` principal directions, so all outputs share an
+    ``r``-dimensional space of prompt features: auxiliary labels (other generators' ratings of the same
+    prompt) then shape the directions the tiers' predictions use, which lowers their variance on a few
+    hundred noisy labels. The L2 strength and the rank (full rank, plain ridge, included) are the pair with
+    the smallest inner cross-validated error of the predicted cloud-minus-edge gaps combined with
+    ``weights`` (m,) per metric (what routing ranks by: the linearised PRS); None: the sum of the metrics'
+    squared gap errors. Only the coefficients of ``y`` are returned: decisions need nothing else.
     """
     from router.learned import INNER_FOLDS, ridge_path
     from router.splits import inner_splits
 
     flat = y.reshape(len(y), -1)
-    errors = np.zeros(len(PRIOR_ALPHAS))
-    for train, valid in inner_splits(prompts, INNER_FOLDS, seed):
-        for j, (coef, intercept) in enumerate(ridge_path(x[train], flat[train], PRIOR_ALPHAS)):
-            pred = (x[valid] @ coef + intercept).reshape(-1, *y.shape[1:])
-            gap_error = (pred[..., 1] - pred[..., 0]) - (y[valid, :, 1] - y[valid, :, 0])
-            if weights is not None:
-                gap_error = gap_error @ weights
-            errors[j] += float((gap_error**2).sum())
-    ((coef, intercept),) = ridge_path(x, flat, (PRIOR_ALPHAS[int(np.argmin(errors))],))
-    return coef.reshape(x.shape[1], *y.shape[1:]), intercept.reshape(y.shape[1:])
+    n_main = flat.shape[1]
+    outputs = flat
+    if auxiliary is not None and auxiliary.size:
+        aux = auxiliary[:, (~np.isnan(auxiliary)).sum(axis=0) >= 2]  # a label known once carries nothing
+        if aux.size:
+            mean, std = np.nanmean(aux, axis=0), np.nanstd(aux, axis=0)
+            aux = np.where(np.isnan(aux), 0.0, (aux - mean) / np.where(std > 1e-12, std, 1.0))
+            outputs = np.concatenate([flat, aux], axis=1)
+    splits = inner_splits(prompts, INNER_FOLDS, seed)
+
+    def basis(x_fit: np.ndarray, coef: np.ndarray) -> np.ndarray:
+        """Principal directions (rows, strongest first) of the fitted outputs, and zero rows to their number."""
+        _, _, vt = np.linalg.svd((x_fit - x_fit.mean(axis=0)) @ coef, full_matrices=False)
+        full = np.zeros((coef.shape[1], coef.shape[1]))
+        full[: len(vt)] = vt
+        return full
+
+    def search(outputs: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """Inner cross-validated routing error per (L2 strength, rank) for one set of outputs."""
+        n_out = outputs.shape[1]
+        candidates = sorted({min(int(r), n_out) for r in (*ranks, n_out)})
+        errors = np.zeros((len(PRIOR_ALPHAS), len(candidates)))
+        for train, valid in splits:
+            truth = y[valid, :, 1] - y[valid, :, 0]
+            centre = x[train].mean(axis=0)
+            for j, (coef, intercept) in enumerate(ridge_path(x[train], outputs[train], PRIOR_ALPHAS)):
+                directions = basis(x[train], coef)
+                deviation = (x[valid] - centre) @ coef  # the fitted values' deviation from the output means
+                means = intercept + centre @ coef
+                for k, rank in enumerate(candidates):
+                    reduced = deviation if rank == n_out else (deviation @ directions[:rank].T) @ directions[:rank]
+                    pred = (reduced[:, :n_main] + means[:n_main]).reshape(-1, *y.shape[1:])
+                    gap_error = (pred[..., 1] - pred[..., 0]) - truth
+                    if weights is not None:
+                        gap_error = gap_error @ weights
+                    errors[j, k] += float((gap_error**2).sum())
+        return errors, candidates
+
+    # Full rank is plain ridge, whose coefficients of each output do not depend on the others: the search
+    # can always fall back on the prior without auxiliary labels.
+    errors, candidates = search(outputs)
+    j, k = np.unravel_index(int(np.argmin(errors)), errors.shape)
+    ((coef, intercept),) = ridge_path(x, outputs, (PRIOR_ALPHAS[j],))
+    rank = candidates[k]
+    if rank < outputs.shape[1]:
+        centre = x.mean(axis=0)
+        means = intercept + centre @ coef
+        top = basis(x, coef)[:rank]
+        coef = (coef @ top.T) @ top
+        intercept = means - centre @ coef
+    chosen = {"alpha": float(PRIOR_ALPHAS[j]), "rank": int(rank), "outputs": int(outputs.shape[1])}
+    return coef[:, :n_main].reshape(x.shape[1], *y.shape[1:]), intercept[:n_main].reshape(y.shape[1:]), chosen
 
 
 def _pad(items: Sequence[TokenStates], stats: np.ndarray) -> _Batch:
@@ -345,6 +416,7 @@ class RouteT2IRouter(Router):
         raw_features = self._raw_features(tokens, stats)
         self.feature_mean, self.feature_std = standardise(raw_features)
         features = (raw_features - self.feature_mean) / self.feature_std
+        auxiliary = _auxiliary_labels(records) if self.cfg.auxiliary else None
         n_valid_folds = max(2, round(1.0 / self.cfg.validation_share))
         # A standardised gap moves ½ − PRS by about w_i·std_i / (4Γ·s_i): the prior's L2 strength is chosen on that.
         prs_relevance = self.prs_weights() * self.std / self.scales
@@ -358,13 +430,21 @@ class RouteT2IRouter(Router):
                 valid = np.flatnonzero(folds == holdout)
                 torch.manual_seed(member_seed)
                 prior = np.zeros_like(y)
+                chosen: dict[str, float] = {}
                 if self.cfg.prior:
-                    coef, intercept = fit_prior(
-                        features[train], y[train], [prompts[i] for i in train], member_seed, prs_relevance
+                    coef, intercept, chosen = fit_prior(
+                        features[train],
+                        y[train],
+                        [prompts[i] for i in train],
+                        member_seed,
+                        prs_relevance,
+                        None if auxiliary is None else auxiliary[train],
                     )
                     self.priors.append((coef, intercept))
                     prior = np.einsum("np,pmo->nmo", features, coef) + intercept
                 state, report = self._fit_member(tokens, stats, y - prior, train, valid, member_seed)
+                if chosen:
+                    report["prior"] = chosen
                 self.states.append(state)
                 reports.append(report)
                 if self.on_member is not None:
@@ -422,7 +502,18 @@ class RouteT2IRouter(Router):
                 break
         assert best_state is not None
         state = {k: v.numpy() for k, v in best_state.items()}
-        return state, {"best_epoch": best_epoch + 1, "epochs": epoch + 1, "valid_loss": round(best, 6)}
+        report: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": epoch + 1, "valid_loss": round(best, 6)}
+        if cfg.shrink_correction:
+            net.load_state_dict(best_state)
+            net.eval()
+            with torch.inference_mode():
+                out, _, _ = net(*valid_batch.inputs())
+            share = correction_share(out.numpy().astype(np.float64), y[valid], cfg.gap_weight)
+            # The outputs are linear in the heads' weights and biases: scaling both scales the correction.
+            state["head_w"] = (state["head_w"] * share).astype(np.float32)
+            state["head_b"] = (state["head_b"] * share).astype(np.float32)
+            report["correction_share"] = round(share, 6)
+        return state, report
 
     # --- prediction -------------------------------------------------------------------------------------
 
@@ -445,6 +536,10 @@ class RouteT2IRouter(Router):
                 "head_w": np.stack([m["head_w"] for m in members]),  # (M, k, h + extra, 2)
                 "head_b": np.stack([m["head_b"] for m in members]),  # (M, k, 2)
             }
+            if self.priors:
+                d = experts.shape[-1]
+                coef = np.mean([c for c, _ in self.priors], axis=0)[:d]  # (d, k, 2): the embedding's features
+                stacked["prior_gap"] = (coef[..., 1] - coef[..., 0]) / self.feature_std[:d, None]  # (d, k)
             if self.cfg.sentence_width:
                 stacked["sentence_w"] = np.stack([m["sentence.weight"] for m in members])  # (M, hs, d)
                 stacked["sentence_b"] = np.stack([m["sentence.bias"] for m in members])  # (M, hs)
@@ -490,15 +585,34 @@ class RouteT2IRouter(Router):
         pushes = np.einsum("bmklh,mkh->bmkl", gates, direction) * weights
         return out.mean(axis=1), pushes.mean(axis=1)
 
+    def _prior_pushes(self, batch: _Batch) -> np.ndarray:
+        """Each token's share of the ridge prior's predicted gap (B, k, L), standardised units.
+
+        The sentence embedding is the normalised mean of the token states, ``s = Σ_t T_t / (n·‖m‖)``, and the
+        prior is linear in it, so token ``t`` moves the prior's gap by ``T_t·c / (n·‖m‖)`` with ``c`` the gap
+        coefficients of the (standardised) embedding features, averaged over members.
+        """
+        w = self._stacked()
+        states, mask = batch.states, batch.mask
+        count = np.maximum(mask.sum(axis=1), 1).astype(np.float32)  # (B,)
+        norm = np.linalg.norm(states.sum(axis=1) / count[:, None], axis=1)  # ‖m‖, (B,)
+        scale = 1.0 / (count * np.maximum(norm, 1e-12))
+        n, length, d = states.shape
+        pushes = (states.reshape(n * length, d) @ w["prior_gap"]).reshape(n, length, -1)
+        result: np.ndarray = pushes.transpose(0, 2, 1) * scale[:, None, None]
+        return result
+
     def _forward(self, tokens: Sequence[TokenStates], stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predicted edge and cloud qualities (n, m) in the metrics' own units, and per-token gap pushes
         (n, m, L) in the same units (averaged over members)."""
         with _one_blas_thread():
-            out, pushes = self._moe(_pad(tokens, stats))
+            batch = _pad(tokens, stats)
+            out, pushes = self._moe(batch)
             out = out.astype(np.float64)
             if self.priors:
                 features = (self._raw_features(tokens, stats) - self.feature_mean) / self.feature_std
                 out = out + np.mean([np.einsum("np,pmo->nmo", features, c) + b for c, b in self.priors], axis=0)
+                pushes = pushes + self._prior_pushes(batch)
         edge = out[..., 0] * self.std + self.mean
         cloud = out[..., 1] * self.std + self.mean
         return edge, cloud, pushes * self.std[None, :, None]
@@ -688,6 +802,25 @@ class RouteT2IRouter(Router):
         return path if (path / "manifest.json").is_file() else None
 
 
+def correction_share(out: np.ndarray, target: np.ndarray, gap_weight: float) -> float:
+    """The share ``λ ∈ [0, 1]`` of the network's corrections ``out`` (n, k, 2) that minimises the training loss
+    of ``λ·out`` against the residual targets ``target`` on validation data (closed form: the loss is quadratic
+    in ``λ``). 0 keeps the prior alone; 1 the corrections as trained."""
+    gap_out, gap_target = out[..., 1] - out[..., 0], target[..., 1] - target[..., 0]
+    curvature = float(np.mean(out**2) + gap_weight * np.mean(gap_out**2))
+    slope = float(np.mean(out * target) + gap_weight * np.mean(gap_out * gap_target))
+    return float(np.clip(slope / curvature, 0.0, 1.0)) if curvature > 0 else 0.0
+
+
+def _auxiliary_labels(records: Sequence[LogRecord]) -> np.ndarray | None:
+    """The records' auxiliary labels as an (n, q) array by sorted label name, NaN where a record lacks one;
+    None when no record has any."""
+    names = auxiliary_names(records)
+    if not names:
+        return None
+    return np.array([[r.auxiliary.get(name, np.nan) for name in names] for r in records], dtype=np.float64)
+
+
 def _loss(out: Any, target: Any, gap_weight: float) -> Any:
     torch = _torch()
     tiers = torch.mean((out - target) ** 2)
@@ -751,3 +884,10 @@ class NoDualGateRouter(RouteT2IRouter):
 
     name = "routet2i-no-dual-gate"
     ablation: ClassVar[dict[str, bool]] = {"dual_gate": False}
+
+
+class NoAuxiliaryRouter(RouteT2IRouter):
+    """Ablation: the prior learns the tiers' qualities alone, ignoring the log's auxiliary labels."""
+
+    name = "routet2i-no-auxiliary"
+    ablation: ClassVar[dict[str, bool]] = {"auxiliary": False}

@@ -11,7 +11,16 @@ import pytest
 
 from router.base import RouterError, create_router, load_router
 from router.log import LogRecord
-from router.routet2i import RouteT2IConfig, RouteT2IRouter, _Batch, build_network, fit_prior, prompt_statistics
+from router.routet2i import (
+    RouteT2IConfig,
+    RouteT2IRouter,
+    _Batch,
+    _pad,
+    build_network,
+    correction_share,
+    fit_prior,
+    prompt_statistics,
+)
 from router.types import QualityVector
 
 SMALL = {"members": 2, "max_epochs": 40, "patience": 8, "threads": 1}
@@ -149,6 +158,7 @@ def test_fixed_seed_gives_identical_artifacts() -> None:
         ("routet2i-no-multi-metric", "multi_metric"),
         ("routet2i-no-token-selection", "token_selection"),
         ("routet2i-no-dual-gate", "dual_gate"),
+        ("routet2i-no-auxiliary", "auxiliary"),
     ],
 )
 def test_ablations_switch_off_their_component(name: str, setting: str) -> None:
@@ -255,7 +265,108 @@ def test_the_prior_picks_its_l2_strength_on_the_weighted_gaps() -> None:
     prompts = [f"prompt {i}" for i in range(200)]
 
     def slope(weights: np.ndarray) -> float:
-        coef, _ = fit_prior(x, y, prompts, seed=0, weights=weights)
+        coef, _, _ = fit_prior(x, y, prompts, seed=0, weights=weights)
         return float(np.abs(coef[:, 1, 1] - coef[:, 1, 0]).sum())
 
     assert slope(np.array([0.0, 1.0])) > 5 * slope(np.array([1.0, 0.0]))
+
+
+def _factor_problem(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """One prompt factor ``f = x·u`` raises the cloud's quality under heavy rating noise; eight auxiliary
+    labels (other generators) see the same factor with little noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(150, 60))
+    u = rng.normal(size=60)
+    u /= np.linalg.norm(u)
+    f = x @ u
+    y = np.zeros((150, 1, 2))
+    y[:, 0, 0] = rng.normal(size=150) * 2.0
+    y[:, 0, 1] = f + rng.normal(size=150) * 2.0
+    auxiliary = f[:, None] * rng.uniform(0.5, 1.5, size=8) + rng.normal(size=(150, 8)) * 0.3
+    return x, y, auxiliary, u, [f"prompt {i}" for i in range(150)]
+
+
+def test_auxiliary_labels_point_the_prior_at_their_shared_factor() -> None:
+    x, y, auxiliary, u, prompts = _factor_problem()
+
+    def alignment(coef: np.ndarray) -> float:
+        gap = coef[:, 0, 1] - coef[:, 0, 0]
+        return float(abs(gap @ u) / np.linalg.norm(gap))
+
+    plain, _, plain_chosen = fit_prior(x, y, prompts, seed=0)
+    helped, _, chosen = fit_prior(x, y, prompts, seed=0, auxiliary=auxiliary)
+    assert plain_chosen["outputs"] == 2 and chosen["outputs"] == 10
+    assert chosen["rank"] < chosen["outputs"]
+    assert alignment(helped) > 0.9 and alignment(plain) < 0.7
+
+
+def test_missing_auxiliary_labels_count_as_their_mean() -> None:
+    x, y, auxiliary, _, prompts = _factor_problem(1)
+    auxiliary[::3, 2] = np.nan
+    auxiliary[:, 5] = np.nan  # never known: ignored
+    coef, intercept, chosen = fit_prior(x, y, prompts, seed=0, auxiliary=auxiliary)
+    assert np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))
+    assert chosen["outputs"] == 2 + 7
+
+
+def _with_auxiliary(records: list[LogRecord], seed: int) -> list[LogRecord]:
+    rng = np.random.default_rng(seed)
+    return [
+        LogRecord(r.id, r.prompt, r.edge, r.cloud, auxiliary={"other:alignment": float(v), "other:quality": 1.0})
+        for r, v in zip(records, rng.normal(size=len(records)), strict=True)
+    ]
+
+
+def test_auxiliary_labels_are_used_in_training_only() -> None:
+    log = _log()[:48]
+    without = RouteT2IRouter(**SMALL).fit(log, seed=0)
+    with_labels = RouteT2IRouter(**SMALL).fit(_with_auxiliary(log, 0), seed=0)
+    other_labels = RouteT2IRouter(**SMALL).fit(_with_auxiliary(log, 1), seed=0)
+    switched_off = RouteT2IRouter(**SMALL, auxiliary=False).fit(_with_auxiliary(log, 0), seed=0)
+    assert len({without.version, with_labels.version, other_labels.version}) == 3  # the labels are learnt from
+    assert switched_off.version != without.version  # the setting is part of the version ...
+    np.testing.assert_array_equal(switched_off.priors[0][0], without.priors[0][0])  # ... but nothing else differs
+    assert with_labels.training_report["members"][0]["prior"]["outputs"] == 4 + 2
+    prompts = [r.prompt for r in _log()[48:60]]
+    # Decisions read the prompt only: scoring records with or without labels gives the same scores.
+    records = _log()[48:60]
+    np.testing.assert_array_equal(
+        with_labels.score_records(records), with_labels.score_records(_with_auxiliary(records, 5))
+    )
+    assert with_labels.score(prompts).shape == (12,)
+
+
+def test_the_correction_share_minimises_the_validation_loss() -> None:
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(30, 2, 2))
+    assert correction_share(target, target, 2.0) == pytest.approx(1.0)
+    assert correction_share(2.0 * target, target, 2.0) == pytest.approx(0.5)
+    assert correction_share(-target, target, 2.0) == 0.0  # a harmful correction is dropped, never reversed
+    assert correction_share(np.zeros_like(target), target, 2.0) == 0.0
+    noisy = target + rng.normal(size=target.shape)
+    share = correction_share(noisy, target, 2.0)
+    losses = {
+        s: np.mean((s * noisy - target) ** 2)
+        + 2.0 * np.mean((s * (noisy[..., 1] - noisy[..., 0]) - (target[..., 1] - target[..., 0])) ** 2)
+        for s in (share - 0.05, share, share + 0.05)
+    }
+    assert min(losses, key=losses.__getitem__) == share
+
+
+def test_members_record_their_correction_share(fitted: RouteT2IRouter) -> None:
+    shares = [m["correction_share"] for m in fitted.training_report["members"]]
+    assert all(0.0 <= s <= 1.0 for s in shares)
+    # The toy log's signal is in a few words the prior's sentence embedding blurs: the network helps there.
+    assert max(shares) > 0.0
+
+
+def test_prior_pushes_split_the_priors_embedding_gap_over_the_tokens(fitted: RouteT2IRouter) -> None:
+    prompts = ['a violin at night next to a sign that says "open 99"', "a cat"]
+    tokens = fitted.encoder.encode_tokens(prompts)
+    pushes = fitted._prior_pushes(_pad(tokens, np.zeros((len(tokens), 4))))
+    d = tokens[0].sentence.shape[0]
+    sentence = np.stack([t.sentence for t in tokens]).astype(np.float64)
+    coef = np.mean([c for c, _ in fitted.priors], axis=0)[:d]
+    expected = sentence @ ((coef[..., 1] - coef[..., 0]) / fitted.feature_std[:d, None])
+    np.testing.assert_allclose(pushes.sum(axis=-1), expected, rtol=1e-4, atol=1e-6)
+    assert np.all(pushes[1, :, len(tokens[1].tokens) :] == 0.0)  # padding moves nothing
