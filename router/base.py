@@ -214,6 +214,5 @@ for _name, _target in {
     "routet2i-no-multi-metric": "router.routet2i:NoMultiMetricRouter",
     "routet2i-no-token-selection": "router.routet2i:NoTokenSelectionRouter",
     "routet2i-no-dual-gate": "router.routet2i:NoDualGateRouter",
-    "routet2i-no-auxiliary": "router.routet2i:NoAuxiliaryRouter",
 }.items():
     register_builtin(_name, _target)

@@ -158,7 +158,6 @@ def test_fixed_seed_gives_identical_artifacts() -> None:
         ("routet2i-no-multi-metric", "multi_metric"),
         ("routet2i-no-token-selection", "token_selection"),
         ("routet2i-no-dual-gate", "dual_gate"),
-        ("routet2i-no-auxiliary", "auxiliary"),
     ],
 )
 def test_ablations_switch_off_their_component(name: str, setting: str) -> None:
@@ -319,13 +318,13 @@ def _with_auxiliary(records: list[LogRecord], seed: int) -> list[LogRecord]:
 
 def test_auxiliary_labels_are_used_in_training_only() -> None:
     log = _log()[:48]
-    without = RouteT2IRouter(**SMALL).fit(log, seed=0)
-    with_labels = RouteT2IRouter(**SMALL).fit(_with_auxiliary(log, 0), seed=0)
-    other_labels = RouteT2IRouter(**SMALL).fit(_with_auxiliary(log, 1), seed=0)
-    switched_off = RouteT2IRouter(**SMALL, auxiliary=False).fit(_with_auxiliary(log, 0), seed=0)
+    without = RouteT2IRouter(**SMALL, auxiliary=True).fit(log, seed=0)
+    with_labels = RouteT2IRouter(**SMALL, auxiliary=True).fit(_with_auxiliary(log, 0), seed=0)
+    other_labels = RouteT2IRouter(**SMALL, auxiliary=True).fit(_with_auxiliary(log, 1), seed=0)
+    default = RouteT2IRouter(**SMALL).fit(_with_auxiliary(log, 0), seed=0)
     assert len({without.version, with_labels.version, other_labels.version}) == 3  # the labels are learnt from
-    assert switched_off.version != without.version  # the setting is part of the version ...
-    np.testing.assert_array_equal(switched_off.priors[0][0], without.priors[0][0])  # ... but nothing else differs
+    assert default.cfg.auxiliary is False  # off by default: the log's labels are ignored ...
+    np.testing.assert_array_equal(default.priors[0][0], without.priors[0][0])  # ... as if there were none
     assert with_labels.training_report["members"][0]["prior"]["outputs"] == 4 + 2
     prompts = [r.prompt for r in _log()[48:60]]
     # Decisions read the prompt only: scoring records with or without labels gives the same scores.
@@ -354,10 +353,15 @@ def test_the_correction_share_minimises_the_validation_loss() -> None:
 
 
 def test_members_record_their_correction_share(fitted: RouteT2IRouter) -> None:
-    shares = [m["correction_share"] for m in fitted.training_report["members"]]
+    assert "correction_share" not in fitted.training_report["members"][0]  # off by default
+    log = _log()
+    shrunk = RouteT2IRouter(**SMALL, shrink_correction=True).fit(log[: len(log) - 12], seed=0)
+    shares = [m["correction_share"] for m in shrunk.training_report["members"]]
     assert all(0.0 <= s <= 1.0 for s in shares)
     # The toy log's signal is in a few words the prior's sentence embedding blurs: the network helps there.
     assert max(shares) > 0.0
+    for state, original, share in zip(shrunk.states, fitted.states, shares, strict=True):
+        np.testing.assert_allclose(state["head_b"], share * original["head_b"], rtol=1e-5, atol=1e-7)
 
 
 def test_prior_pushes_split_the_priors_embedding_gap_over_the_tokens(fitted: RouteT2IRouter) -> None:
