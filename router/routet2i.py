@@ -23,9 +23,10 @@ token states ``T`` (n × d) and the sentence embedding ``s``. For expert ``i`` w
 
 Training: AdamW, mean squared error on both tiers plus ``gap_weight`` times the error of the predicted gap
 (routing depends on the gap), early stopping on a validation split carved out of the training records by
-prompt; optionally each member's corrections are then scaled by the share in [0, 1] that is best on that split
-(``shrink_correction``, off by default). ``members`` predictors are trained on different validation splits and averaged (a
-small ensemble: on a few hundred labelled prompts single runs vary more than the differences between routers).
+prompt; optionally each member's corrections are then scaled by the share in [0, 1] that is best on that
+split (``shrink_correction``, off by default). ``members`` predictors are trained on different validation splits
+and averaged (a small ensemble: on a few hundred labelled prompts single runs vary more than the differences
+between routers).
 
 The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds;
 an epoch that back-propagates through the encoder costs about 80 times more on a CPU (docs/router.md).
