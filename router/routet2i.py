@@ -84,7 +84,8 @@ class RouteT2IConfig:
         sentence_width: width of the sentence-embedding projection the heads also see (0: none).
         prior: the network predicts corrections to a closed-form ridge regression of every output on the
             sentence embedding and prompt statistics (L2 strength by inner cross-validation on the member's
-            training split); early stopping keeps a correction only as far as it helps on validation data.
+            training split); early stopping keeps the correction of the epoch with the lowest validation error
+            (after at least one epoch).
         auxiliary: the prior also learns the log's auxiliary labels (``LogRecord.auxiliary``: other generators'
             ratings of the same prompts) in one reduced-rank regression with the tiers' qualities (:func:`fit_prior`);
             only training uses them, and a log without them is fitted on the tiers' qualities alone. Off by
