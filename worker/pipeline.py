@@ -26,12 +26,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.decisions import get_decision, record_decision
-from db.generations import NewGeneration, get_generation, record_generation, record_generations
+from db.generations import NewGeneration, get_generation, record_generations
+from db.images import StoredImage
 from db.jobs import get_job, transition
 from db.models import Job, JobStatus, Tenant, utcnow
 from db.pagination import as_utc
 from db.session import transaction
 from router.policy import RouteRequest, shadow_sampled
+from routet2i.settings import TierSettings
 from worker.app import GENERATE_TASKS, chunks, publish_many
 from worker.context import ScorerUnavailable, WorkerContext
 from worker.generation import GenerationRequest, GenerationResult, cost_usd
@@ -253,18 +255,7 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
             if not _claim(session, job, tier=tier, delivery=delivery_of[job.id], ctx=ctx, batch=len(given)):
                 log.info("duplicate message left alone: a live delivery holds the lease", extra={"job_id": job_id})
                 continue
-            claimed.append(
-                (
-                    job.id,
-                    GenerationRequest(
-                        prompt=job.prompt,
-                        seed=job.seed,
-                        steps=job.steps or tier_settings.steps,
-                        width=job.width or tier_settings.width,
-                        height=job.height or tier_settings.height,
-                    ),
-                )
-            )
+            claimed.append((job.id, _generation_request(job, tier_settings)))
     if not claimed:
         return outcomes
 
@@ -288,24 +279,7 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
         for i in recorded:
             key, request, result = produced[i]
             images.append(
-                NewGeneration(
-                    job_id=key,
-                    tier=tier,
-                    role="primary",
-                    backend=result.backend,
-                    model_id=result.model_id,
-                    device=result.device,
-                    seed=request.seed,
-                    steps=request.steps,
-                    width=request.width,
-                    height=request.height,
-                    image_path=stored[i].path,
-                    image_sha256=stored[i].sha256,
-                    wall_s=result.wall_s,
-                    gpu_s=result.gpu_s,
-                    cost_usd=cost_usd(tier_settings, result.gpu_s),
-                    quality=scored[i][0],
-                )
+                _new_generation(key, tier, tier_settings, "primary", request, result, stored[i], quality=scored[i][0])
             )
             job = jobs_by_id[key]
             job.lease_owner = None
@@ -341,6 +315,49 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     return outcomes
 
 
+def _generation_request(job: Job, tier_settings: TierSettings) -> GenerationRequest:
+    """What to generate for ``job`` on a tier: the job's own steps and size, else the tier's defaults."""
+    return GenerationRequest(
+        prompt=job.prompt,
+        seed=job.seed,
+        steps=job.steps or tier_settings.steps,
+        width=job.width or tier_settings.width,
+        height=job.height or tier_settings.height,
+    )
+
+
+def _new_generation(
+    key: uuid.UUID,
+    tier: str,
+    tier_settings: TierSettings,
+    role: str,
+    request: GenerationRequest,
+    result: GenerationResult,
+    stored: StoredImage,
+    *,
+    quality: dict[str, Any] | None,
+) -> NewGeneration:
+    """The record of one stored image of job ``key``, billed at the tier's prices."""
+    return NewGeneration(
+        job_id=key,
+        tier=tier,
+        role=role,
+        backend=result.backend,
+        model_id=result.model_id,
+        device=result.device,
+        seed=request.seed,
+        steps=request.steps,
+        width=request.width,
+        height=request.height,
+        image_path=stored.path,
+        image_sha256=stored.sha256,
+        wall_s=result.wall_s,
+        gpu_s=result.gpu_s,
+        cost_usd=cost_usd(tier_settings, result.gpu_s),
+        quality=quality,
+    )
+
+
 def _locked_jobs(session: Session, keys: Sequence[uuid.UUID]) -> list[Job]:
     """The jobs ``keys`` with their rows locked, in id order (so two batches never wait on each other in a cycle)."""
     if not keys:
@@ -364,39 +381,16 @@ def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
         job = get_job(session, key)
         if job is None or get_generation(session, job_id=key, tier=tier) is not None:
             return False
-        request = GenerationRequest(
-            prompt=job.prompt,
-            seed=job.seed,
-            steps=job.steps or tier_settings.steps,
-            width=job.width or tier_settings.width,
-            height=job.height or tier_settings.height,
-        )
+        request = _generation_request(job, tier_settings)
     result = ctx.generator(tier).generate(request)
     stored = ctx.images.put(result.png)
     ((quality, _),) = score_images(ctx, [result.png], [request.prompt])
     try:
         with transaction(ctx.sessions) as session:
-            job = get_job(session, key, for_update=True)
-            if job is None:
+            if get_job(session, key, for_update=True) is None:
                 return False
-            record_generation(
-                session,
-                job=job,
-                tier=tier,
-                role="shadow",
-                backend=result.backend,
-                model_id=result.model_id,
-                device=result.device,
-                seed=request.seed,
-                steps=request.steps,
-                width=request.width,
-                height=request.height,
-                image_path=stored.path,
-                image_sha256=stored.sha256,
-                wall_s=result.wall_s,
-                gpu_s=result.gpu_s,
-                cost_usd=cost_usd(tier_settings, result.gpu_s),
-                quality=quality,
+            record_generations(
+                session, [_new_generation(key, tier, tier_settings, "shadow", request, result, stored, quality=quality)]
             )
     except IntegrityError:
         return False
