@@ -203,6 +203,13 @@ def test_pipeline_benchmark_runs_single_and_batched_submissions_through_the_stac
         measurements = {m["name"]: m for m in json.loads(result.stdout)}
         for name in ("pipeline.latency.p50", "pipeline.throughput", "pipeline.batch10.throughput"):
             assert measurements[name]["value"] > 0 and measurements[name]["reference"] > 0
+        # The latency's split: every stage of a job took some time, none more than the slowest whole job, and
+        # each is compared with the same bare round trip as the whole.
+        total = measurements["pipeline.latency.p50"]
+        for stage in ("route_wait", "routing", "tier_wait", "generating"):
+            split = measurements[f"pipeline.latency.{stage}.p50"]
+            assert 0 < split["value"] <= measurements["pipeline.latency.p99"]["value"], stage
+            assert split["reference"] == total["reference"]
         if "pipeline.cpu_per_job.total" in measurements:  # Linux: CPU accounted per part of the stack
             for prefix in ("pipeline", "pipeline.batch10"):
                 parts = [

@@ -7,7 +7,8 @@ system's: validation, authentication, the database transactions, the routing dec
 budget window, and two queue hops. The reference is what Celery and Redis alone cost for one hop.
 
 Latency is taken from the database's own timestamps (submission to ``succeeded``) of jobs sent one at a
-time; throughput from bursts of jobs sent by concurrent clients, one job per request and then several per
+time, with its split into the stages of a job's ``timings`` (waiting for a router, routing, waiting for a
+tier worker, generating), each against the same bare round trip; throughput from bursts of jobs sent by concurrent clients, one job per request and then several per
 ``POST /v1/jobs/batch``. On Linux the bursts are also accounted in
 CPU time per job, per part of the stack (API, each worker pool, PostgreSQL, Redis, and this process as the
 load generator), against the CPU time of one bare round trip: on a machine whose cores are all in use, that
@@ -28,7 +29,6 @@ import redis
 from sqlalchemy import select
 
 from db.models import Job
-from db.pagination import as_utc
 from db.session import make_engine, make_session_factory
 from db.stats import percentile
 from routet2i.bench import Measurement, cpu
@@ -92,30 +92,44 @@ class EchoWorker:
         self.redis.delete(self.reply, QUEUE)
 
 
-def _latencies(run: LocalRun, n: int) -> list[float]:
-    """Send ``n`` jobs one at a time; each one's submission-to-succeeded time from the database."""
-    engine = make_engine(run.settings.database_url)
-    sessions = make_session_factory(engine)
+STAGES = ("route_wait", "routing", "tier_wait", "generating")
+"""A job's latency split as in its ``timings`` (:func:`api.schemas.timings`): submission to the start of
+routing, routing, routed to the start of generation, generation to ``succeeded``."""
+
+
+def _latencies(run: LocalRun, n: int) -> dict[str, list[float]]:
+    """Send ``n`` jobs one at a time; per stage (and ``total``), each job's seconds from the database's
+    timestamps."""
     import httpx
 
-    times = []
+    from api.schemas import timings
+    from db.jobs import list_events
+
+    engine = make_engine(run.settings.database_url)
+    sessions = make_session_factory(engine)
+    times: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "total")}
     with httpx.Client(base_url=run.stack.api_url, headers=run.headers, timeout=30.0) as http:
         for i in range(n):
             job_id = uuid.UUID(http.post("/v1/jobs", json={"prompt": f"a lighthouse at dusk, number {i}"}).json()["id"])
             deadline = time.monotonic() + 30.0
             while True:
                 with sessions() as session:
-                    created, finished = session.execute(
-                        select(Job.created_at, Job.finished_at).where(Job.id == job_id)
-                    ).one()
+                    finished = session.scalar(select(Job.finished_at).where(Job.id == job_id))
                 if finished is not None:
-                    times.append((as_utc(finished) - as_utc(created)).total_seconds())
                     break
                 if time.monotonic() > deadline:
                     raise StackError(f"job {job_id} did not finish in 30 s")
                 # The latency comes from the database's timestamps; polling slowly keeps this process from
                 # taking the cores the job runs on.
                 time.sleep(POLL_S)
+            with sessions() as session:
+                job = session.get_one(Job, job_id)
+                split = timings(job, list_events(session, job_id))
+            for stage in times:
+                seconds = getattr(split, f"{stage}_s")
+                if seconds is None:
+                    raise StackError(f"job {job_id} finished {job.status} without its {stage} timing")
+                times[stage].append(seconds)
     engine.dispose()
     return times
 
@@ -157,7 +171,7 @@ def run(
         for _ in range(5):  # warm every process's connections and caches
             local.submit(1, clients=1)
         local.wait_finished(5, timeout=60, interval=0.05)
-        latencies = sorted(_latencies(local, latency_jobs))
+        stages = _latencies(local, latency_jobs)
         done = local.finished()
         for per_request in sorted({1, batch_submissions}):
             rates = []
@@ -181,12 +195,20 @@ def run(
                 per_job_ms = {name: seconds * 1000 / (repeats * burst_jobs) for name, seconds in spent.items()}
             bursts[per_request] = (rates, per_job_ms)
 
+    latencies = sorted(stages["total"])
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     bare50, bare99 = percentile(bare, 0.5), percentile(bare, 0.99)
     assert p50 is not None and p99 is not None and bare50 is not None and bare99 is not None
     measurements = [
         Measurement.against("pipeline.latency.p50", p50 * 1000, "ms", bare50 * 1000),
         Measurement.against("pipeline.latency.p99", p99 * 1000, "ms", bare99 * 1000),
+    ]
+    # Where the latency goes: each stage's median, against the same bare round trip.
+    measurements += [
+        Measurement.against(
+            f"pipeline.latency.{stage}.p50", statistics.median(stages[stage]) * 1000, "ms", bare50 * 1000
+        )
+        for stage in STAGES
     ]
     for per_request, (rates, per_job_ms) in bursts.items():
         # Single submissions keep the names of the figures; batched ones say how many jobs a request carried.
