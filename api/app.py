@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Flask
 
 from api.auth import LOCAL_TENANT, KeyCache
@@ -16,6 +17,7 @@ from db.session import make_engine, make_session_factory
 from db.state_redis import connect as connect_redis
 from routet2i.settings import Settings
 from worker.app import create_celery
+from worker.budget_store import SpendLedger
 
 REDIS_PROBE_TIMEOUT_S = 1.0
 
@@ -40,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         job_batch_model=job_batch_model(job_model),
         key_cache=KeyCache(),
         rate_limiter=RateLimiter(client),
+        spend_ledger=_spend_ledger(settings, client),
     )
     if settings.auth == "disabled":
         log.warning(
@@ -60,6 +63,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_operations(app)
     register_error_handlers(app)
     return app
+
+
+def _spend_ledger(settings: Settings, broker_client: redis.Redis) -> SpendLedger | None:
+    """The spend ledger the routers charge (in the router state's Redis), when a spend limit is set."""
+    if settings.cloud_spend_limit_usd is None:
+        return None
+    client = (
+        broker_client
+        if settings.state_redis_url == settings.broker_url
+        else connect_redis(settings.state_redis_url, timeout=REDIS_PROBE_TIMEOUT_S)
+    )
+    return SpendLedger(client, period_s=settings.cloud_spend_period_s, name=settings.budget_name)
 
 
 def register_operations(app: Flask) -> None:

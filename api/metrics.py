@@ -54,7 +54,10 @@ class RouteT2ICollector:
             "routet2i_metrics_source_up", "1 when the source answered this scrape, 0 when it failed.", labels=["source"]
         )
         families: list[Metric] = []
-        for source, build in (("database", self._database), ("broker", self._broker)):
+        sources: list[tuple[str, Callable[[], list[Metric]]]] = [("database", self._database), ("broker", self._broker)]
+        if self.st.spend_ledger is not None:
+            sources.append(("spend", self._spend))
+        for source, build in sources:
             ok = self._safely(source, build, families)
             up.add_metric([source], 1.0 if ok else 0.0)
         yield from families
@@ -164,6 +167,21 @@ class RouteT2ICollector:
         for queue, n in depths.items():
             depth.add_metric([queue], n)
         return [depth]
+
+    def _spend(self) -> list[Metric]:
+        assert self.st.spend_ledger is not None
+        return [
+            GaugeMetricFamily(
+                "routet2i_cloud_spend_limit_usd",
+                "Most US dollars the cloud images of one spend period may cost.",
+                value=self.st.settings.cloud_spend_limit_usd,
+            ),
+            GaugeMetricFamily(
+                "routet2i_cloud_spend_period_usd",
+                "US dollars reserved and billed for cloud images in the current spend period.",
+                value=self.st.spend_ledger.spent(),
+            ),
+        ]
 
 
 def init_app(app: Flask, st: ApiState) -> None:

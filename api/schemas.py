@@ -280,6 +280,15 @@ class Latency(BaseModel):
 class BudgetOut(BaseModel):
     cloud_fraction: float
     window: int
+    spend_limit_usd: float | None = Field(
+        default=None, description="Most the cloud images of one spend period may cost (null: no limit)."
+    )
+    spend_period_s: int | None = Field(default=None, description="Length of a spend period (UTC, from the epoch).")
+    spent_this_period_usd: float | None = Field(
+        default=None,
+        description="Reserved and billed for cloud images in the current period, every tenant's (null without a "
+        "limit, or when Redis did not answer).",
+    )
 
 
 class StatsOut(BaseModel):

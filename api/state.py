@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from api.auth import KeyCache, Principal
     from api.ratelimit import RateLimiter
     from api.schemas import JobBatchCreateBase, JobCreateBase
+    from worker.budget_store import SpendLedger
 
 EXTENSION = "routet2i"
 
@@ -34,6 +35,8 @@ class ApiState:
     job_batch_model: type[JobBatchCreateBase]
     key_cache: KeyCache
     rate_limiter: RateLimiter
+    spend_ledger: SpendLedger | None = field(default=None)
+    """The deployment's cloud spend per period, when a spend limit is set."""
     local_principal: Principal | None = field(default=None)
     openapi: dict[str, Any] | None = field(default=None)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from flask import Blueprint, jsonify
 
 from api.auth import authenticate, principal
@@ -11,7 +13,9 @@ from api.openapi import documented
 from api.schemas import StatsOut
 from api.state import state
 from db.stats import job_stats
+from worker.budget_store import SpendLedger
 
+log = logging.getLogger(__name__)
 blueprint = Blueprint("stats", __name__)
 blueprint.before_request(authenticate)
 
@@ -27,6 +31,20 @@ def index() -> Any:
     with st.sessions() as session:
         stats = job_stats(session, tenant_id=None if principal().is_admin else principal().tenant_id)
     stats["budget"] = {"cloud_fraction": st.settings.cloud_budget, "window": st.settings.budget_window}
+    if st.spend_ledger is not None:
+        stats["budget"] |= {
+            "spend_limit_usd": st.settings.cloud_spend_limit_usd,
+            "spend_period_s": st.settings.cloud_spend_period_s,
+            "spent_this_period_usd": _spent(st.spend_ledger),
+        }
     stats["router"] = st.settings.router
     stats["scope"] = "all tenants" if principal().is_admin else principal().tenant_name
     return jsonify(StatsOut.model_validate(stats).model_dump(mode="json"))
+
+
+def _spent(ledger: SpendLedger) -> float | None:
+    try:
+        return round(ledger.spent(), 6)
+    except redis.exceptions.RedisError as exc:
+        log.warning("spend ledger unavailable", extra={"error": str(exc)})
+        return None

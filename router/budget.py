@@ -3,7 +3,9 @@
 Offline, a router's threshold is a quantile of its scores on a log. Online, requests arrive one at a time and
 the score distribution drifts, so the threshold is re-estimated from a window of recent scores and corrected
 by how far the recent cloud share is from ρ; a hard cap then guarantees that no window of ``window``
-consecutive decisions holds more than ``floor(ρ·window)`` cloud decisions.
+consecutive decisions holds more than ``floor(ρ·window)`` cloud decisions. Optionally, a spend limit in money
+per period also holds: each cloud image reserves its price from the period's limit when it is decided, and a
+request for which the period has no money left goes to the edge, whatever its share.
 
 The algorithm is pure (:func:`decide`); where its state lives is a :class:`BudgetStore`. The Redis store that
 several router workers share lives in ``worker.budget_store``.
@@ -26,6 +28,9 @@ DEFAULT_FEEDBACK_GAIN = 1.0
 MIN_SCORES_FOR_QUANTILE = 20
 """Below this many recent scores the threshold comes from the router's offline calibration."""
 
+SPEND_TOLERANCE_USD = 1e-9
+"""Rounding slack when a reservation exactly reaches the spend limit (sums of float prices)."""
+
 
 @dataclass(frozen=True)
 class BudgetConfig:
@@ -35,17 +40,32 @@ class BudgetConfig:
         rho: largest share of requests that may go to the cloud.
         window: number of consecutive decisions the share is held over (and the score history length).
         gain: feedback gain on the recent share error.
+        spend_limit_usd: most money the cloud images decided in one period may cost (None: no limit). The
+            period and the running total live in the store (:attr:`BudgetState.spent_usd`).
+        cloud_cost_usd: money one cloud image reserves from the spend limit when it is decided.
     """
 
     rho: float
     window: int = 500
     gain: float = DEFAULT_FEEDBACK_GAIN
+    spend_limit_usd: float | None = None
+    cloud_cost_usd: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"rho must be within [0, 1], got {self.rho}")
         if self.window < 1:
             raise ValueError(f"window must be positive, got {self.window}")
+        if self.spend_limit_usd is not None and self.spend_limit_usd < 0:
+            raise ValueError(f"spend_limit_usd must not be negative, got {self.spend_limit_usd}")
+        if self.cloud_cost_usd < 0:
+            raise ValueError(f"cloud_cost_usd must not be negative, got {self.cloud_cost_usd}")
+
+    def affordable(self, spent_usd: float) -> bool:
+        """Whether one more cloud image fits in the spend limit after ``spent_usd`` this period."""
+        if self.spend_limit_usd is None:
+            return True
+        return spent_usd + self.cloud_cost_usd <= self.spend_limit_usd + SPEND_TOLERANCE_USD
 
     @property
     def cap(self) -> int:
@@ -60,10 +80,13 @@ class BudgetState:
     Attributes:
         decisions: 1 for cloud, 0 for edge; at most ``window`` entries.
         scores: router scores of the same requests; at most ``window`` entries.
+        spent_usd: money reserved (and billed beyond the reservations) for cloud images in the current spend
+            period, by every router sharing the spend limit.
     """
 
     decisions: Sequence[int]
     scores: Sequence[float]
+    spent_usd: float = 0.0
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -129,16 +152,23 @@ def decide(
         "cap": cap_now,
         "threshold_source": source,
     }
+    if config.spend_limit_usd is not None:
+        snapshot["spent_usd"] = round(state.spent_usd, 6)
+        snapshot["spend_limit_usd"] = config.spend_limit_usd
 
     # 3. The hard constraints, in order of precedence, then the threshold.
-    verdict = _route(score, config, cloud_recent, len(recent), cap_now, threshold, snapshot, floor)
+    verdict = _route(score, config, cloud_recent, len(recent), cap_now, threshold, snapshot, floor, state.spent_usd)
     # 4. Shadow sampling: run the request on both tiers if the window has room for one more cloud image.
     if shadow and not verdict.cloud:
-        if config.cap > 0 and cloud_recent + 1 <= cap_now:
-            return replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the cloud too")
-        return replace(verdict, reason=verdict.reason + "; no budget left to shadow-sample")
-    if shadow:
-        return replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the edge too")
+        if config.cap > 0 and cloud_recent + 1 <= cap_now and config.affordable(state.spent_usd):
+            verdict = replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the cloud too")
+        else:
+            verdict = replace(verdict, reason=verdict.reason + "; no budget left to shadow-sample")
+    elif shadow:
+        verdict = replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the edge too")
+    # 5. A cloud image (delivered or shadow) reserves its price from the period's spend limit.
+    if verdict.uses_cloud and config.spend_limit_usd is not None:
+        verdict = replace(verdict, reserved_usd=config.cloud_cost_usd)
     return verdict
 
 
@@ -151,6 +181,7 @@ def _route(
     threshold: float | None,
     snapshot: dict[str, Any],
     floor: float | None,
+    spent_usd: float,
 ) -> BudgetVerdict:
     if config.cap == 0:
         return BudgetVerdict(False, threshold, snapshot, "cloud budget is zero")
@@ -165,9 +196,18 @@ def _route(
         )
     if threshold is None:
         return BudgetVerdict(False, None, snapshot, "no score history or calibration yet; edge until there is")
-    if score > threshold:
-        return BudgetVerdict(True, threshold, snapshot, f"score {score:.4g} above threshold {threshold:.4g}")
-    return BudgetVerdict(False, threshold, snapshot, f"score {score:.4g} at or below threshold {threshold:.4g}")
+    if score <= threshold:
+        return BudgetVerdict(False, threshold, snapshot, f"score {score:.4g} at or below threshold {threshold:.4g}")
+    # Last, so that this reason names exactly the requests the cloud would have taken but the money could not.
+    if not config.affordable(spent_usd):
+        return BudgetVerdict(
+            False,
+            threshold,
+            snapshot,
+            f"score {score:.4g} above threshold {threshold:.4g}, but the spend limit is reached: "
+            f"${spent_usd:.4f} of ${config.spend_limit_usd:.4f} spent this period",
+        )
+    return BudgetVerdict(True, threshold, snapshot, f"score {score:.4g} above threshold {threshold:.4g}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +225,7 @@ def advance(state: BudgetState, verdict: BudgetVerdict, score: float, window: in
     return BudgetState(
         decisions=(1 if verdict.uses_cloud else 0, *state.decisions[: window - 1]),
         scores=(float(score), *state.scores[: window - 1]),
+        spent_usd=state.spent_usd + verdict.reserved_usd,
     )
 
 
@@ -209,6 +250,7 @@ class MemoryBudgetStore:
     def __init__(self, window: int) -> None:
         self._decisions: deque[int] = deque(maxlen=window)
         self._scores: deque[float] = deque(maxlen=window)
+        self._spent_usd = 0.0  # one spend period: the store's lifetime
         self._lock = threading.Lock()
 
     def transact(
@@ -219,15 +261,17 @@ class MemoryBudgetStore:
             for verdict, score in zip(verdicts, scores, strict=True):
                 self._decisions.appendleft(1 if verdict.uses_cloud else 0)
                 self._scores.appendleft(float(score))
+                self._spent_usd += verdict.reserved_usd
             return verdicts
 
     def snapshot(self) -> BudgetState:
-        return BudgetState(decisions=tuple(self._decisions), scores=tuple(self._scores))
+        return BudgetState(decisions=tuple(self._decisions), scores=tuple(self._scores), spent_usd=self._spent_usd)
 
     def reset(self) -> None:
         with self._lock:
             self._decisions.clear()
             self._scores.clear()
+            self._spent_usd = 0.0
 
 
 class BudgetController:

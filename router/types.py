@@ -83,6 +83,8 @@ class BudgetVerdict:
         state: a JSON snapshot of the shared budget window, for the audit trail.
         reason: one sentence a human can read.
         shadow: the request is also generated on the other tier, to collect a label (shadow sampling).
+        reserved_usd: money reserved from the spend limit for this request's cloud image (0 on the edge, or
+            without a spend limit).
     """
 
     cloud: bool
@@ -90,6 +92,7 @@ class BudgetVerdict:
     state: Mapping[str, Any]
     reason: str
     shadow: bool = False
+    reserved_usd: float = 0.0
 
     @property
     def uses_cloud(self) -> bool:

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     """Number of recent decisions over which the cloud share is held to ``cloud_budget``."""
     budget_name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Namespace of the shared budget window in Redis (deployments sharing a Redis keep separate budgets)."""
+    cloud_spend_limit_usd: float | None = Field(default=None, ge=0.0)
+    """Most US dollars the cloud images of one spend period may cost, across every router and tenant (None: no
+    limit). Each cloud decision reserves the cloud tier's price per image; a price per GPU-second is added as
+    it is billed. A job the period cannot pay for goes to the edge, whatever ``cloud_budget`` allows."""
+    cloud_spend_period_s: int = Field(default=86_400, ge=60, le=31 * 86_400)
+    """Length of a spend period in seconds, counted in UTC from the epoch (86,400: calendar days, UTC)."""
     shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of routed jobs also generated (and scored) on the other tier, to collect training labels from
     live traffic (``routet2i data export``). Their cloud images are paid from the cloud budget."""

@@ -77,3 +77,127 @@ def test_redis_store_is_shared_and_trimmed(redis_client) -> None:
     assert other.snapshot() == BudgetState((), ())
     first.store.reset()
     assert first.store.snapshot() == BudgetState((), ())
+
+
+# --- the spend limit ---------------------------------------------------------------------------------------
+
+CLOUD_PRICE = 0.065
+
+
+def test_spend_limit_sends_to_the_edge_what_the_period_cannot_pay_for() -> None:
+    config = BudgetConfig(rho=1.0, window=100, spend_limit_usd=3 * CLOUD_PRICE, cloud_cost_usd=CLOUD_PRICE)
+    controller = BudgetController(config, MemoryBudgetStore(100))
+    verdicts = [controller.decide(10.0, calibrated_threshold=0.0) for _ in range(6)]
+    # Three prices sum to a hair above the limit in floating point; the third still fits.
+    assert [v.cloud for v in verdicts] == [True, True, True, False, False, False]
+    assert [v.reserved_usd for v in verdicts] == [CLOUD_PRICE] * 3 + [0.0] * 3
+    assert all("the spend limit is reached: $0.1950 of $0.1950 spent this period" in v.reason for v in verdicts[3:])
+    assert verdicts[3].state["spent_usd"] == pytest.approx(3 * CLOUD_PRICE)
+    assert verdicts[3].state["spend_limit_usd"] == pytest.approx(3 * CLOUD_PRICE)
+    assert controller.store.snapshot().spent_usd == pytest.approx(3 * CLOUD_PRICE)
+
+
+def test_without_a_spend_limit_nothing_is_reserved_or_reported() -> None:
+    controller = BudgetController(BudgetConfig(rho=1.0, window=10, cloud_cost_usd=CLOUD_PRICE), MemoryBudgetStore(10))
+    verdicts = [controller.decide(10.0, calibrated_threshold=0.0) for _ in range(5)]
+    assert all(v.cloud and v.reserved_usd == 0.0 and "spent_usd" not in v.state for v in verdicts)
+    assert controller.store.snapshot().spent_usd == 0.0
+
+
+def test_shadow_samples_are_paid_from_the_spend_limit_too() -> None:
+    config = BudgetConfig(rho=1.0, window=10, spend_limit_usd=CLOUD_PRICE, cloud_cost_usd=CLOUD_PRICE)
+    controller = BudgetController(config, MemoryBudgetStore(10))
+    # Predicted better on the edge, shadow-sampled: its cloud image takes the period's only price.
+    shadowed = controller.decide(-1.0, floor=0.0, calibrated_threshold=0.0, shadow=True)
+    assert not shadowed.cloud and shadowed.shadow and shadowed.reserved_usd == CLOUD_PRICE
+    routed = controller.decide(10.0, floor=0.0, calibrated_threshold=0.0)
+    assert not routed.cloud and "spend limit is reached" in routed.reason
+    refused = controller.decide(-1.0, floor=0.0, calibrated_threshold=0.0, shadow=True)
+    assert not refused.shadow and refused.reason.endswith("no budget left to shadow-sample")
+
+
+@pytest.mark.parametrize("field,value", [("spend_limit_usd", -1.0), ("cloud_cost_usd", -0.01)])
+def test_config_refuses_negative_money(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        BudgetConfig(rho=0.5, **{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+def test_one_spend_limit_holds_across_windows_processes_and_periods(redis_url: str, redis_client) -> None:
+    """Routers on two budget windows (the deployment's and a tenant's), each in its own thread with its own
+    Redis connection, race for a limit of 10 cloud images: exactly 10 are decided. Money billed beyond the
+    reservations counts too, and the next period starts from zero."""
+    import threading
+
+    import redis as redis_lib
+
+    from worker.budget_store import SpendLedger
+
+    now = [1_000_000.0]
+    period = 3600
+    config = BudgetConfig(rho=1.0, window=500, spend_limit_usd=10 * CLOUD_PRICE, cloud_cost_usd=CLOUD_PRICE)
+    clients = [redis_lib.Redis.from_url(redis_url) for _ in range(4)]
+
+    def controller(client: redis_lib.Redis, window: str) -> BudgetController:
+        ledger = SpendLedger(client, period_s=period, name="spend-test", clock=lambda: now[0])
+        return BudgetController(config, RedisBudgetStore(client, window=500, name=window, spend=ledger))
+
+    routers = [controller(client, "default" if i % 2 else "tenant-x") for i, client in enumerate(clients)]
+    clouds: list[bool] = []
+    lock = threading.Lock()
+    # Rising scores: at ρ = 1 every score above the window's lowest would go to the cloud, so only the money
+    # can stop them.
+    scores = iter(float(i) for i in range(10, 1000))
+
+    def score() -> float:
+        with lock:
+            return next(scores)
+
+    def run(router: BudgetController) -> None:
+        for _ in range(25):
+            verdict = router.decide(score(), calibrated_threshold=0.0)
+            with lock:
+                clouds.append(verdict.cloud)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in routers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(clouds) == 100 and sum(clouds) == 10
+    ledger = SpendLedger(redis_client, period_s=period, name="spend-test", clock=lambda: now[0])
+    assert ledger.spent() == pytest.approx(10 * CLOUD_PRICE)
+    assert 0 < redis_client.ttl(ledger.key()) <= 2 * period
+
+    # A new period: the limit is available again; GPU-seconds billed later count against it as well.
+    now[0] += period
+    assert ledger.spent() == 0.0
+    ledger.add(8 * CLOUD_PRICE)
+    assert sum(routers[0].decide(score(), calibrated_threshold=0.0).cloud for _ in range(5)) == 2
+    assert ledger.spent() == pytest.approx(10 * CLOUD_PRICE)
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.integration
+def test_a_router_that_loses_the_last_dollar_to_another_window_decides_again(redis_client) -> None:
+    """Router A reads the period's spend, router B (another budget window) takes the last price before A
+    writes: A's transaction is refused and A decides again on the fresh spend, so the limit holds."""
+    from worker.budget_store import SpendLedger
+
+    config = BudgetConfig(rho=1.0, window=10, spend_limit_usd=CLOUD_PRICE, cloud_cost_usd=CLOUD_PRICE)
+    ledger = SpendLedger(redis_client, period_s=3600, name="race-test")
+    a = RedisBudgetStore(redis_client, window=10, name="a", spend=ledger)
+    b = BudgetController(config, RedisBudgetStore(redis_client, window=10, name="b", spend=ledger))
+    seen: list[float] = []
+
+    def decide_a(state: BudgetState) -> list:
+        seen.append(state.spent_usd)
+        if len(seen) == 1:
+            assert b.decide(5.0, calibrated_threshold=0.0).cloud  # B spends the last price meanwhile
+        return [decide(5.0, state, config, calibrated_threshold=0.0)]
+
+    (verdict,) = a.transact(decide_a, [5.0])
+    assert seen == [0.0, pytest.approx(CLOUD_PRICE)]
+    assert not verdict.cloud and "spend limit is reached" in verdict.reason
+    assert ledger.spent() == pytest.approx(CLOUD_PRICE)

@@ -1,12 +1,16 @@
-"""The cloud budget window in Redis, shared by every router worker process.
+"""The cloud budget in Redis, shared by every router worker process: the window of recent decisions and the
+money spent on cloud images in the current period.
 
-A router's batch of decisions reads the window, decides in order and appends to it as one optimistic
-transaction (``WATCH`` / ``MULTI``): if another router wrote in between, the transaction is retried with the
-fresh window, so two routers can never both take the last cloud slot.
+A router's batch of decisions reads the window (and the period's spend), decides in order and appends to it
+(and adds what its cloud images reserved) as one optimistic transaction (``WATCH`` / ``MULTI``): if another
+router wrote in between, the transaction is retried with the fresh state, so two routers can never both take
+the last cloud slot or the last dollar.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -16,8 +20,50 @@ from router.budget import BudgetState
 from router.types import BudgetVerdict
 
 KEY_PREFIX = "routet2i:budget"
+SPEND_PREFIX = "routet2i:spend"
 MAX_ATTEMPTS = 100
 """Optimistic transaction retries before giving up (only under extreme contention)."""
+
+
+class SpendLedger:
+    """Money spent on cloud images per period (UTC periods of ``period_s`` seconds from the epoch, so a day
+    starts at midnight UTC), one Redis counter per period, shared by every budget window of a deployment.
+
+    Router decisions add the price they reserve inside their budget transaction; tier workers add what a
+    generation was billed beyond its reservation (a price per GPU-second) when they record it. A period's
+    counter expires two periods after it began.
+    """
+
+    def __init__(
+        self, client: redis.Redis, *, period_s: int, name: str = "default", clock: Callable[[], float] = time.time
+    ) -> None:
+        if period_s < 1:
+            raise ValueError(f"period_s must be positive, got {period_s}")
+        self.client = client
+        self.period_s = period_s
+        self.name = name
+        self.clock = clock
+
+    def key(self, at: float | None = None) -> str:
+        """The counter of the period that contains ``at`` (now when omitted)."""
+        index = math.floor((self.clock() if at is None else at) / self.period_s)
+        return f"{SPEND_PREFIX}:{self.name}:{self.period_s}:{index}"
+
+    def spent(self, key: str | None = None, *, client: redis.Redis | redis.client.Pipeline | None = None) -> float:
+        """Money counted in the period ``key`` (the current one when omitted)."""
+        raw = (client or self.client).get(key or self.key())
+        return float(cast(bytes, raw)) if raw is not None else 0.0
+
+    def add(self, usd: float, *, pipe: redis.client.Pipeline | None = None, key: str | None = None) -> None:
+        """Count ``usd`` in the period ``key`` (the current one), in ``pipe`` when given (a transaction)."""
+        if usd == 0:
+            return
+        target = pipe if pipe is not None else self.client.pipeline()
+        key = key or self.key()
+        target.incrbyfloat(key, usd)
+        target.expire(key, 2 * self.period_s)
+        if pipe is None:
+            target.execute()
 
 
 class BudgetContention(RuntimeError):
@@ -31,10 +77,15 @@ class RedisBudgetStore:
     round trip, plus the ``WATCH``.
     """
 
-    def __init__(self, client: redis.Redis, *, window: int, name: str = "default") -> None:
+    def __init__(
+        self, client: redis.Redis, *, window: int, name: str = "default", spend: SpendLedger | None = None
+    ) -> None:
+        """``spend``: the deployment's spend ledger, when a spend limit is set (read and charged in the same
+        transaction as the window)."""
         self.client = client
         self.window = window
         self.key = f"{KEY_PREFIX}:{name}:window"
+        self.spend = spend
 
     def transact(
         self, fn: Callable[[BudgetState], Sequence[BudgetVerdict]], scores: Sequence[float]
@@ -42,8 +93,9 @@ class RedisBudgetStore:
         for _ in range(MAX_ATTEMPTS):
             with self.client.pipeline() as pipe:
                 try:
-                    pipe.watch(self.key)
-                    verdicts = list(fn(self._read(pipe)))
+                    spend_key = self.spend.key() if self.spend is not None else None
+                    pipe.watch(self.key, *([spend_key] if spend_key else []))
+                    verdicts = list(fn(self._read(pipe, spend_key)))
                     entries = [
                         f"{1 if v.uses_cloud else 0}:{float(s)!r}" for v, s in zip(verdicts, scores, strict=True)
                     ]
@@ -52,19 +104,25 @@ class RedisBudgetStore:
                     pipe.multi()
                     pipe.lpush(self.key, *entries)  # LPUSH of several values leaves the last one at the head
                     pipe.ltrim(self.key, 0, self.window - 1)
+                    if self.spend is not None:
+                        self.spend.add(sum(v.reserved_usd for v in verdicts), pipe=pipe, key=spend_key)
                     pipe.execute()
                     return verdicts
                 except redis.WatchError:
                     continue
         raise BudgetContention(f"budget window changed {MAX_ATTEMPTS} times in a row")
 
-    def _read(self, client: redis.Redis | redis.client.Pipeline) -> BudgetState:
+    def _read(self, client: redis.Redis | redis.client.Pipeline, spend_key: str | None = None) -> BudgetState:
         raws = cast(list[bytes], client.lrange(self.key, 0, self.window - 1))
         entries = [raw.split(b":", 1) for raw in raws]
-        return BudgetState(decisions=tuple(int(d) for d, _ in entries), scores=tuple(float(v) for _, v in entries))
+        return BudgetState(
+            decisions=tuple(int(d) for d, _ in entries),
+            scores=tuple(float(v) for _, v in entries),
+            spent_usd=self.spend.spent(spend_key, client=client) if self.spend is not None else 0.0,
+        )
 
     def snapshot(self) -> BudgetState:
-        return self._read(self.client)
+        return self._read(self.client, self.spend.key() if self.spend is not None else None)
 
     def reset(self) -> None:
         self.client.delete(self.key)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from router.budget import BudgetController
     from router.policy import RoutingPolicy
+    from worker.budget_store import SpendLedger
     from worker.generation import Generator
     from worker.scoring import ClipScorer
 
@@ -91,19 +92,40 @@ class WorkerContext:
         return self._policy
 
     def budget(self, name: str, rho: float) -> BudgetController:
-        """The shared budget window ``name`` (the deployment's, or a tenant's own) held to ``rho``."""
+        """The shared budget window ``name`` (the deployment's, or a tenant's own) held to ``rho``, and to the
+        deployment's spend limit when one is set."""
         key = (name, rho)
         if key not in self._budgets:
-            from db.state_redis import connect
             from router.budget import BudgetConfig, BudgetController
             from worker.budget_store import RedisBudgetStore
 
-            if self._redis is None:
-                self._redis = connect(self.settings.state_redis_url)
             window = self.settings.budget_window
-            store = RedisBudgetStore(self._redis, window=window, name=name)
-            self._budgets[key] = BudgetController(BudgetConfig(rho=rho, window=window), store, name=name)
+            store = RedisBudgetStore(self._state_redis(), window=window, name=name, spend=self.spend_ledger())
+            config = BudgetConfig(
+                rho=rho,
+                window=window,
+                spend_limit_usd=self.settings.cloud_spend_limit_usd,
+                cloud_cost_usd=self.settings.cloud.price_per_image,
+            )
+            self._budgets[key] = BudgetController(config, store, name=name)
         return self._budgets[key]
+
+    def spend_ledger(self) -> SpendLedger | None:
+        """The deployment's cloud spend per period, when a spend limit is set."""
+        if self.settings.cloud_spend_limit_usd is None:
+            return None
+        from worker.budget_store import SpendLedger
+
+        return SpendLedger(
+            self._state_redis(), period_s=self.settings.cloud_spend_period_s, name=self.settings.budget_name
+        )
+
+    def _state_redis(self) -> redis.Redis:
+        if self._redis is None:
+            from db.state_redis import connect
+
+            self._redis = connect(self.settings.state_redis_url)
+        return self._redis
 
     def warm_up(self, queues: list[str]) -> None:
         """Load what the consumed queues need before the first message arrives."""

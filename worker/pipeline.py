@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import redis.exceptions
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -234,6 +235,9 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     given = {uuid.UUID(job_id): job_id for job_id, _ in jobs}
     delivery_of = {uuid.UUID(job_id): delivery for job_id, delivery in jobs}
     claimed: list[tuple[uuid.UUID, GenerationRequest]] = []
+    routed: set[uuid.UUID] = (
+        set()
+    )  # jobs whose tier the router chose (and whose cloud image it reserved from the spend limit)
     with transaction(ctx.sessions) as session:
         for job in _locked_jobs(session, sorted(given)):
             if _is_done(job):
@@ -256,6 +260,8 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
                 log.info("duplicate message left alone: a live delivery holds the lease", extra={"job_id": job_id})
                 continue
             claimed.append((job.id, _generation_request(job, tier_settings)))
+            if job.requested_tier is None:
+                routed.add(job.id)
     if not claimed:
         return outcomes
 
@@ -305,6 +311,8 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
                         recorded += record(session, [i])
                 except IntegrityError:
                     log.warning("duplicate generation discarded", extra={"job_id": given[produced[i][0]], "tier": tier})
+    if tier == "cloud":
+        _count_spend_beyond_reservation(ctx, [produced[i][2].gpu_s for i in recorded if produced[i][0] in routed])
     for i in recorded:
         key, _, result = produced[i]
         outcomes[given[key]] = True
@@ -313,6 +321,24 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
             extra={"job_id": given[key], "tier": tier, "wall_s": round(result.wall_s, 3), "batch": len(claimed)},
         )
     return outcomes
+
+
+def _count_spend_beyond_reservation(ctx: WorkerContext, gpu_seconds: Sequence[float]) -> None:
+    """Add to the period's cloud spend what routed cloud images were billed beyond the price per image their
+    decision reserved (the price per GPU-second), so the spend limit sees what is billed.
+
+    It runs after the images were recorded: if Redis is unreachable now, the job stays done and the period's
+    count stays short by this amount (logged), rather than the image being generated and billed again.
+    """
+    ledger = ctx.spend_ledger()
+    price = ctx.settings.cloud.price_per_gpu_second
+    if ledger is None or price == 0 or not gpu_seconds:
+        return
+    usd = price * sum(gpu_seconds)
+    try:
+        ledger.add(usd)
+    except redis.exceptions.RedisError as exc:
+        log.warning("cloud spend not counted: Redis unreachable", extra={"usd": round(usd, 6), "error": str(exc)})
 
 
 def _generation_request(job: Job, tier_settings: TierSettings) -> GenerationRequest:
@@ -394,6 +420,8 @@ def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
             )
     except IntegrityError:
         return False
+    if tier == "cloud":
+        _count_spend_beyond_reservation(ctx, [result.gpu_s])
     log.info("shadow generated", extra={"job_id": job_id, "tier": tier})
     return True
 

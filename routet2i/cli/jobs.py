@@ -289,5 +289,11 @@ def stats(as_json: bool, api_url: str | None) -> None:
         f"cloud share {routed['cloud_fraction']:.1%} against a budget of {budget['cloud_fraction']:.1%}"
     )
     click.echo(f"spend: ${data['spend_usd']['total']:.4f}  GPU-seconds: {data['gpu_seconds']['total']:.1f}")
+    if budget.get("spend_limit_usd") is not None:
+        spent = budget.get("spent_this_period_usd")
+        click.echo(
+            f"cloud spend this period: {'unknown' if spent is None else f'${spent:.4f}'} "
+            f"of a ${budget['spend_limit_usd']:.4f} limit per {budget['spend_period_s']} s"
+        )
     if latency["count"]:
         click.echo(f"latency over {latency['count']} jobs: p50 {latency['p50']:.2f}s  p90 {latency['p90']:.2f}s")
