@@ -186,7 +186,7 @@ def test_a_router_that_loses_the_last_dollar_to_another_window_decides_again(red
     from worker.budget_store import SpendLedger
 
     config = BudgetConfig(rho=1.0, window=10, spend_limit_usd=CLOUD_PRICE, cloud_cost_usd=CLOUD_PRICE)
-    ledger = SpendLedger(redis_client, period_s=3600, name="race-test")
+    ledger = SpendLedger(redis_client, period_s=3600, name="race-test", clock=lambda: 1_000_000.0)
     a = RedisBudgetStore(redis_client, window=10, name="a", spend=ledger)
     b = BudgetController(config, RedisBudgetStore(redis_client, window=10, name="b", spend=ledger))
     seen: list[float] = []

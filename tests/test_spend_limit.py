@@ -33,6 +33,7 @@ PER_SECOND = 1.0
 IMAGES = 4
 LIMIT = IMAGES * PRICE + 0.001  # four reservations fit, a fifth does not
 JOBS = 12
+PERIOD_S = 31 * 86_400  # the longest period: a test that straddles a period's end is all but impossible
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def spend_stack(pg_url: str, tmp_path_factory, model_cache) -> Iterator[Settings
         router="prompt-complexity",
         cloud_budget=1.0,  # the share would send nearly every job to the cloud: only the money stops them
         cloud_spend_limit_usd=LIMIT,
+        cloud_spend_period_s=PERIOD_S,
         budget_name=f"spend-{uuid.uuid4().hex[:6]}",
         rate_limit_per_minute=0,
     )
@@ -111,7 +113,7 @@ def test_cloud_images_stop_at_the_spend_limit_and_the_ledger_matches_the_bill(
     assert isinstance(billed, Decimal) and float(billed) > IMAGES * (PRICE + 0.001)
     budget = client.get("/v1/stats").get_json()["budget"]
     assert budget["spend_limit_usd"] == pytest.approx(LIMIT)
-    assert budget["spend_period_s"] == 86_400
+    assert budget["spend_period_s"] == PERIOD_S
     assert budget["spent_this_period_usd"] == pytest.approx(float(billed), abs=1e-5)
 
     exposition = app.test_client().get("/metrics").get_data(as_text=True)
@@ -133,4 +135,4 @@ def test_cloud_images_stop_at_the_spend_limit_and_the_ledger_matches_the_bill(
         server.stop()
     assert shown.returncode == 0, shown.stderr
     spent = budget["spent_this_period_usd"]  # the same ledger the command reads (all jobs are done)
-    assert f"cloud spend this period: ${spent:.4f} of a ${LIMIT:.4f} limit per 86400 s" in shown.stdout
+    assert f"cloud spend this period: ${spent:.4f} of a ${LIMIT:.4f} limit per {PERIOD_S} s" in shown.stdout
