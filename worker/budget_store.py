@@ -31,7 +31,7 @@ class SpendLedger:
 
     Router decisions add the price they reserve inside their budget transaction; tier workers add what a
     generation was billed beyond its reservation (a price per GPU-second) when they record it. A period's
-    counter expires two periods after it began.
+    counter expires two periods after its last change.
     """
 
     def __init__(

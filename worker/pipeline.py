@@ -235,9 +235,8 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     given = {uuid.UUID(job_id): job_id for job_id, _ in jobs}
     delivery_of = {uuid.UUID(job_id): delivery for job_id, delivery in jobs}
     claimed: list[tuple[uuid.UUID, GenerationRequest]] = []
-    routed: set[uuid.UUID] = (
-        set()
-    )  # jobs whose tier the router chose (and whose cloud image it reserved from the spend limit)
+    # Jobs whose tier the router chose (and whose cloud image it reserved from the spend limit, if one is set).
+    routed: set[uuid.UUID] = set()
     with transaction(ctx.sessions) as session:
         for job in _locked_jobs(session, sorted(given)):
             if _is_done(job):
