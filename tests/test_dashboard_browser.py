@@ -147,6 +147,9 @@ def api_server(pg_settings: Settings, stack: WorkerPool, reports_dir: Path, tmp_
         pg_settings,
         log_path=tmp_path_factory.mktemp("api-logs") / "api.log",
         ROUTET2I_REPORTS_DIR=str(reports_dir),
+        # Shown on the Spend card; this deployment's routers reserve nothing from it (they run without one).
+        ROUTET2I_CLOUD_SPEND_LIMIT_USD="5",
+        ROUTET2I_BUDGET_NAME=f"dashboard-{uuid.uuid4().hex[:6]}",
     )
     yield server
     server.stop()
@@ -195,6 +198,8 @@ def test_dashboard_submits_a_job_shows_its_image_decisions_charts_and_plots(
     tab.press("#api-key", "Tab")
     tab.wait_for_selector("#summary .card", timeout=WAIT_MS)
     assert tab.locator("#summary .card").count() == 6
+    spend_card = tab.locator("#summary .card", has_text="Spend").inner_text()
+    assert "cloud this period $0.0000 of $5.0000" in spend_card, spend_card
     # The sections load concurrently: the queues and the reports list may arrive after the summary cards.
     tab.wait_for_selector("#queues tbody tr", timeout=WAIT_MS)
     tab.wait_for_selector("#reports > *", timeout=WAIT_MS)

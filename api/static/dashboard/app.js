@@ -103,6 +103,13 @@
     return el("div", { class: "card" }, el("div", { class: "card-title" }, title), el("div", { class: "card-value" }, value), el("div", { class: "muted" }, detail));
   }
 
+  // The cloud spend limit's period, when one is set: "· cloud this period $x of $y".
+  function spendLimit(budget) {
+    if (budget.spend_limit_usd == null) return "";
+    const spent = budget.spent_this_period_usd == null ? "unknown" : usd(budget.spent_this_period_usd);
+    return ` · cloud this period ${spent} of ${usd(budget.spend_limit_usd)}`;
+  }
+
   async function loadSummary() {
     const s = await api("/v1/stats");
     const routed = s.routed;
@@ -110,7 +117,7 @@
     document.getElementById("summary").replaceChildren(
       card("Jobs", String(s.jobs.total), Object.entries(s.jobs.by_status).map(([k, v]) => `${k} ${v}`).join(" · ")),
       card("Cloud share", pct(routed.cloud_fraction), `budget ${pct(s.budget.cloud_fraction)} · ${routed.by_tier.cloud} of ${routed.total} routed${over ? " · above budget" : ""}`),
-      card("Spend", usd(s.spend_usd.total), `edge ${usd(s.spend_usd.by_tier.edge)} · cloud ${usd(s.spend_usd.by_tier.cloud)}`),
+      card("Spend", usd(s.spend_usd.total), `edge ${usd(s.spend_usd.by_tier.edge)} · cloud ${usd(s.spend_usd.by_tier.cloud)}${spendLimit(s.budget)}`),
       card("GPU time", `${num(s.gpu_seconds.total, 1)} s`, `edge ${num(s.gpu_seconds.by_tier.edge, 1)} s · cloud ${num(s.gpu_seconds.by_tier.cloud, 1)} s`),
       card("Latency", secs(s.latency_s.p50), `p90 ${secs(s.latency_s.p90)} over ${s.latency_s.count} jobs`),
       card("Router", s.router, `budget window ${s.budget.window} decisions${s.scope ? ` · showing ${s.scope}` : ""}`)
