@@ -74,7 +74,7 @@ def _spend_ledger(settings: Settings, broker_client: redis.Redis) -> SpendLedger
         if settings.state_redis_url == settings.broker_url
         else connect_redis(settings.state_redis_url, timeout=REDIS_PROBE_TIMEOUT_S)
     )
-    return SpendLedger(client, period_s=settings.cloud_spend_period_s, name=settings.budget_name)
+    return SpendLedger.for_settings(settings, client)
 
 
 def register_operations(app: Flask) -> None:

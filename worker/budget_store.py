@@ -18,6 +18,7 @@ import redis
 
 from router.budget import BudgetState
 from router.types import BudgetVerdict
+from routet2i.settings import Settings
 
 KEY_PREFIX = "routet2i:budget"
 SPEND_PREFIX = "routet2i:spend"
@@ -44,10 +45,16 @@ class SpendLedger:
         self.name = name
         self.clock = clock
 
-    def key(self, at: float | None = None) -> str:
-        """The counter of the period that contains ``at`` (now when omitted)."""
-        index = math.floor((self.clock() if at is None else at) / self.period_s)
-        return f"{SPEND_PREFIX}:{self.name}:{self.period_s}:{index}"
+    @classmethod
+    def for_settings(cls, settings: Settings, client: redis.Redis) -> SpendLedger | None:
+        """The deployment's ledger in ``client`` (its router state's Redis), or None without a spend limit."""
+        if settings.cloud_spend_limit_usd is None:
+            return None
+        return cls(client, period_s=settings.cloud_spend_period_s, name=settings.budget_name)
+
+    def key(self) -> str:
+        """The counter of the current period."""
+        return f"{SPEND_PREFIX}:{self.name}:{self.period_s}:{math.floor(self.clock() / self.period_s)}"
 
     def spent(self, key: str | None = None, *, client: redis.Redis | redis.client.Pipeline | None = None) -> float:
         """Money counted in the period ``key`` (the current one when omitted)."""

@@ -46,6 +46,7 @@ class WorkerContext:
         self._scorer_error: str | None = None
         self._budgets: dict[tuple[str, float], BudgetController] = {}
         self._redis: redis.Redis | None = None
+        self._spend_ledger: SpendLedger | None = None
 
     def generator(self, tier: str) -> Generator:
         if tier not in self._generators:
@@ -111,14 +112,12 @@ class WorkerContext:
         return self._budgets[key]
 
     def spend_ledger(self) -> SpendLedger | None:
-        """The deployment's cloud spend per period, when a spend limit is set."""
-        if self.settings.cloud_spend_limit_usd is None:
-            return None
-        from worker.budget_store import SpendLedger
+        """The deployment's cloud spend per period, when a spend limit is set (built once per process)."""
+        if self.settings.cloud_spend_limit_usd is not None and self._spend_ledger is None:
+            from worker.budget_store import SpendLedger
 
-        return SpendLedger(
-            self._state_redis(), period_s=self.settings.cloud_spend_period_s, name=self.settings.budget_name
-        )
+            self._spend_ledger = SpendLedger.for_settings(self.settings, self._state_redis())
+        return self._spend_ledger
 
     def _state_redis(self) -> redis.Redis:
         if self._redis is None:
