@@ -37,14 +37,14 @@ PERIOD_S = 31 * 86_400  # the longest period: a test that straddles a period's e
 
 
 @pytest.fixture(scope="module")
-def spend_stack(pg_url: str, tmp_path_factory, model_cache) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
+def spend_stack(pg_settings: Settings, tmp_path_factory, model_cache) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
     broker = PrivateRedis(tmp_path_factory.mktemp("spend-redis"))
     broker.start()
     api = ImageApi()
     settings = make_settings(
-        database_url=pg_url,
+        database_url=pg_settings.database_url,
         broker_url=broker.url,
-        image_dir=tmp_path_factory.mktemp("spend-images"),
+        image_dir=pg_settings.image_dir,  # the session's image store: the dashboard test shows every job's image
         cache_dir=model_cache,
         edge={"backend": "null", "model": "null-edge", "width": 64, "height": 64},
         cloud={
