@@ -214,5 +214,6 @@ for _name, _target in {
     "routet2i-no-multi-metric": "router.routet2i:NoMultiMetricRouter",
     "routet2i-no-token-selection": "router.routet2i:NoTokenSelectionRouter",
     "routet2i-no-dual-gate": "router.routet2i:NoDualGateRouter",
+    "routet2i-no-neighbours": "router.routet2i:NoNeighboursRouter",
 }.items():
     register_builtin(_name, _target)

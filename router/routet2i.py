@@ -20,6 +20,11 @@ token states ``T`` (n × d) and the sentence embedding ``s``. For expert ``i`` w
    generators' ratings of the same prompts, :attr:`router.log.LogRecord.auxiliary`), the prior learns them
    too, in one reduced-rank regression whose shared output space shapes the tiers' predictions
    (:func:`fit_prior`); they are training targets only, never inputs.
+5. *Neighbours*: the ensemble's predicted qualities are blended, with share ``neighbour_share`` (⅓), with the
+   qualities the training prompts most similar to the prompt received: a softmax over their cosine
+   similarities to its sentence embedding at temperature ``neighbour_temperature``. The ridge prior and the
+   network are global and smooth in the embedding; the neighbours are local, and remember what prompts of the
+   same subject or style got (the training embeddings and ratings are kept in the artifact).
 
 Training: AdamW, mean squared error on both tiers plus ``gap_weight`` times the error of the predicted gap
 (routing depends on the gap), early stopping on a validation split carved out of the training records by
@@ -43,6 +48,7 @@ sends the lowest PRS first: the largest ``α ≤ ½`` with ``P{PRS < α} ≤ ρ`
 **Ablations** (the paper's): ``routet2i-no-multi-metric`` collapses the metrics into one composite quality
 (each metric divided by its gain scale, averaged) learned by one expert; ``routet2i-no-token-selection``
 weights all tokens by affinity; ``routet2i-no-dual-gate`` replaces ``σ(T⁺ − T⁻)`` by one projection ``tanh(T·P_i·S)``.
+``routet2i-no-neighbours`` leaves out the neighbour blend, which the paper does not have.
 """
 
 from __future__ import annotations
@@ -63,10 +69,15 @@ from router.embeddings import SentenceEncoder, TokenStates, default_encoder
 from router.learned import standardise
 from router.log import LogRecord, auxiliary_names, metric_names
 from router.pgr import gain_scales, quality_arrays
-from router.splits import split_folds
+from router.splits import group_ids, split_folds
 from router.types import Prediction, QualityVector
 
 WEIGHTS = "weights.npz"
+
+LATER_SETTINGS: dict[str, Any] = {"neighbour_share": 0.0, "neighbour_temperature": 0.05}
+"""Settings added after artifacts were first written, at the values that reproduce an artifact trained before
+them: a manifest without one loads with this value, and a setting at this value is left out of the version's
+hash, so those artifacts keep their versions and keep loading."""
 
 DEFAULT_ARTIFACT = "default"
 """Name of the artifact shipped in ``router/artifacts/`` (``-int8``: its twin for the int8 encoder);
@@ -112,6 +123,10 @@ class RouteT2IConfig:
         token_selection: keep only the top-K tokens per expert (ablation: all tokens).
         dual_gate: the σ(T⁺ − T⁻) gate (ablation: one projection).
         multi_metric: one expert per metric (ablation: one expert on a composite metric).
+        neighbour_share: share of the predicted qualities taken from the most similar training prompts' ratings
+            (0: the ensemble alone; 1: the neighbours alone).
+        neighbour_temperature: temperature of the softmax over cosine similarities that weighs those prompts
+            (lower: fewer, closer prompts count).
         explain_tokens: tokens reported per metric in explanations.
         threads: torch threads while fitting (None: leave torch's setting).
     """
@@ -139,6 +154,8 @@ class RouteT2IConfig:
     token_selection: bool = True
     dual_gate: bool = True
     multi_metric: bool = True
+    neighbour_share: float = 1.0 / 3.0
+    neighbour_temperature: float = 0.05
     explain_tokens: int = 5
     threads: int | None = None
 
@@ -152,6 +169,10 @@ class RouteT2IConfig:
             raise ValueError(f"validation_share must be within (0, 1), got {self.validation_share}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.neighbour_share <= 1.0:
+            raise ValueError(f"neighbour_share must be within [0, 1], got {self.neighbour_share}")
+        if self.neighbour_temperature <= 0:
+            raise ValueError(f"neighbour_temperature must be positive, got {self.neighbour_temperature}")
         if any(w < 0 for w in self.metric_weights.values()):
             raise ValueError("metric_weights must not be negative")
 
@@ -359,7 +380,7 @@ class RouteT2IRouter(Router):
 
     name = "routet2i"
     learned: ClassVar[bool] = True
-    ablation: ClassVar[dict[str, bool]] = {}
+    ablation: ClassVar[dict[str, Any]] = {}
     """Settings a named ablation forces (see the module docstring)."""
 
     def __init__(
@@ -380,6 +401,10 @@ class RouteT2IRouter(Router):
         self.priors: list[tuple[np.ndarray, np.ndarray]] = []
         self.feature_mean = np.zeros(0)
         self.feature_std = np.ones(0)
+        self.neighbour_keys = np.zeros((0, 0), dtype=np.float32)
+        """Sentence embeddings of the training prompts (N, d), for the neighbour blend."""
+        self.neighbour_values = np.zeros((0, 0, 2), dtype=np.float32)
+        """Their standardised qualities (N, k, 2)."""
         self._inference: dict[str, np.ndarray] | None = None
         self._version: str | None = None
         self.training_report: dict[str, Any] = {}
@@ -458,7 +483,16 @@ class RouteT2IRouter(Router):
                 if self.on_member is not None:
                     self.on_member(member, report)
         self._inference, self._version = None, None
-        self.calibration = np.sort(self._prs_from_tokens(tokens, stats))
+        groups = None
+        if self.cfg.neighbour_share > 0:
+            self.neighbour_keys = np.stack([t.sentence for t in tokens]).astype(np.float32)
+            self.neighbour_values = y.astype(np.float32)
+            groups = group_ids(prompts)
+        else:
+            self.neighbour_keys = np.zeros((0, 0), dtype=np.float32)
+            self.neighbour_values = np.zeros((0, 0, 2), dtype=np.float32)
+        # Each training prompt is calibrated without its own ratings among its neighbours, as a new prompt would be.
+        self.calibration = np.sort(self._prs_from_tokens(tokens, stats, groups=groups))
         self.training_report = {"members": reports, "n_train": len(records)}
         return self
 
@@ -552,12 +586,16 @@ class RouteT2IRouter(Router):
                 stacked["sentence_w"] = np.stack([m["sentence.weight"] for m in members])  # (M, hs, d)
                 stacked["sentence_b"] = np.stack([m["sentence.bias"] for m in members])  # (M, hs)
             self._inference = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stacked.items()}
+            if self.priors:
+                # The members' priors are linear: their mean is one (float64) product with the mean coefficients.
+                self._inference["prior_coef"] = np.mean([c for c, _ in self.priors], axis=0)
+                self._inference["prior_intercept"] = np.mean([b for _, b in self.priors], axis=0)
         return self._inference
 
-    def _moe(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray]:
+    def _moe(self, batch: _Batch, explain: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """The members' mixture-of-experts outputs averaged, (B, k, 2) standardised, and per-token gap pushes
-        (B, k, L) in standardised units: the network's eval-mode forward pass, all members at once in numpy
-        (one matrix product for every gate; tests hold it to the torch module)."""
+        (B, k, L) in standardised units (None unless ``explain``): the network's eval-mode forward pass, all
+        members at once in numpy (one matrix product for every gate; tests hold it to the torch module)."""
         w = self._stacked()
         states, mask = batch.states, batch.mask
         n, length, d = states.shape
@@ -589,6 +627,8 @@ class RouteT2IRouter(Router):
             shared = np.concatenate(extra, axis=-1).astype(np.float32)
             z = np.concatenate([z, np.broadcast_to(shared[:, :, None, :], (n, m, k, shared.shape[-1]))], axis=-1)
         out = np.einsum("bmkh,mkho->bmko", z, w["head_w"]) + w["head_b"]
+        if not explain:
+            return out.mean(axis=1), None
         direction = w["head_w"][:, :, :h, 1] - w["head_w"][:, :, :h, 0]  # (M, k, h): gap per channel
         pushes = np.einsum("bmklh,mkh->bmkl", gates, direction) * weights
         return out.mean(axis=1), pushes.mean(axis=1)
@@ -610,20 +650,57 @@ class RouteT2IRouter(Router):
         result: np.ndarray = pushes.transpose(0, 2, 1) * scale[:, None, None]
         return result
 
-    def _forward(self, tokens: Sequence[TokenStates], stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Predicted edge and cloud qualities (n, m) in the metrics' own units, and per-token gap pushes
-        (n, m, L) in the same units (averaged over members)."""
+    def _forward(
+        self,
+        tokens: Sequence[TokenStates],
+        stats: np.ndarray,
+        exclude: np.ndarray | None = None,
+        explain: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Predicted edge and cloud qualities (n, m) in the metrics' own units, per-token gap pushes (n, m, L) in
+        the same units (averaged over members; None unless ``explain``), and the neighbours' share of the
+        predicted gap (n, m).
+
+        Args:
+            exclude: (n, N) mask of training prompts that may not serve as a row's neighbours (calibration
+                leaves each training prompt's own ratings out).
+            explain: compute the per-token pushes (decisions store them; scores alone do not need them).
+        """
         with _one_blas_thread():
             batch = _pad(tokens, stats)
-            out, pushes = self._moe(batch)
+            out, pushes = self._moe(batch, explain)
             out = out.astype(np.float64)
             if self.priors:
                 features = (self._raw_features(tokens, stats) - self.feature_mean) / self.feature_std
-                out = out + np.mean([np.einsum("np,pmo->nmo", features, c) + b for c, b in self.priors], axis=0)
-                pushes = pushes + self._prior_pushes(batch)
+                w = self._stacked()
+                coef = w["prior_coef"]
+                prior = (features @ coef.reshape(coef.shape[0], -1)).reshape(-1, *coef.shape[1:])
+                out = out + prior + w["prior_intercept"]
+                if pushes is not None:
+                    pushes = pushes + self._prior_pushes(batch)
+            near_gap = np.zeros(out.shape[:2])
+            if len(self.neighbour_keys):
+                share = self.cfg.neighbour_share
+                near = self._neighbours(batch.sentence, exclude)
+                out = (1.0 - share) * out + share * near
+                if pushes is not None:
+                    pushes = (1.0 - share) * pushes
+                near_gap = share * (near[..., 1] - near[..., 0]) * self.std
         edge = out[..., 0] * self.std + self.mean
         cloud = out[..., 1] * self.std + self.mean
-        return edge, cloud, pushes * self.std[None, :, None]
+        return edge, cloud, None if pushes is None else pushes * self.std[None, :, None], near_gap
+
+    def _neighbours(self, sentence: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """The training prompts' standardised qualities (n, k, 2) weighed by a softmax over their cosine
+        similarities to each prompt (sentence embeddings have unit length) at ``neighbour_temperature``."""
+        similarity = sentence.astype(np.float32) @ self.neighbour_keys.T  # (n, N)
+        if exclude is not None:
+            similarity = np.where(exclude, -np.inf, similarity)
+        logits = (similarity - similarity.max(axis=1, keepdims=True)) / self.cfg.neighbour_temperature
+        weights = np.exp(logits.astype(np.float64))
+        weights /= weights.sum(axis=1, keepdims=True)
+        result: np.ndarray = np.einsum("bn,nko->bko", weights, self.neighbour_values.astype(np.float64))
+        return result
 
     def _prs(self, edge: np.ndarray, cloud: np.ndarray) -> np.ndarray:
         d = 1.0 / (1.0 + np.exp(-(edge - cloud) / (self.cfg.temperature * self.scales)))
@@ -639,10 +716,16 @@ class RouteT2IRouter(Router):
         total = weights.sum()
         return weights / total if total > 0 else np.full(len(self.targets), 1.0 / len(self.targets))
 
-    def _prs_from_tokens(self, tokens: Sequence[TokenStates], stats: np.ndarray, chunk: int = 256) -> np.ndarray:
+    def _prs_from_tokens(
+        self, tokens: Sequence[TokenStates], stats: np.ndarray, chunk: int = 256, groups: np.ndarray | None = None
+    ) -> np.ndarray:
+        """PRS of every prompt, in chunks; ``groups``: the prompts are the training prompts, with these prompt
+        groups (:func:`router.splits.group_ids`), and none is its own neighbour."""
         parts = []
         for start in range(0, len(tokens), chunk):
-            edge, cloud, _ = self._forward(tokens[start : start + chunk], stats[start : start + chunk])
+            rows = slice(start, start + chunk)
+            exclude = None if groups is None else groups[rows, None] == groups[None, :]
+            edge, cloud, _, _ = self._forward(tokens[rows], stats[rows], exclude, explain=False)
             parts.append(self._prs(edge, cloud))
         return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -667,7 +750,8 @@ class RouteT2IRouter(Router):
         if not prompts:
             return []
         tokens = self.encoder.encode_tokens(prompts)
-        edge, cloud, pushes = self._forward(tokens, self._standardised_stats(prompts))
+        edge, cloud, pushes, near_gap = self._forward(tokens, self._standardised_stats(prompts))
+        assert pushes is not None
         prs = self._prs(edge, cloud)
         metric_set = "routet2i-predicted"
         return [
@@ -676,14 +760,15 @@ class RouteT2IRouter(Router):
                 edge=QualityVector(dict(zip(self.targets, edge[j].tolist(), strict=True)), metric_set),
                 cloud=QualityVector(dict(zip(self.targets, cloud[j].tolist(), strict=True)), metric_set),
                 max_score_for_edge=self.edge_floor(),
-                explanation=self._explain(tokens[j], pushes[j]),
+                explanation=self._explain(tokens[j], pushes[j], near_gap[j]),
                 features={"prs": round(float(prs[j]), 6), "tokens": len(tokens[j].tokens) - 2},
             )
             for j in range(len(prompts))
         ]
 
-    def _explain(self, item: TokenStates, pushes: np.ndarray) -> dict[str, Any]:
-        """Per metric, the words whose selected tokens moved the predicted cloud-minus-edge gap the most."""
+    def _explain(self, item: TokenStates, pushes: np.ndarray, near_gap: np.ndarray) -> dict[str, Any]:
+        """Per metric, the words whose selected tokens moved the predicted cloud-minus-edge gap the most, and
+        the part of the gap that came from the most similar training prompts."""
         words: list[str] = []
         owner: list[int] = []
         for token in item.tokens:
@@ -705,7 +790,13 @@ class RouteT2IRouter(Router):
             explanation[metric] = [
                 {"token": words[w], "push": round(float(per_word[w]), 6)} for w in ranked if per_word[w] != 0.0
             ]
-        return {"tokens_by_metric": explanation, "push": "predicted cloud-minus-edge gap the token moved"}
+        result: dict[str, Any] = {
+            "tokens_by_metric": explanation,
+            "push": "predicted cloud-minus-edge gap the token moved",
+        }
+        if len(self.neighbour_keys):
+            result["neighbours_gap"] = {m: round(float(near_gap[i]), 6) for i, m in enumerate(self.targets)}
+        return result
 
     # --- artifact ---------------------------------------------------------------------------------------
 
@@ -721,6 +812,8 @@ class RouteT2IRouter(Router):
             feature_mean=self.feature_mean,
             feature_std=self.feature_std,
         )
+        if len(self.neighbour_keys):
+            arrays.update(neighbour_keys=self.neighbour_keys, neighbour_values=self.neighbour_values)
         for i, (coef, intercept) in enumerate(self.priors):
             arrays[f"prior{i}.coef"], arrays[f"prior{i}.intercept"] = coef, intercept
         return arrays
@@ -736,7 +829,8 @@ class RouteT2IRouter(Router):
 
     def _hash(self) -> str:
         digest = hashlib.sha256(self.encoder.key.encode())
-        digest.update(json.dumps({"config": self.config(), "metrics": self.metrics}, sort_keys=True).encode())
+        config = {k: v for k, v in self.config().items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
+        digest.update(json.dumps({"config": config, "metrics": self.metrics}, sort_keys=True).encode())
         arrays = self._arrays()
         for key in sorted(arrays):
             digest.update(key.encode())
@@ -767,7 +861,7 @@ class RouteT2IRouter(Router):
     @classmethod
     def load(cls, directory: Path, *, encoder: SentenceEncoder | None = None) -> RouteT2IRouter:
         manifest = read_manifest(directory)
-        router = cls(RouteT2IConfig(**manifest.get("config", {})), encoder=encoder)
+        router = cls(RouteT2IConfig(**{**LATER_SETTINGS, **manifest.get("config", {})}), encoder=encoder)
         if manifest.get("encoder") != router.encoder.key:
             raise RouterError(
                 f"artifact {directory} was trained on encoder {manifest.get('encoder')!r}, "
@@ -785,6 +879,9 @@ class RouteT2IRouter(Router):
         router.scales, router.calibration = arrays.pop("scales"), arrays.pop("calibration")
         router.stats_mean, router.stats_std = arrays.pop("stats_mean"), arrays.pop("stats_std")
         router.feature_mean, router.feature_std = arrays.pop("feature_mean"), arrays.pop("feature_std")
+        if "neighbour_keys" in arrays:
+            router.neighbour_keys = arrays.pop("neighbour_keys").astype(np.float32)
+            router.neighbour_values = arrays.pop("neighbour_values").astype(np.float32)
         router.priors = [
             (arrays.pop(f"prior{i}.coef"), arrays.pop(f"prior{i}.intercept"))
             for i in range(int(manifest["members"]))
@@ -877,18 +974,25 @@ class NoMultiMetricRouter(RouteT2IRouter):
     """Ablation: one expert learns a composite quality instead of one expert per metric."""
 
     name = "routet2i-no-multi-metric"
-    ablation: ClassVar[dict[str, bool]] = {"multi_metric": False}
+    ablation: ClassVar[dict[str, Any]] = {"multi_metric": False}
 
 
 class NoTokenSelectionRouter(RouteT2IRouter):
     """Ablation: every token, weighted by affinity, instead of each expert's top-K."""
 
     name = "routet2i-no-token-selection"
-    ablation: ClassVar[dict[str, bool]] = {"token_selection": False}
+    ablation: ClassVar[dict[str, Any]] = {"token_selection": False}
 
 
 class NoDualGateRouter(RouteT2IRouter):
     """Ablation: one projection ``tanh(T·P·S)`` instead of the σ(T⁺ − T⁻) gate."""
 
     name = "routet2i-no-dual-gate"
-    ablation: ClassVar[dict[str, bool]] = {"dual_gate": False}
+    ablation: ClassVar[dict[str, Any]] = {"dual_gate": False}
+
+
+class NoNeighboursRouter(RouteT2IRouter):
+    """Ablation (of this implementation's addition): the ensemble's predictions alone, no neighbour blend."""
+
+    name = "routet2i-no-neighbours"
+    ablation: ClassVar[dict[str, Any]] = {"neighbour_share": 0.0}

@@ -80,6 +80,10 @@ def test_config_refuses_bad_settings() -> None:
         RouteT2IConfig(top_k=0)
     with pytest.raises(ValueError, match="temperature"):
         RouteT2IConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="neighbour_share"):
+        RouteT2IConfig(neighbour_share=1.5)
+    with pytest.raises(ValueError, match="neighbour_temperature"):
+        RouteT2IConfig(neighbour_temperature=0.0)
     with pytest.raises(TypeError):
         RouteT2IRouter(no_such_setting=1)
 
@@ -104,13 +108,62 @@ def test_it_learns_which_prompts_the_cloud_wins(fitted: RouteT2IRouter) -> None:
         assert (gap > 0.5) == (record.cloud["alignment"] > record.edge["alignment"])
 
 
-def test_calibration_sends_the_budget_share_of_training_prompts(fitted: RouteT2IRouter) -> None:
+def test_calibration_sends_the_budget_share_of_training_prompts() -> None:
     train = _log()[:-12]
-    scores = fitted.score([r.prompt for r in train])
+    router = RouteT2IRouter(**SMALL, neighbour_share=0.0).fit(train, seed=0)
+    scores = router.score([r.prompt for r in train])
     for rho in (0.2, 0.4):
-        threshold = fitted.calibrated_threshold(rho)
+        threshold = router.calibrated_threshold(rho)
         assert threshold is not None
         assert abs(float(np.mean(scores > threshold)) - rho) <= 2 / len(train)
+
+
+def _distinct_log() -> list[LogRecord]:
+    """Every prompt rated differently, so a prompt's own ratings are recognisable among its neighbours'."""
+    rng = np.random.default_rng(7)
+    records = []
+    for i, (subject, place) in enumerate((s, p) for s in SUBJECTS for p in PLACES):
+        edge = {"quality": float(rng.uniform(1, 5)), "alignment": float(rng.uniform(1, 5))}
+        cloud = {"quality": float(rng.uniform(1, 5)), "alignment": float(rng.uniform(1, 5))}
+        records.append(LogRecord(str(i), f"{subject} {place}", QualityVector(edge, "t"), QualityVector(cloud, "t")))
+    return records
+
+
+def test_neighbours_recall_what_the_most_similar_training_prompts_got() -> None:
+    """With the neighbours alone at a low temperature, a prompt seen in training is predicted as it was rated,
+    and the explanation gives the neighbours' share of the gap."""
+    log = _distinct_log()
+    router = RouteT2IRouter(**SMALL, neighbour_share=1.0, neighbour_temperature=0.002).fit(log, seed=0)
+    predictions = router.predict([r.prompt for r in log[:10]])
+    for record, prediction in zip(log[:10], predictions, strict=True):
+        assert prediction.edge is not None and prediction.cloud is not None
+        for metric in ("quality", "alignment"):
+            assert prediction.edge[metric] == pytest.approx(record.edge[metric], abs=1e-3)
+            assert prediction.cloud[metric] == pytest.approx(record.cloud[metric], abs=1e-3)
+            assert prediction.explanation is not None
+            assert prediction.explanation["neighbours_gap"][metric] == pytest.approx(
+                record.cloud[metric] - record.edge[metric], abs=1e-3
+            )
+
+
+def test_calibration_leaves_each_prompt_out_of_its_own_neighbours() -> None:
+    """The offline threshold is the PRS quantile a new prompt would see: a training prompt is calibrated on its
+    neighbours' ratings, never on its own (which would make the calibration the training labels' quantiles)."""
+    log = _distinct_log()
+    share, temperature = 1.0, 0.05
+    router = RouteT2IRouter(**SMALL, neighbour_share=share, neighbour_temperature=temperature).fit(log, seed=0)
+    keys = router.encoder.encode([r.prompt for r in log]).astype(np.float64)
+    edge = np.array([[r.edge[m] for m in router.targets] for r in log])
+    cloud = np.array([[r.cloud[m] for m in router.targets] for r in log])
+    similarity = keys @ keys.T
+    np.fill_diagonal(similarity, -np.inf)
+    weights = np.exp((similarity - similarity.max(axis=1, keepdims=True)) / temperature)
+    weights /= weights.sum(axis=1, keepdims=True)
+    expected = np.sort(router._prs(weights @ edge, weights @ cloud))
+    np.testing.assert_allclose(router.calibration, expected, atol=1e-4)
+    # Scoring the training prompts themselves recalls their own ratings: a different distribution.
+    own = np.sort(router._prs(edge, cloud))
+    assert np.abs(router.calibration - own).max() > 0.05
 
 
 def test_explanations_name_words_of_the_prompt(fitted: RouteT2IRouter) -> None:
@@ -130,6 +183,8 @@ def test_artifact_round_trip_and_tamper_detection(fitted: RouteT2IRouter, tmp_pa
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["version"] == fitted.version and manifest["version"].startswith("routet2i:")
     assert len(manifest["training"]["members"]) == SMALL["members"]
+    with np.load(directory / "weights.npz") as weights:
+        assert weights["neighbour_keys"].shape == (len(_log()) - 12, 384)
     loaded = load_router("routet2i", directory)
     prompts = [r.prompt for r in _log()[-12:]]
     np.testing.assert_allclose(loaded.score(prompts), fitted.score(prompts), atol=1e-6)
@@ -142,6 +197,22 @@ def test_artifact_round_trip_and_tamper_detection(fitted: RouteT2IRouter, tmp_pa
         load_router("routet2i", tampered)
     with pytest.raises(RouterError, match="holds router"):
         load_router("knn", directory)
+
+
+def test_an_artifact_written_before_the_neighbour_settings_loads_unchanged(tmp_path: Path) -> None:
+    """Artifacts trained before a setting existed keep loading, with the same version and the same scores."""
+    log = _log()[:40]
+    router = RouteT2IRouter(**SMALL, neighbour_share=0.0).fit(log, seed=0)
+    directory = router.save(tmp_path / "older")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for setting in ("neighbour_share", "neighbour_temperature"):
+        del manifest["config"][setting]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_router("routet2i", directory)
+    assert loaded.version == router.version
+    assert loaded.cfg.neighbour_share == 0.0
+    prompts = [r.prompt for r in _log()[-12:]]
+    np.testing.assert_allclose(loaded.score(prompts), router.score(prompts), atol=1e-6)
 
 
 def test_fixed_seed_gives_identical_artifacts() -> None:
@@ -158,15 +229,17 @@ def test_fixed_seed_gives_identical_artifacts() -> None:
         ("routet2i-no-multi-metric", "multi_metric"),
         ("routet2i-no-token-selection", "token_selection"),
         ("routet2i-no-dual-gate", "dual_gate"),
+        ("routet2i-no-neighbours", "neighbour_share"),
     ],
 )
 def test_ablations_switch_off_their_component(name: str, setting: str) -> None:
     router = create_router(name, **SMALL)
-    assert getattr(router.cfg, setting) is False
+    assert not getattr(router.cfg, setting)
     router.fit(_log()[:60], seed=0)
     targets = ("composite",) if setting == "multi_metric" else ("quality", "alignment")
     assert router.targets == targets
     assert np.all(np.isfinite(router.score(["a cat on a beach"])))
+    assert (len(router.neighbour_keys) > 0) == (setting != "neighbour_share")
 
 
 def test_the_shipped_artifact_loads_and_routes() -> None:
@@ -215,6 +288,10 @@ def test_numpy_inference_is_the_torch_network(settings: dict[str, object]) -> No
         rng.standard_normal((len(lengths), 4)).astype(np.float32),
     )
     out, pushes = router._moe(batch)
+    assert pushes is not None
+    scores_only, no_pushes = router._moe(batch, explain=False)
+    assert no_pushes is None
+    np.testing.assert_array_equal(scores_only, out)
     expected_out, expected_pushes = [], []
     with torch.inference_mode():
         for net in nets:
@@ -239,9 +316,9 @@ def test_scoring_runs_blas_on_one_thread_and_gives_the_threads_back(fitted: Rout
     seen: list[set[int]] = []
     moe = fitted._moe
 
-    def spy(batch):  # type: ignore[no-untyped-def]
+    def spy(batch, explain=True):  # type: ignore[no-untyped-def]
         seen.append(blas_threads())
-        return moe(batch)
+        return moe(batch, explain)
 
     with threadpool_limits(limits=2, user_api="blas"):
         fitted._moe = spy  # type: ignore[method-assign]
