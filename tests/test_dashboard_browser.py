@@ -49,9 +49,13 @@ PREDICTED = {
     "cloud": {"metric_set": "routet2i-v1", "values": {"definition": 0.70, "detail": 0.64, "alignment": 0.69}},
 }
 EXPLANATION = {
-    "definition": [{"token": "castle", "weight": 0.42}, {"token": "sunset", "weight": -0.12}],
-    "detail": [["detailed", 0.61], ["hill", 0.05]],
-    "alignment": ["castle"],
+    "tokens_by_metric": {
+        "definition": [{"token": "castle", "push": 0.42}, {"token": "sunset", "push": -0.12}],
+        "detail": [["detailed", 0.61], ["hill", 0.05]],
+        "alignment": ["castle"],
+    },
+    "push": "predicted cloud-minus-edge gap the token moved",
+    "neighbours_gap": {"definition": 0.125, "detail": -0.031, "alignment": 0.0},
 }
 
 
@@ -216,6 +220,8 @@ def test_dashboard_submits_a_job_shows_its_image_decisions_charts_and_plots(
     assert decision.locator(".token.up", has_text="castle").count() >= 1
     assert decision.locator(".token.down", has_text="sunset").count() == 1
     assert decision.locator(".token", has_text="detailed").count() == 1
+    neighbours = decision.locator(".explain-neighbours").inner_text()
+    assert "definition +0.13" in neighbours and "detail -0.03" in neighbours, neighbours
     assert "a castle on a hill at sunset" in decision.inner_text()
 
     # Submit through the page; the prompt is hostile markup and must come back as text.

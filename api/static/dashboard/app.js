@@ -286,7 +286,17 @@
         )
       );
     }
-    return el("div", { class: "explanation" }, el("h4", {}, "Tokens that drove each metric"), rows.length ? rows : el("pre", {}, JSON.stringify(explanation, null, 2)));
+    const near = explanation.neighbours_gap;
+    const nearEntries = near && typeof near === "object" ? Object.entries(near).filter(([, v]) => typeof v === "number") : [];
+    const nearRow = nearEntries.length
+      ? el(
+          "p",
+          { class: "explain-neighbours", title: "part of the predicted cloud-minus-edge gap taken from the most similar training prompts" },
+          "Similar training prompts: ",
+          nearEntries.map(([metric, gap]) => `${metric} ${gap >= 0 ? "+" : ""}${num(gap, 2)}`).join(", ")
+        )
+      : null;
+    return el("div", { class: "explanation" }, el("h4", {}, "Tokens that drove each metric"), rows.length ? rows : el("pre", {}, JSON.stringify(explanation, null, 2)), nearRow);
   }
 
   function decisionView(d, prompt) {
