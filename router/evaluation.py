@@ -96,6 +96,41 @@ class RouterSummary:
     score_s: float
 
 
+BOUNDS = frozenset({"oracle", "all-edge", "all-cloud"})
+"""Routers that bound the others rather than compete with them: never anyone's best baseline."""
+
+FOCUS = ("routet2i",)
+"""Routers that reports compare against the best baseline by default: the project's own."""
+
+COMPARED = ("apgr", "pgr@0.3", "pgr@0.5")
+"""The cells a router is compared on against the best baseline (those the fractions of a report include)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One router against the best baseline on one value, paired over the runs (they share the test folds).
+
+    Attributes:
+        key: the value (``apgr``, ``pgr@0.5``...).
+        mean: the router's mean over runs.
+        best: the baseline with the highest mean on this value.
+        best_mean: its mean.
+        difference: mean over runs of the router's value minus the baseline's on the same fold.
+        se: standard error of that mean (sample standard deviation over runs / √runs; NaN with one run).
+        ahead: runs in which the router is at least the baseline's.
+        runs: runs compared.
+    """
+
+    key: str
+    mean: float
+    best: str
+    best_mean: float
+    difference: float
+    se: float
+    ahead: int
+    runs: int
+
+
 @dataclass(frozen=True)
 class Report:
     """The outcome of :func:`evaluate`.
@@ -124,10 +159,29 @@ class Report:
     cpu_s: float = 0.0
     info: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every number as plain JSON (NaN becomes ``null``); see docs/evaluation.md for the schema."""
+    def to_dict(self, compare: Sequence[str] = FOCUS) -> dict[str, Any]:
+        """Every number as plain JSON (NaN becomes ``null``); see docs/evaluation.md for the schema.
+        ``compare``: routers whose :meth:`compare` goes in, under ``comparison``."""
+        comparisons = {name: self.compare(name) for name in compare}
         return {
             "routers": {name: _summary_dict(s, self.metrics, self.fractions) for name, s in self.routers.items()},
+            "comparison": {
+                name: [
+                    {
+                        "value": c.key,
+                        "mean": _clean(c.mean),
+                        "best_baseline": c.best,
+                        "best_baseline_mean": _clean(c.best_mean),
+                        "difference": _clean(c.difference),
+                        "se": _clean(c.se),
+                        "runs_ahead": c.ahead,
+                        "runs": c.runs,
+                    }
+                    for c in found
+                ]
+                for name, found in comparisons.items()
+                if found
+            },
             "log": {"records": self.n_records, "prompts": self.n_prompts, "metrics": list(self.metrics)},
             "protocol": {
                 "folds": self.folds,
@@ -153,11 +207,44 @@ class Report:
             **({"info": dict(self.info)} if self.info else {}),
         }
 
-    def table(self, *, markdown: bool = False) -> str:
-        """The aggregate numbers per router as a text (or Markdown) table, then per-metric detail."""
+    def compare(self, router: str) -> list[Comparison]:
+        """``router`` against the best baseline on each of :data:`COMPARED`; the baselines are every other router
+        in the report except the :data:`BOUNDS` and the router's own variants (``<router>-...``, its ablations).
+        Empty when the report lacks the router or any baseline."""
+        baselines = [n for n in self.routers if n != router and n not in BOUNDS and not n.startswith(f"{router}-")]
+        if router not in self.routers or not baselines:
+            return []
+        own = self.routers[router]
+        result = []
+        for key in COMPARED:
+            if key not in own.mean:
+                continue
+            best = max(baselines, key=lambda n: self.routers[n].mean[key])
+            theirs = self.routers[best]
+            pairs = [(a.values[key], b.values[key]) for a, b in zip(own.runs, theirs.runs, strict=True)]
+            assert all(a.seed == b.seed and a.fold == b.fold for a, b in zip(own.runs, theirs.runs, strict=True))
+            differences = np.array([a - b for a, b in pairs])
+            se = float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else math.nan
+            result.append(
+                Comparison(
+                    key=key,
+                    mean=own.mean[key],
+                    best=best,
+                    best_mean=theirs.mean[key],
+                    difference=float(differences.mean()),
+                    se=se,
+                    ahead=int(np.sum(differences >= 0)),
+                    runs=len(differences),
+                )
+            )
+        return result
+
+    def table(self, *, markdown: bool = False, compare: Sequence[str] = FOCUS) -> str:
+        """The aggregate numbers per router as a text (or Markdown) table, then each of ``compare`` against the
+        best baseline, then per-metric detail."""
         from router.report import format_table
 
-        return format_table(self, markdown=markdown)
+        return format_table(self, markdown=markdown, compare=compare)
 
 
 def _clean(value: float) -> float | None:

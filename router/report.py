@@ -33,9 +33,35 @@ def _render(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
 
 
-def format_table(report: Report, *, markdown: bool = False) -> str:
+def format_comparison(report: Report, router: str, *, markdown: bool = False) -> str:
+    """``router`` against the best baseline on APGR, PGR@30% and PGR@50%, paired over the runs ('' when the
+    report has no such comparison)."""
+    found = report.compare(router)
+    if not found:
+        return ""
+    header = ["value", router, "best baseline", "difference ± s.e.", "runs at least as good"]
+    rows = [
+        [
+            "APGR" if c.key == "apgr" else f"PGR@{round(float(c.key.split('@')[1]) * 100)}%",
+            _num(c.mean, 3),
+            f"{c.best} {_num(c.best_mean, 3)}",
+            f"{c.difference:+.3f} ± {_num(c.se, 3)}",
+            f"{c.ahead}/{c.runs}",
+        ]
+        for c in found
+    ]
+    level = sum(c.mean >= c.best_mean for c in found)
+    title = (
+        f"{router} against the best baseline of each value (paired over the runs, which share their test folds): "
+        f"at least the baseline's on {level} of {len(found)}"
+    )
+    return "\n".join([title if not markdown else f"*{title}*", "", _render(header, rows, markdown)])
+
+
+def format_table(report: Report, *, markdown: bool = False, compare: Sequence[str] = ()) -> str:
     """Aggregate table (APGR, PGR at every reported fraction, CPT(50%), CPT(80%), Pareto no-worse at 50%),
-    then, for multi-metric logs, a per-metric table."""
+    then each router of ``compare`` against the best baseline, then, for multi-metric logs, a per-metric
+    table."""
     from router.evaluation import fkey
 
     fractions = report.fractions
@@ -56,6 +82,10 @@ def format_table(report: Report, *, markdown: bool = False) -> str:
         f"{report.folds} folds x {len(report.seeds)} seeds; mean (± std for APGR) over runs"
     )
     parts = [title if not markdown else f"*{title}*", "", _render(header, rows, markdown)]
+    for name in compare:
+        comparison = format_comparison(report, name, markdown=markdown)
+        if comparison:
+            parts += ["", comparison]
     if len(report.metrics) > 1:
         mid = [f for f in (0.3, 0.5) if f in fractions]
         m_header = ["router", "metric", "APGR", *(f"PGR@{round(f * 100)}%" for f in mid), "CPT(50%)"]

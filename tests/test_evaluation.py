@@ -212,6 +212,44 @@ def test_json_document_shape() -> None:
     assert agg == pytest.approx(np.mean(per_metric), abs=1e-5)
 
 
+def test_a_router_is_compared_with_the_best_baseline_of_each_value_paired_over_runs() -> None:
+    """The comparison takes, per value, the baseline with the best mean (never a bound such as the oracle, nor
+    the router's own variants), and pairs the runs fold by fold."""
+    log = hand_log()
+    routers = {
+        "routet2i": lambda: create_router("random", seed=3),
+        "routet2i-variant": lambda: create_router("longest-prompt-first"),  # perfect here, but a variant
+        "oracle": lambda: create_router("oracle"),
+        "random": lambda: create_router("random", seed=0),
+        "noun-count": lambda: create_router("noun-count"),
+    }
+    report = evaluate(log, routers, folds=4, seeds=2)
+    found = report.compare("routet2i")
+    assert [c.key for c in found] == ["apgr", "pgr@0.3", "pgr@0.5"]
+    for c in found:
+        baselines = ("random", "noun-count")
+        assert c.best == max(baselines, key=lambda n: report.routers[n].mean[c.key])
+        ours = [r.values[c.key] for r in report.routers["routet2i"].runs]
+        theirs = [r.values[c.key] for r in report.routers[c.best].runs]
+        differences = np.subtract(ours, theirs)
+        assert c.difference == pytest.approx(differences.mean())
+        assert c.se == pytest.approx(differences.std(ddof=1) / np.sqrt(8))
+        assert c.ahead == int((differences >= 0).sum()) and c.runs == 8
+        assert c.mean - c.best_mean == pytest.approx(c.difference)
+    assert report.compare("no-such-router") == []
+    alone = evaluate(log, {"routet2i": routers["routet2i"], "oracle": routers["oracle"]}, folds=4, seeds=1)
+    assert alone.compare("routet2i") == []  # a bound is no baseline
+
+    text = report.table(markdown=True)
+    assert "routet2i against the best baseline" in text
+    level = sum(c.mean >= c.best_mean for c in found)
+    assert f"at least the baseline's on {level} of 3" in text
+    doc = report.to_dict()
+    json.dumps(doc, allow_nan=False)
+    assert [entry["best_baseline"] for entry in doc["comparison"]["routet2i"]] == [c.best for c in found]
+    assert alone.to_dict()["comparison"] == {}
+
+
 def test_unknown_router_fails_before_any_work() -> None:
     with pytest.raises(RouterError, match="unknown router 'nope'"):
         evaluate(hand_log(), ["random", "nope"], folds=2, seeds=1)
