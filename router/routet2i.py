@@ -488,9 +488,6 @@ class RouteT2IRouter(Router):
             self.neighbour_keys = np.stack([t.sentence for t in tokens]).astype(np.float32)
             self.neighbour_values = y.astype(np.float32)
             groups = group_ids(prompts)
-        else:
-            self.neighbour_keys = np.zeros((0, 0), dtype=np.float32)
-            self.neighbour_values = np.zeros((0, 0, 2), dtype=np.float32)
         # Each training prompt is calibrated without its own ratings among its neighbours, as a new prompt would be.
         self.calibration = np.sort(self._prs_from_tokens(tokens, stats, groups=groups))
         self.training_report = {"members": reports, "n_train": len(records)}
@@ -578,17 +575,18 @@ class RouteT2IRouter(Router):
                 "head_w": np.stack([m["head_w"] for m in members]),  # (M, k, h + extra, 2)
                 "head_b": np.stack([m["head_b"] for m in members]),  # (M, k, 2)
             }
-            if self.priors:
+            # The members' priors are linear: their mean is one product with the mean coefficients (p, k, 2).
+            prior_coef = np.mean([c for c, _ in self.priors], axis=0) if self.priors else None
+            if prior_coef is not None:
                 d = experts.shape[-1]
-                coef = np.mean([c for c, _ in self.priors], axis=0)[:d]  # (d, k, 2): the embedding's features
+                coef = prior_coef[:d]  # the embedding's features
                 stacked["prior_gap"] = (coef[..., 1] - coef[..., 0]) / self.feature_std[:d, None]  # (d, k)
             if self.cfg.sentence_width:
                 stacked["sentence_w"] = np.stack([m["sentence.weight"] for m in members])  # (M, hs, d)
                 stacked["sentence_b"] = np.stack([m["sentence.bias"] for m in members])  # (M, hs)
             self._inference = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stacked.items()}
-            if self.priors:
-                # The members' priors are linear: their mean is one (float64) product with the mean coefficients.
-                self._inference["prior_coef"] = np.mean([c for c, _ in self.priors], axis=0)
+            if prior_coef is not None:  # kept in float64, as the members' priors are
+                self._inference["prior_coef"] = prior_coef
                 self._inference["prior_intercept"] = np.mean([b for _, b in self.priors], axis=0)
         return self._inference
 
