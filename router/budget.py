@@ -22,8 +22,11 @@ from typing import Any, Protocol
 
 from router.types import BudgetVerdict
 
-DEFAULT_FEEDBACK_GAIN = 1.0
-"""How strongly the target share is pushed against the recent error (share − ρ)."""
+DEFAULT_FEEDBACK_GAIN = 4.0
+"""How strongly the target share is pushed against the recent error (share − ρ). The hard cap clips the share
+from above only, so it hovers below ρ; at gain 1, 30 simulated orderings of 1,000 PartiPrompts (shipped
+router, ρ 0.3, window 500, batches of 1–19) had windows down to 0.268, outside ρ − 3 points; at gain 4 the
+lowest was 0.276, for a 1.2% lower mean score of the cloud-routed prompts."""
 
 MIN_SCORES_FOR_QUANTILE = 20
 """Below this many recent scores the threshold comes from the router's offline calibration."""

@@ -41,7 +41,7 @@ def test_cold_start_without_calibration_routes_to_the_edge() -> None:
 
 
 def test_high_scores_go_to_the_cloud_once_there_is_a_threshold() -> None:
-    config = BudgetConfig(rho=0.5, window=100)
+    config = BudgetConfig(rho=0.5, window=100, gain=1.0)  # target share 0.75: the threshold is the 25th percentile
     state = BudgetState(decisions=(0, 0, 0, 1) * 10, scores=tuple(float(i % 10) for i in range(40)))
     assert decide(9.5, state, config).cloud
     assert not decide(0.5, state, config).cloud
