@@ -36,8 +36,8 @@ between routers).
 The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds;
 an epoch that back-propagates through the encoder costs about 80 times more on a CPU (docs/router.md).
 Training runs the torch module; decisions run the same eval-mode forward pass in numpy with every member
-stacked and each gate's ``P⁺ − P⁻`` folded into ``S`` ahead of time (one matrix product for all gates), which is
-what keeps a one-prompt decision a fraction of a millisecond above the encoder.
+stacked and each gate's ``P⁺ − P⁻`` taken as one projection ahead of time (one matrix product projects the
+tokens for all gates, one per member applies its ``S``), which is what keeps a one-prompt decision a fraction of a millisecond above the encoder.
 
 **Pareto relative superiority.** ``D_i = σ((q̂_i(edge) − q̂_i(cloud)) / (Γ·s_i))`` with ``s_i`` the metric's gain
 scale on the training data (:func:`router.pgr.gain_scales`: the mean gain, or the std of the gains when the mean
@@ -557,21 +557,23 @@ class RouteT2IRouter(Router):
     # --- prediction -------------------------------------------------------------------------------------
 
     def _stacked(self) -> dict[str, np.ndarray]:
-        """The members' weights stacked for inference, with each gate's two projections and the shared scoring
-        matrix folded into one matrix per expert (``T⁺ − T⁻ = x·(P⁺ − P⁻)·S``)."""
+        """The members' weights stacked for inference, with each gate's two projections taken as one
+        (``T⁺ − T⁻ = x·(P⁺ − P⁻)·S``): every gate's projection of the tokens is one matrix product, and each
+        member's shared scoring matrix a second one (cheaper than folding ``P⁺ − P⁻`` into ``S``, as the rank
+        ``r`` is below the width ``h``)."""
         if not self.states:
             raise RouterError(f"router {self.name!r} is not fitted")
         if self._inference is None:
             members = self.states
-            if self.cfg.dual_gate:
-                gate = [np.einsum("kdr,rh->kdh", m["p_pos"] - m["p_neg"], m["shared"]) for m in members]
-            else:
-                gate = [np.einsum("kdr,rh->kdh", m["p_pos"], m["shared"]) for m in members]
-            experts, gates = np.stack([m["experts"] for m in members]), np.stack(gate)  # (M, k, d), (M, k, d, h)
-            n_members, k, d, h = gates.shape
+            # (M, k, d), (M, k, d, r)
+            experts = np.stack([m["experts"] for m in members])
+            projections = np.stack([m["p_pos"] - m["p_neg"] if self.cfg.dual_gate else m["p_pos"] for m in members])
+            n_members, k, d, rank = projections.shape
             stacked = {
                 "experts": experts.reshape(n_members * k, d).T,  # (d, M·k): one product scores every expert
-                "gate": gates.transpose(2, 0, 1, 3).reshape(d, n_members * k * h),  # (d, M·k·h): every gate at once
+                # (d, M·k·r): one product projects the tokens for every gate; then (M, r, h), one per member
+                "projection": projections.transpose(2, 0, 1, 3).reshape(d, n_members * k * rank),
+                "shared": np.stack([m["shared"] for m in members]),
                 "head_w": np.stack([m["head_w"] for m in members]),  # (M, k, h + extra, 2)
                 "head_b": np.stack([m["head_b"] for m in members]),  # (M, k, 2)
             }
@@ -593,12 +595,12 @@ class RouteT2IRouter(Router):
     def _moe(self, batch: _Batch, explain: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """The members' mixture-of-experts outputs averaged, (B, k, 2) standardised, and per-token gap pushes
         (B, k, L) in standardised units (None unless ``explain``): the network's eval-mode forward pass, all
-        members at once in numpy (one matrix product for every gate; tests hold it to the torch module)."""
+        members at once in numpy (two matrix products for every gate; tests hold it to the torch module)."""
         w = self._stacked()
         states, mask = batch.states, batch.mask
         n, length, d = states.shape
         m, k = w["head_b"].shape[:2]
-        h = w["gate"].shape[1] // (m * k)
+        rank, h = w["shared"].shape[1:]
         logits = (states.reshape(n * length, d) @ w["experts"]).reshape(n, length, m, k)
         logits = np.where(mask[:, None, None, :], logits.transpose(0, 2, 3, 1) * d**-0.5, -np.inf)  # (B, M, k, L)
         affinity = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -609,8 +611,9 @@ class RouteT2IRouter(Router):
             np.put_along_axis(keep, top, True, axis=-1)
             affinity = affinity * (keep & mask[:, None, None, :])
         weights = affinity / np.maximum(affinity.sum(axis=-1, keepdims=True), 1e-12)
-        x = states.reshape(n * length, d) @ w["gate"]
-        x = x.reshape(n, length, m, k, h).transpose(0, 2, 3, 1, 4)  # (B, M, k, L, h)
+        x = (states.reshape(n * length, d) @ w["projection"]).reshape(n * length, m, k * rank)
+        x = np.matmul(x.transpose(1, 0, 2).reshape(m, n * length * k, rank), w["shared"])  # (M, B·L·k, h)
+        x = x.reshape(m, n, length, k, h).transpose(1, 0, 3, 2, 4)  # (B, M, k, L, h)
         gates = np.tanh(0.5 * x) if self.cfg.dual_gate else np.tanh(x)  # 2σ(x) − 1 = tanh(x / 2)
         z = np.einsum("bmkl,bmklh->bmkh", weights, gates)
         extra = []
