@@ -17,7 +17,9 @@ The forward pass runs on one of three backends (:data:`BACKENDS`):
   about 0.99 to fp32), so it has its own key: routers must be trained on it (docs/performance.md).
 
 Embeddings computed with different batch compositions, thread counts or the two fp32 backends differ by
-about 1e-6 (floating-point summation order); a disk cache makes repeated runs bit-identical.
+about 1e-6 (floating-point summation order); a disk cache makes repeated runs bit-identical. ``onnx-int8``
+quantizes activations with one range per batch, so it passes one prompt at a time (:data:`INT8_BATCH_SIZE`):
+its embeddings then depend on the prompt alone.
 """
 
 from __future__ import annotations
@@ -36,8 +38,16 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 64
-"""Prompts per forward pass; batches are formed from length-sorted prompts to limit padding."""
+DEFAULT_BATCH_SIZE = 8
+"""Prompts per forward pass on the fp32 backends; batches are formed from length-sorted prompts to limit
+padding. Small batches pad least and stay in the CPU caches; on ONNX Runtime several batches run at once, one
+per thread (:meth:`SentenceEncoder.hidden_states`)."""
+
+INT8_BATCH_SIZE = 1
+"""Prompts per forward pass on ``onnx-int8``. Its activations are quantized with one range per input tensor,
+so a prompt's token states would depend on the prompts batched with it (cosine 0.98–1.0 between batch
+compositions). One prompt per pass makes them a function of the prompt alone: the router's batched decisions,
+a replay and the evaluation score a prompt exactly as a single decision does."""
 
 TOKEN_CACHE_SIZE = 4096
 """Prompts whose token states an encoder keeps by default (about 50 KB each for a 30-token prompt)."""
@@ -80,7 +90,8 @@ class SentenceEncoder:
     Args:
         model_path: a transformers model directory (default: the packaged MiniLM).
         cache_dir: where to keep ``embeddings-<model key>.npz``; ``None`` keeps them in memory only.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (``None``: :data:`DEFAULT_BATCH_SIZE`, or :data:`INT8_BATCH_SIZE`
+            for ``onnx-int8``).
         threads: CPU threads while encoding (``None``: torch's current setting).
         backend: one of :data:`BACKENDS`.
     """
@@ -90,7 +101,7 @@ class SentenceEncoder:
         model_path: Path | None = None,
         *,
         cache_dir: Path | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         threads: int | None = None,
         backend: str = BACKENDS[0],
     ) -> None:
@@ -99,7 +110,7 @@ class SentenceEncoder:
         self.backend = backend
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         self.cache_dir = cache_dir
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (INT8_BATCH_SIZE if backend == "onnx-int8" else DEFAULT_BATCH_SIZE)
         self.threads = threads
         self._vectors: dict[str, np.ndarray] = {}
         self._tokens: OrderedDict[str, TokenStates] = OrderedDict()
@@ -110,6 +121,7 @@ class SentenceEncoder:
         self._model: Any = None
         self._tokenizer: Any = None
         self._sessions: dict[int, Any] = {}
+        self._pools: dict[int, Any] = {}
         self._onnx: str | None = None
         self._onnx_dir: Any = None
         self._key: str | None = None
@@ -229,11 +241,17 @@ class SentenceEncoder:
             self._onnx = str(target)
         return self._onnx
 
-    def forward(self, inputs: dict[str, Any]) -> np.ndarray:
-        """Last hidden states, shape ``(batch, tokens, d)`` float32, of tokenized ``inputs`` (numpy arrays)."""
+    def _threads(self) -> int:
         import torch
 
-        threads = self.threads if self.threads is not None else torch.get_num_threads()
+        return self.threads if self.threads is not None else torch.get_num_threads()
+
+    def forward(self, inputs: dict[str, Any], threads: int | None = None) -> np.ndarray:
+        """Last hidden states, shape ``(batch, tokens, d)`` float32, of tokenized ``inputs`` (numpy arrays), on
+        ``threads`` threads (``None``: the encoder's)."""
+        import torch
+
+        threads = threads if threads is not None else self._threads()
         if self.backend == "torch":
             model = self._load_model()
             previous = torch.get_num_threads()
@@ -250,11 +268,7 @@ class SentenceEncoder:
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         """Padded, truncated token ids and attention mask of ``prompts`` as numpy arrays."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        encoded: dict[str, np.ndarray] = self._tokenizer(
+        encoded: dict[str, np.ndarray] = self._load_tokenizer()(
             list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="np"
         )
         return encoded
@@ -262,12 +276,7 @@ class SentenceEncoder:
     def _compute(self, prompts: list[str], *, keep_tokens: bool = False) -> dict[str, TokenStates]:
         """Run the encoder; sentence vectors go to the cache, token states (if asked for) are returned."""
         token_states: dict[str, TokenStates] = {}
-        # Length-sorted batches pad little; sorting also makes the batches depend only on the prompt set.
-        ordered = sorted(prompts, key=lambda p: (len(p), p))
-        for start in range(0, len(ordered), self.batch_size):
-            batch = ordered[start : start + self.batch_size]
-            inputs = self.tokenize(batch)
-            states = self.forward(inputs)
+        for batch, inputs, states in self.hidden_states(prompts):
             mask = inputs["attention_mask"][..., None].astype(np.float32)
             pooled = (states * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
             vectors = (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
@@ -285,6 +294,64 @@ class SentenceEncoder:
                 )
         self.computed += len(prompts)
         return token_states
+
+    def hidden_states(self, prompts: Sequence[str]) -> list[tuple[list[str], dict[str, np.ndarray], np.ndarray]]:
+        """The encoder's forward pass over ``prompts`` without any cache: ``(batch, inputs, states)`` for each
+        batch of :attr:`batch_size` length-sorted prompts (sorting pads little and makes the batches depend only
+        on the prompt set, not on the order or the threads).
+
+        With several threads and several batches on ONNX Runtime, the batches run at once, each thread taking
+        every n-th batch on a one-thread session (data parallelism: on 2 cores about 1.2 times the throughput
+        of splitting each batch's operators over the threads). The prompts are tokenized in one call on the
+        calling thread (the fast tokenizer may not be called from two threads at once) and padded here.
+        """
+        ordered = sorted(prompts, key=lambda p: (len(p), p))
+        if not ordered:
+            return []
+        ids = self._token_ids(ordered)
+        batches, inputs = [], []
+        for start in range(0, len(ordered), self.batch_size):
+            rows = ids[start : start + self.batch_size]
+            input_ids = np.full((len(rows), max(map(len, rows))), self._tokenizer.pad_token_id, dtype=np.int64)
+            mask = np.zeros(input_ids.shape, dtype=np.int64)
+            for row, one in enumerate(rows):
+                input_ids[row, : len(one)] = one
+                mask[row, : len(one)] = 1
+            batches.append(ordered[start : start + self.batch_size])
+            inputs.append({"input_ids": input_ids, "attention_mask": mask})
+        threads = min(self._threads(), len(inputs))
+        if self.backend == "torch" or threads == 1:
+            states = [self.forward(one) for one in inputs]
+        else:
+            self._session(1)  # made here: two threads must not both export the model and build the session
+            shares = self._pool(threads).map(
+                lambda share: [self.forward(one, threads=1) for one in share],
+                [inputs[j::threads] for j in range(threads)],
+            )
+            states = [np.empty(0)] * len(inputs)
+            for j, share in enumerate(shares):
+                states[j::threads] = share
+        return list(zip(batches, inputs, states, strict=True))
+
+    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Truncated token ids of ``prompts``, special tokens included, unpadded."""
+        ids: list[list[int]] = self._load_tokenizer()(prompts, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+        return ids
+
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
+    def _pool(self, threads: int) -> Any:
+        """Worker threads that run batches side by side (one pool per thread count asked for)."""
+        if threads not in self._pools:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="routet2i-encoder")
+        return self._pools[threads]
 
     @property
     def cache_file(self) -> Path | None:

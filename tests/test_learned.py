@@ -79,6 +79,38 @@ def test_onnx_backend_is_the_torch_model_and_int8_is_a_different_one() -> None:
         SentenceEncoder(backend="tensorrt")
 
 
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_batches_run_side_by_side_on_threads_with_the_same_result(backend: str) -> None:
+    # int8 activations are quantized per batch, so this also holds the batches themselves fixed: they may
+    # depend on the prompt set only, never on the thread count or the order the prompts come in.
+    prompts = [f"a {colour} {thing} {place}" for colour in ("red", "pale") for thing in THINGS for place in PLACES[:2]]
+    one = SentenceEncoder(backend=backend, threads=1, batch_size=5)
+    two = SentenceEncoder(backend=backend, threads=2, batch_size=5)
+    sequential = one.encode_tokens(prompts)
+    parallel = two.encode_tokens(prompts[::-1])[::-1]
+    assert len(two._pools) == 1 and 1 in two._sessions and not one._pools  # the batches did run on a pool
+    for a, b in zip(sequential, parallel, strict=True):
+        assert a.tokens == b.tokens
+        assert np.array_equal(a.states, b.states) and np.array_equal(a.sentence, b.sentence)
+    batches = [batch for batch, _, _ in two.hidden_states(prompts)]
+    assert [len(b) for b in batches] == [5] * 6 + [2]
+    flat = [p for b in batches for p in b]
+    assert sorted(flat) == sorted(prompts) and flat == sorted(prompts, key=lambda p: (len(p), p))
+
+
+def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
+    # Its activations are quantized per input tensor: in a shared batch a prompt's states would depend on its
+    # neighbours, so the int8 encoder passes one prompt at a time (a replay or an evaluation then reproduces
+    # a live decision exactly).
+    prompts = [f"a {thing} {place}" for thing in THINGS for place in PLACES]
+    alone = SentenceEncoder(backend="onnx-int8", threads=1).encode_tokens(prompts[:1])[0]
+    batched = SentenceEncoder(backend="onnx-int8", threads=2).encode_tokens(prompts)[0]
+    assert np.array_equal(alone.states, batched.states) and np.array_equal(alone.sentence, batched.sentence)
+    shared = SentenceEncoder(backend="onnx-int8", threads=1, batch_size=len(prompts)).encode_tokens(prompts)[0]
+    assert not np.array_equal(alone.states, shared.states)  # what a shared batch would do
+    assert SentenceEncoder(backend="onnx").batch_size > 1  # fp32 states move by 1e-6 at most with the batch
+
+
 @pytest.mark.parametrize("cls", [CloudWinClassifierRouter, GapRegressorRouter, KNNRouter])
 def test_learned_routers_learn_a_topic_and_round_trip_as_artifacts(
     cls: type, encoder: SentenceEncoder, tmp_path: Path
