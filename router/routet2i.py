@@ -74,7 +74,7 @@ from router.types import Prediction, QualityVector
 
 WEIGHTS = "weights.npz"
 
-LATER_SETTINGS: dict[str, Any] = {"neighbour_share": 0.0, "neighbour_temperature": 0.05}
+LATER_SETTINGS: dict[str, Any] = {"neighbour_share": 0.0, "neighbour_temperature": 0.05, "neighbour_limit": 20_000}
 """Settings added after artifacts were first written, at the values that reproduce an artifact trained before
 them: a manifest without one loads with this value, and a setting at this value is left out of the version's
 hash, so those artifacts keep their versions and keep loading."""
@@ -127,6 +127,9 @@ class RouteT2IConfig:
             (0: the ensemble alone; 1: the neighbours alone).
         neighbour_temperature: temperature of the softmax over cosine similarities that weighs those prompts
             (lower: fewer, closer prompts count).
+        neighbour_limit: most training prompts kept as neighbours; a longer log keeps a seeded random sample
+            of this many. The artifact stores 1.5 KB per kept prompt and every decision compares its prompt
+            with all of them, so a log that grows with live traffic must not grow them without bound.
         explain_tokens: tokens reported per metric in explanations.
         threads: torch threads while fitting (None: leave torch's setting).
     """
@@ -156,11 +159,21 @@ class RouteT2IConfig:
     multi_metric: bool = True
     neighbour_share: float = 1.0 / 3.0
     neighbour_temperature: float = 0.05
+    neighbour_limit: int = 20_000
     explain_tokens: int = 5
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "rank", "width", "batch_size", "max_epochs", "members", "explain_tokens"):
+        for name in (
+            "top_k",
+            "rank",
+            "width",
+            "batch_size",
+            "max_epochs",
+            "members",
+            "explain_tokens",
+            "neighbour_limit",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.sentence_width < 0:
@@ -485,9 +498,14 @@ class RouteT2IRouter(Router):
         self._inference, self._version = None, None
         groups = None
         if self.cfg.neighbour_share > 0:
-            self.neighbour_keys = np.stack([t.sentence for t in tokens]).astype(np.float32)
-            self.neighbour_values = y.astype(np.float32)
-            groups = group_ids(prompts)
+            kept = np.arange(len(prompts))
+            if len(kept) > self.cfg.neighbour_limit:
+                chosen_rows = np.random.default_rng(seed).choice(len(kept), self.cfg.neighbour_limit, replace=False)
+                kept = np.sort(chosen_rows)
+            self.neighbour_keys = np.stack([tokens[i].sentence for i in kept]).astype(np.float32)
+            self.neighbour_values = y[kept].astype(np.float32)
+            every = group_ids(prompts)
+            groups = (every, every[kept])
         # Each training prompt is calibrated without its own ratings among its neighbours, as a new prompt would be.
         self.calibration = np.sort(self._prs_from_tokens(tokens, stats, groups=groups))
         self.training_report = {"members": reports, "n_train": len(records)}
@@ -683,6 +701,8 @@ class RouteT2IRouter(Router):
             if len(self.neighbour_keys):
                 share = self.cfg.neighbour_share
                 near = self._neighbours(batch.sentence, exclude)
+                alone = np.isnan(near).any(axis=(1, 2))  # every neighbour excluded: the ensemble alone
+                near[alone] = out[alone]
                 out = (1.0 - share) * out + share * near
                 if pushes is not None:
                     pushes = (1.0 - share) * pushes
@@ -698,8 +718,9 @@ class RouteT2IRouter(Router):
         if exclude is not None:
             similarity = np.where(exclude, -np.inf, similarity)
         logits = (similarity - similarity.max(axis=1, keepdims=True)) / self.cfg.neighbour_temperature
-        weights = np.exp(logits.astype(np.float64))
-        weights /= weights.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # a row with every neighbour excluded comes out NaN
+            weights = np.exp(logits.astype(np.float64))
+            weights /= weights.sum(axis=1, keepdims=True)
         result: np.ndarray = np.einsum("bn,nko->bko", weights, self.neighbour_values.astype(np.float64))
         return result
 
@@ -718,14 +739,19 @@ class RouteT2IRouter(Router):
         return weights / total if total > 0 else np.full(len(self.targets), 1.0 / len(self.targets))
 
     def _prs_from_tokens(
-        self, tokens: Sequence[TokenStates], stats: np.ndarray, chunk: int = 256, groups: np.ndarray | None = None
+        self,
+        tokens: Sequence[TokenStates],
+        stats: np.ndarray,
+        chunk: int = 256,
+        groups: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """PRS of every prompt, in chunks; ``groups``: the prompts are the training prompts, with these prompt
-        groups (:func:`router.splits.group_ids`), and none is its own neighbour."""
+        groups (:func:`router.splits.group_ids`) and their neighbours these groups, and none is its own
+        neighbour."""
         parts = []
         for start in range(0, len(tokens), chunk):
             rows = slice(start, start + chunk)
-            exclude = None if groups is None else groups[rows, None] == groups[None, :]
+            exclude = None if groups is None else groups[0][rows, None] == groups[1][None, :]
             edge, cloud, _, _ = self._forward(tokens[rows], stats[rows], exclude, explain=False)
             parts.append(self._prs(edge, cloud))
         return np.concatenate(parts) if parts else np.zeros(0)

@@ -166,6 +166,25 @@ def test_calibration_leaves_each_prompt_out_of_its_own_neighbours() -> None:
     assert np.abs(router.calibration - own).max() > 0.05
 
 
+def test_a_long_log_keeps_a_seeded_sample_of_its_prompts_as_neighbours() -> None:
+    log = _distinct_log()
+    limited = RouteT2IRouter(**SMALL, neighbour_limit=10).fit(log, seed=0)
+    again = RouteT2IRouter(**SMALL, neighbour_limit=10).fit(log, seed=0)
+    assert limited.neighbour_keys.shape == (10, 384) and limited.version == again.version
+    np.testing.assert_array_equal(limited.neighbour_keys, again.neighbour_keys)
+    # The kept neighbours are training prompts with their own ratings.
+    keys = limited.encoder.encode([r.prompt for r in log])
+    rows = [int(np.argmax(keys @ key)) for key in limited.neighbour_keys]
+    assert len(set(rows)) == 10
+    edge = np.array([[log[i].edge[m] for m in limited.targets] for i in rows])
+    np.testing.assert_allclose(limited.neighbour_values[..., 0] * limited.std + limited.mean, edge, atol=1e-4)
+    assert np.isfinite(limited.calibration).all() and len(limited.calibration) == len(log)
+    unlimited = RouteT2IRouter(**SMALL).fit(log, seed=0)
+    assert len(unlimited.neighbour_keys) == len(log) and unlimited.version != limited.version
+    with pytest.raises(ValueError, match="neighbour_limit"):
+        RouteT2IConfig(neighbour_limit=0)
+
+
 def test_explanations_name_words_of_the_prompt(fitted: RouteT2IRouter) -> None:
     prompt = 'a violin at night next to a sign that says "open 99"'
     (prediction,) = fitted.predict([prompt])
@@ -205,7 +224,7 @@ def test_an_artifact_written_before_the_neighbour_settings_loads_unchanged(tmp_p
     router = RouteT2IRouter(**SMALL, neighbour_share=0.0).fit(log, seed=0)
     directory = router.save(tmp_path / "older")
     manifest = json.loads((directory / "manifest.json").read_text())
-    for setting in ("neighbour_share", "neighbour_temperature"):
+    for setting in ("neighbour_share", "neighbour_temperature", "neighbour_limit"):
         del manifest["config"][setting]
     (directory / "manifest.json").write_text(json.dumps(manifest))
     loaded = load_router("routet2i", directory)
