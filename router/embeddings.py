@@ -121,7 +121,7 @@ class SentenceEncoder:
         self._model: Any = None
         self._tokenizer: Any = None
         self._sessions: dict[int, Any] = {}
-        self._pools: dict[int, Any] = {}
+        self._pools: dict[tuple[int, int], Any] = {}
         self._onnx: str | None = None
         self._onnx_dir: Any = None
         self._key: str | None = None
@@ -346,12 +346,16 @@ class SentenceEncoder:
         return self._tokenizer
 
     def _pool(self, threads: int) -> Any:
-        """Worker threads that run batches side by side (one pool per thread count asked for)."""
-        if threads not in self._pools:
+        """Worker threads that run batches side by side (one pool per thread count asked for, and per process:
+        a pool inherited through ``fork`` has no threads in the child)."""
+        import os
+
+        key = (os.getpid(), threads)
+        if key not in self._pools:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="routet2i-encoder")
-        return self._pools[threads]
+            self._pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="routet2i-encoder")
+        return self._pools[key]
 
     @property
     def cache_file(self) -> Path | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,6 +98,26 @@ def test_batches_run_side_by_side_on_threads_with_the_same_result(backend: str) 
     assert [len(b) for b in batches] == [5] * 6 + [2]
     flat = [p for b in batches for p in b]
     assert sorted(flat) == sorted(prompts) and flat == sorted(prompts, key=lambda p: (len(p), p))
+
+
+def _encode_in_child(encoder: SentenceEncoder, prompts: list[str], out: Any) -> None:
+    encoder.clear()
+    out.put(encoder.encode(prompts).tolist())
+
+
+def test_an_encoder_used_before_a_fork_still_runs_its_batches_in_the_child() -> None:
+    # Celery's prefork pool forks worker processes; the parent's encoder thread pool has no threads there.
+    prompts = [f"a {thing} {place}" for thing in THINGS for place in PLACES[:3]]
+    encoder = SentenceEncoder(backend="onnx", threads=2)
+    parent = encoder.encode(prompts)
+    assert encoder._pools  # the batches ran side by side here
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_encode_in_child, args=(encoder, prompts, out))
+    child.start()
+    got = np.array(out.get(timeout=120))
+    child.join(30)
+    assert child.exitcode == 0 and np.array_equal(got, parent)
 
 
 def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
