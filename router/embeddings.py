@@ -266,13 +266,6 @@ class SentenceEncoder:
         states: np.ndarray = self._session(threads).run(None, feed)[0]
         return states
 
-    def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Padded, truncated token ids and attention mask of ``prompts`` as numpy arrays."""
-        encoded: dict[str, np.ndarray] = self._load_tokenizer()(
-            list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="np"
-        )
-        return encoded
-
     def _compute(self, prompts: list[str], *, keep_tokens: bool = False) -> dict[str, TokenStates]:
         """Run the encoder; sentence vectors go to the cache, token states (if asked for) are returned."""
         token_states: dict[str, TokenStates] = {}

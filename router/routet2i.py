@@ -37,7 +37,8 @@ The encoder is frozen: its token states are computed once per prompt and cached,
 an epoch that back-propagates through the encoder costs about 80 times more on a CPU (docs/router.md).
 Training runs the torch module; decisions run the same eval-mode forward pass in numpy with every member
 stacked and each gate's ``P⁺ − P⁻`` taken as one projection ahead of time (one matrix product projects the
-tokens for all gates, one per member applies its ``S``), which is what keeps a one-prompt decision a fraction of a millisecond above the encoder.
+tokens for all gates, one per member applies its ``S``), which is what keeps a one-prompt decision a fraction
+of a millisecond above the encoder.
 
 **Pareto relative superiority.** ``D_i = σ((q̂_i(edge) − q̂_i(cloud)) / (Γ·s_i))`` with ``s_i`` the metric's gain
 scale on the training data (:func:`router.pgr.gain_scales`: the mean gain, or the std of the gains when the mean
