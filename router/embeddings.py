@@ -302,10 +302,11 @@ class SentenceEncoder:
         if not ordered:
             return []
         ids = self._token_ids(ordered)
+        pad = self._load_tokenizer().pad_token_id
         batches, inputs = [], []
         for start in range(0, len(ordered), self.batch_size):
             rows = ids[start : start + self.batch_size]
-            input_ids = np.full((len(rows), max(map(len, rows))), self._tokenizer.pad_token_id, dtype=np.int64)
+            input_ids = np.full((len(rows), max(map(len, rows))), pad, dtype=np.int64)
             mask = np.zeros(input_ids.shape, dtype=np.int64)
             for row, one in enumerate(rows):
                 input_ids[row, : len(one)] = one

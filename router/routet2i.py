@@ -702,8 +702,9 @@ class RouteT2IRouter(Router):
             if len(self.neighbour_keys):
                 share = self.cfg.neighbour_share
                 near = self._neighbours(batch.sentence, exclude)
-                alone = np.isnan(near).any(axis=(1, 2))  # every neighbour excluded: the ensemble alone
-                near[alone] = out[alone]
+                if exclude is not None:  # a row with every neighbour excluded keeps the ensemble alone
+                    alone = np.isnan(near).any(axis=(1, 2))
+                    near[alone] = out[alone]
                 out = (1.0 - share) * out + share * near
                 if pushes is not None:
                     pushes = (1.0 - share) * pushes
