@@ -192,7 +192,10 @@ def load_router(name: str, directory: Path | None) -> Router:
             return cls()
         directory = cls.default_artifact()
         if directory is None:
-            raise RouterError(f"router {name!r} must be trained first: give it an artifact directory")
+            raise RouterError(
+                f"router {name!r} has no shipped artifact for this encoder: train one (routet2i train) and give "
+                "its directory (ROUTET2I_ROUTER_MODEL, or --model)"
+            )
     manifest = read_manifest(directory)
     if manifest.get("router") != name:
         raise RouterError(f"artifact {directory} holds router {manifest.get('router')!r}, not {name!r}")

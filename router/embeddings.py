@@ -53,7 +53,8 @@ TOKEN_CACHE_SIZE = 4096
 """Prompts whose token states an encoder keeps by default (about 50 KB each for a 30-token prompt)."""
 
 MAX_TOKENS = 256
-"""Longest token sequence the encoder sees (the model's own ``max_seq_length``)."""
+"""Longest token sequence the encoder sees: MiniLM's own ``max_seq_length``, and for another model the shorter
+of this and its position embeddings (:attr:`SentenceEncoder.max_tokens`)."""
 
 BACKENDS = ("onnx", "torch", "onnx-int8")
 """Where the forward pass runs; the first is the default."""
@@ -88,7 +89,9 @@ class SentenceEncoder:
     """Mean-pooled, normalised sentence embeddings with an in-memory and optional on-disk cache.
 
     Args:
-        model_path: a transformers model directory (default: the packaged MiniLM).
+        model_path: a transformers encoder directory (default: the packaged MiniLM): a BERT-style model with a
+            fast tokenizer, whose last hidden states are mean-pooled like MiniLM's (settings:
+            ``ROUTET2I_ENCODER_MODEL``). Everything trained on one encoder is keyed to it (:attr:`key`).
         cache_dir: where to keep ``embeddings-<model key>.npz``; ``None`` keeps them in memory only.
         batch_size: prompts per forward pass (``None``: :data:`DEFAULT_BATCH_SIZE`, or :data:`INT8_BATCH_SIZE`
             for ``onnx-int8``).
@@ -119,6 +122,7 @@ class SentenceEncoder:
         endless new prompts, so this cache must not grow without bound."""
         self._disk_loaded = False
         self._model: Any = None
+        self._model_config: Any = None
         self._tokenizer: Any = None
         self._sessions: dict[int, Any] = {}
         self._pools: dict[tuple[int, int], Any] = {}
@@ -134,8 +138,8 @@ class SentenceEncoder:
         """Identifies the model's behaviour: a hash of its weights, configuration, tokenizer and pooling."""
         if self._key is None:
             quantized = ",int8-dynamic-per-channel" if self.backend == "onnx-int8" else ""
-            digest = hashlib.sha256(f"mean-pool,normalize,max_tokens={MAX_TOKENS}{quantized}".encode())
-            for name in ("config.json", "tokenizer.json", "vocab.txt", "model.safetensors"):
+            digest = hashlib.sha256(f"mean-pool,normalize,max_tokens={self.max_tokens}{quantized}".encode())
+            for name in ("config.json", "tokenizer.json", "vocab.txt", "model.safetensors", "pytorch_model.bin"):
                 path = self.model_path / name
                 if path.is_file():
                     digest.update(name.encode())
@@ -148,9 +152,20 @@ class SentenceEncoder:
 
     @property
     def dimension(self) -> int:
-        from transformers import AutoConfig
+        return int(self._config().hidden_size)
 
-        return int(AutoConfig.from_pretrained(self.model_path).hidden_size)
+    @property
+    def max_tokens(self) -> int:
+        """Longest token sequence passed to the model: :data:`MAX_TOKENS`, or fewer where the model has fewer
+        position embeddings."""
+        return min(MAX_TOKENS, int(getattr(self._config(), "max_position_embeddings", MAX_TOKENS)))
+
+    def _config(self) -> Any:
+        if self._model_config is None:
+            from transformers import AutoConfig
+
+            self._model_config = AutoConfig.from_pretrained(self.model_path)
+        return self._model_config
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
         """Embeddings of ``prompts``, shape ``(len(prompts), d)``, float32, each row of unit length."""
@@ -329,7 +344,7 @@ class SentenceEncoder:
 
     def _token_ids(self, prompts: list[str]) -> list[list[int]]:
         """Truncated token ids of ``prompts``, special tokens included, unpadded."""
-        ids: list[list[int]] = self._load_tokenizer()(prompts, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+        ids: list[list[int]] = self._load_tokenizer()(prompts, truncation=True, max_length=self.max_tokens)["input_ids"]
         return ids
 
     def _load_tokenizer(self) -> Any:
@@ -410,7 +425,7 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
     import tempfile
 
     import torch
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
     # Eager attention exports to plain ONNX ops; torch's SDPA path bakes the traced shapes into the mask.
     model = AutoModel.from_pretrained(model_path, attn_implementation="eager").eval()
@@ -423,7 +438,8 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    ids = torch.tensor([[101, 1037, 6302, 102], [101, 1037, 102, 0]])
+    sample = AutoTokenizer.from_pretrained(model_path)(["a photo", "a"], padding=True, return_tensors="pt")
+    ids, mask = sample["input_ids"], sample["attention_mask"]  # a padded batch: the mask's path is traced
     axes = {0: "batch", 1: "tokens"}
     with tempfile.TemporaryDirectory(prefix="routet2i-export-") as tmp:
         exported = Path(tmp) / "fp32.onnx"
@@ -431,7 +447,7 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 States(),
-                (ids, (ids > 0).long()),
+                (ids, mask),
                 str(exported),
                 input_names=["input_ids", "attention_mask"],
                 output_names=["states"],

@@ -66,7 +66,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from router.base import Router, RouterError, read_manifest, write_manifest
-from router.embeddings import SentenceEncoder, TokenStates, default_encoder
+from router.embeddings import SentenceEncoder, TokenStates, default_encoder, default_model_path
 from router.learned import standardise
 from router.log import LogRecord, auxiliary_names, metric_names
 from router.pgr import gain_scales, quality_arrays
@@ -928,10 +928,12 @@ class RouteT2IRouter(Router):
     @classmethod
     def default_artifact(cls) -> Path | None:
         """The artifact shipped with the package for the process's encoder (trained on the carried AGIQA-3K
-        ratings): ``default`` for the fp32 encoder backends, ``default-int8`` for ``onnx-int8``."""
-        if cls is not RouteT2IRouter:
-            return None
-        name = DEFAULT_ARTIFACT + ("-int8" if default_encoder().backend == "onnx-int8" else "")
+        ratings): ``default`` for the fp32 encoder backends, ``default-int8`` for ``onnx-int8``; None for an
+        encoder model other than the packaged MiniLM."""
+        encoder = default_encoder()
+        if cls is not RouteT2IRouter or encoder.model_path != default_model_path():
+            return None  # none ships for another encoder model, or for a variant of the router
+        name = DEFAULT_ARTIFACT + ("-int8" if encoder.backend == "onnx-int8" else "")
         path = Path(str(resources.files("router") / "artifacts" / name))
         return path if (path / "manifest.json").is_file() else None
 

@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     """Trained router artifact directory (``routet2i train``). None: the router's shipped artifact, if any
     (RouteT2I ships one trained on the carried AGIQA-3K ratings)."""
 
+    encoder_model: Path | None = None
+    """A transformers encoder directory the router and the learned baselines use instead of the packaged MiniLM
+    (a BERT-style model with a fast tokenizer; token states are mean-pooled into the sentence embedding). A
+    router artifact only loads on the encoder it was trained on, so it needs its own (``routet2i train``);
+    there is no shipped one. None: the packaged MiniLM."""
+
     encoder_backend: Literal["onnx", "torch", "onnx-int8"] = "onnx"
     """Where the router's MiniLM encoder runs (router.embeddings.BACKENDS): ``onnx`` (ONNX Runtime, same
     numbers as ``torch`` to 1e-6 and faster), ``torch`` (the reference), or ``onnx-int8`` (int8 weights; its
@@ -197,6 +203,13 @@ class Settings(BaseSettings):
     """The key CLI commands send to the API (``Authorization: Bearer``)."""
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("encoder_model")
+    @classmethod
+    def _model_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a transformers model directory (it has no config.json)")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -87,7 +87,7 @@ class WorkerContext:
             from router.embeddings import SentenceEncoder, use_default_encoder
             from router.policy import RoutingPolicy
 
-            use_default_encoder(SentenceEncoder(backend=self.settings.encoder_backend))
+            use_default_encoder(SentenceEncoder(self.settings.encoder_model, backend=self.settings.encoder_backend))
             router = load_router(self.settings.router, self.settings.router_model)
             self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
         return self._policy

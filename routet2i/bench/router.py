@@ -54,14 +54,14 @@ def run(
     from router.embeddings import SentenceEncoder, use_default_encoder
     from router.policy import RoutingPolicy
 
-    encoder = use_default_encoder(SentenceEncoder(backend=settings.encoder_backend))
+    encoder = use_default_encoder(SentenceEncoder(settings.encoder_model, backend=settings.encoder_backend))
     routing = load_router(router, Path(model) if model else None)
     window = settings.budget_window
     policy = RoutingPolicy(
         routing, BudgetController(BudgetConfig(rho=settings.cloud_budget, window=window), MemoryBudgetStore(window))
     )
     texts = sample_prompts(prompts, seed=1)
-    reference = SentenceEncoder(backend="torch")
+    reference = SentenceEncoder(settings.encoder_model, backend="torch")
 
     def bare(on: SentenceEncoder, batch: list[str]) -> Any:
         return on.hidden_states(batch)

@@ -53,6 +53,7 @@ def _install_encoder(settings: Settings) -> None:
 
     use_default_encoder(
         SentenceEncoder(
+            settings.encoder_model,
             cache_dir=settings.cache_dir / "embeddings",
             threads=settings.torch_threads,
             backend=settings.encoder_backend,
