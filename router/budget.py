@@ -1,9 +1,10 @@
 """The cloud budget over time: hold the share of cloud-routed requests to ρ across router processes.
 
 Offline, a router's threshold is a quantile of its scores on a log. Online, requests arrive one at a time and
-the score distribution drifts, so the threshold is re-estimated from a window of recent scores and corrected
-by how far the recent cloud share is from ρ; a hard cap then guarantees that no window of ``window``
-consecutive decisions holds more than ``floor(ρ·window)`` cloud decisions. Optionally, a spend limit in money
+the score distribution drifts, so the threshold is re-estimated from the most recent scores and corrected by
+how far the recent cloud share is from ρ; a hard cap then guarantees that no window of ``window`` consecutive
+decisions holds more than ``floor(ρ·window)`` cloud decisions, and a minimum that none holds fewer than
+``floor((ρ − tolerance)·window)`` while requests the router rates above its edge floor keep coming. Optionally, a spend limit in money
 per period also holds: each cloud image reserves its price from the period's limit when it is decided, and a
 request for which the period has no money left goes to the edge, whatever its share.
 
@@ -23,10 +24,23 @@ from typing import Any, Protocol
 from router.types import BudgetVerdict
 
 DEFAULT_FEEDBACK_GAIN = 4.0
-"""How strongly the target share is pushed against the recent error (share − ρ). The hard cap clips the share
-from above only, so it hovers below ρ; at gain 1, 30 simulated orderings of 1,000 PartiPrompts (shipped
-router, ρ 0.3, window 500, batches of 1–19) had windows down to 0.268, outside ρ − 3 points; at gain 4 the
-lowest was 0.276, for a 1.2% lower mean score of the cloud-routed prompts."""
+"""How strongly the target share is pushed against the recent error (ρ − recent share), so shortfalls are made
+up. In ``ops/eval/budget_study.py`` (window 500) gains 1, 2 and 4 sent nearly the same value on shuffled
+traffic, and gain 4 the most when traffic drifts by category (0.940 of the best ρ share's scores at ρ 0.3,
+against 0.931 at gain 2 and 0.924 at gain 1)."""
+
+DEFAULT_TOLERANCE = 0.02
+"""How far below ρ a window's cloud share may fall before requests are sent to the cloud whatever their score
+(above the edge floor): the share stays within ρ − 3 points with a point to spare for requests that the
+floor keeps on the edge when the minimum needs them (at 0.025, windows of 100 fell to ρ − 4 points)."""
+
+SCORE_HORIZON = 0.4
+"""Share of the window whose most recent scores set the threshold's quantile: after the score distribution
+shifts, the threshold follows within this many requests instead of a whole window."""
+
+SHARE_HORIZON = 0.2
+"""Share of the window over which the recent cloud share is measured for the feedback: a shortfall shows
+within this many requests, before the window's minimum has to step in."""
 
 MIN_SCORES_FOR_QUANTILE = 20
 """Below this many recent scores the threshold comes from the router's offline calibration."""
@@ -43,6 +57,13 @@ class BudgetConfig:
         rho: largest share of requests that may go to the cloud.
         window: number of consecutive decisions the share is held over (and the score history length).
         gain: feedback gain on the recent share error.
+        tolerance: no window holds fewer than ``floor((ρ − tolerance)·window)`` cloud decisions (nor the first
+            decisions a smaller share than ρ − tolerance): below that, a request goes to the cloud whatever its
+            score, unless the router's edge floor or the spend limit keeps it on the edge (1: no minimum).
+        score_horizon: most recent scores whose quantile is the threshold (None: :data:`SCORE_HORIZON` of the
+            window, at least :data:`MIN_SCORES_FOR_QUANTILE`).
+        share_horizon: most recent decisions whose cloud share the feedback corrects (None:
+            :data:`SHARE_HORIZON` of the window).
         spend_limit_usd: most money the cloud images decided in one period may cost (None: no limit). The
             period and the running total live in the store (:attr:`BudgetState.spent_usd`).
         cloud_cost_usd: money one cloud image reserves from the spend limit when it is decided.
@@ -51,6 +72,9 @@ class BudgetConfig:
     rho: float
     window: int = 500
     gain: float = DEFAULT_FEEDBACK_GAIN
+    tolerance: float = DEFAULT_TOLERANCE
+    score_horizon: int | None = None
+    share_horizon: int | None = None
     spend_limit_usd: float | None = None
     cloud_cost_usd: float = 0.0
 
@@ -63,6 +87,12 @@ class BudgetConfig:
             raise ValueError(f"spend_limit_usd must not be negative, got {self.spend_limit_usd}")
         if self.cloud_cost_usd < 0:
             raise ValueError(f"cloud_cost_usd must not be negative, got {self.cloud_cost_usd}")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise ValueError(f"tolerance must be within [0, 1], got {self.tolerance}")
+        for name in ("score_horizon", "share_horizon"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= self.window:
+                raise ValueError(f"{name} must be within 1..window ({self.window}), got {value}")
 
     def affordable(self, spent_usd: float) -> bool:
         """Whether one more cloud image fits in the spend limit after ``spent_usd`` this period."""
@@ -74,6 +104,25 @@ class BudgetConfig:
     def cap(self) -> int:
         """Most cloud decisions allowed in any ``window`` consecutive decisions."""
         return math.floor(self.rho * self.window + 1e-9)
+
+    @property
+    def minimum(self) -> int:
+        """Fewest cloud decisions a full window holds while the router rates requests above its edge floor."""
+        return min(self.cap, max(0, math.floor((self.rho - self.tolerance) * self.window + 1e-9)))
+
+    @property
+    def scores_used(self) -> int:
+        """How many of the most recent scores the threshold's quantile is taken over."""
+        if self.score_horizon is not None:
+            return self.score_horizon
+        return min(self.window, max(MIN_SCORES_FOR_QUANTILE, round(SCORE_HORIZON * self.window)))
+
+    @property
+    def decisions_used(self) -> int:
+        """How many of the most recent decisions the feedback's cloud share is measured over."""
+        if self.share_horizon is not None:
+            return self.share_horizon
+        return max(1, round(SHARE_HORIZON * self.window))
 
 
 @dataclass(frozen=True)
@@ -128,18 +177,23 @@ def decide(
     """
     recent = list(state.decisions)[: config.window - 1]
     cloud_recent = sum(recent)
-    share = cloud_recent / len(recent) if recent else 0.0
+    horizon = recent[: config.decisions_used]
+    share = sum(horizon) / len(horizon) if horizon else 0.0
     # While fewer than `window` decisions exist, the share so far is held to ρ as well, so a cold start
     # cannot spend the whole window's budget on its first requests.
     cap_now = min(config.cap, math.floor(config.rho * (len(recent) + 1) + 1e-9))
+    # Nor below its minimum share (the share so far, during the first `window` decisions): the decisions
+    # so far and this one are the window that ends here.
+    minimum = min(config.minimum, max(0, math.floor((config.rho - config.tolerance) * (len(recent) + 1) + 1e-9)))
 
     # 1. Target share for this request: ρ pushed against the recent error, so shortfalls are made up.
     target = min(max(config.rho + config.gain * (config.rho - share), 0.0), 1.0) if recent else config.rho
 
     # 2. Threshold: the (1 - target) quantile of recent scores, i.e. the top `target` share goes to the cloud.
     threshold: float | None
-    if len(state.scores) >= MIN_SCORES_FOR_QUANTILE or (calibrated_threshold is None and state.scores):
-        threshold = quantile(state.scores, 1.0 - target)
+    scores = list(state.scores)[: config.scores_used]
+    if len(scores) >= MIN_SCORES_FOR_QUANTILE or (calibrated_threshold is None and scores):
+        threshold = quantile(scores, 1.0 - target)
         source = "recent scores"
     else:
         threshold = calibrated_threshold
@@ -153,6 +207,7 @@ def decide(
         "recent_cloud_share": round(share, 6),
         "target_share": round(target, 6),
         "cap": cap_now,
+        "minimum": minimum,
         "threshold_source": source,
     }
     if config.spend_limit_usd is not None:
@@ -160,7 +215,9 @@ def decide(
         snapshot["spend_limit_usd"] = config.spend_limit_usd
 
     # 3. The hard constraints, in order of precedence, then the threshold.
-    verdict = _route(score, config, cloud_recent, len(recent), cap_now, threshold, snapshot, floor, state.spent_usd)
+    verdict = _route(
+        score, config, cloud_recent, len(recent), cap_now, minimum, threshold, snapshot, floor, state.spent_usd
+    )
     # 4. Shadow sampling: run the request on both tiers if the window has room for one more cloud image.
     if shadow and not verdict.cloud:
         if config.cap > 0 and cloud_recent + 1 <= cap_now and config.affordable(state.spent_usd):
@@ -181,6 +238,7 @@ def _route(
     cloud_recent: int,
     n_recent: int,
     cap_now: int,
+    minimum: int,
     threshold: float | None,
     snapshot: dict[str, Any],
     floor: float | None,
@@ -197,9 +255,17 @@ def _route(
             snapshot,
             f"budget full: {cloud_recent} of the last {n_recent} went to the cloud",
         )
-    if threshold is None:
+    if threshold is not None and score > threshold:
+        reason = f"score {score:.4g} above threshold {threshold:.4g}"
+    elif cloud_recent < minimum:  # the window ending here would fall below its minimum without this request
+        below = "no threshold yet" if threshold is None else f"score {score:.4g} at or below threshold {threshold:.4g}"
+        reason = (
+            f"{below}, but {cloud_recent} of the last {n_recent} went to the cloud and a window of "
+            f"{config.window} holds at least {minimum}"
+        )
+    elif threshold is None:
         return BudgetVerdict(False, None, snapshot, "no score history or calibration yet; edge until there is")
-    if score <= threshold:
+    else:
         return BudgetVerdict(False, threshold, snapshot, f"score {score:.4g} at or below threshold {threshold:.4g}")
     # Last, so that this reason names exactly the requests the cloud would have taken but the money could not.
     if not config.affordable(spent_usd):
@@ -207,10 +273,10 @@ def _route(
             False,
             threshold,
             snapshot,
-            f"score {score:.4g} above threshold {threshold:.4g}, but the spend limit is reached: "
+            f"{reason}, but the spend limit is reached: "
             f"${spent_usd:.4f} of ${config.spend_limit_usd:.4f} spent this period",
         )
-    return BudgetVerdict(True, threshold, snapshot, f"score {score:.4g} above threshold {threshold:.4g}")
+    return BudgetVerdict(True, threshold, snapshot, reason)
 
 
 @dataclass(frozen=True)

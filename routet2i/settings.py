@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     """ρ: the largest share of requests that may go to the cloud tier."""
     budget_window: int = Field(default=500, ge=10, le=100_000)
     """Number of recent decisions over which the cloud share is held to ``cloud_budget``."""
+    budget_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
+    """How far below ``cloud_budget`` a full window's cloud share may fall: below it, requests go to the cloud
+    whatever their score, unless the router predicts the edge at least as good or the spend limit is reached
+    (1: no minimum share)."""
     budget_name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Namespace of the shared budget window in Redis (deployments sharing a Redis keep separate budgets)."""
     cloud_spend_limit_usd: float | None = Field(default=None, ge=0.0)

@@ -41,7 +41,8 @@ def test_cold_start_without_calibration_routes_to_the_edge() -> None:
 
 
 def test_high_scores_go_to_the_cloud_once_there_is_a_threshold() -> None:
-    config = BudgetConfig(rho=0.5, window=100, gain=1.0)  # target share 0.75: the threshold is the 25th percentile
+    # Target share 0.75: the threshold is the 25th percentile (no minimum share: this is about the threshold).
+    config = BudgetConfig(rho=0.5, window=100, gain=1.0, tolerance=1.0)
     state = BudgetState(decisions=(0, 0, 0, 1) * 10, scores=tuple(float(i % 10) for i in range(40)))
     assert decide(9.5, state, config).cloud
     assert not decide(0.5, state, config).cloud
@@ -60,6 +61,55 @@ def test_no_window_ever_exceeds_the_budget_and_the_share_tracks_it(rho: float) -
         assert sum(decisions[start : start + window]) <= int(rho * window)
     share = sum(decisions[window:]) / len(decisions[window:])
     assert rho - 0.05 <= share <= rho
+
+
+def _drifting_scores(n: int = 3000, seed: int = 3) -> list[float]:
+    """Scores whose distribution steps down by two standard deviations halfway (traffic changes)."""
+    rng = random.Random(seed)
+    return [rng.gauss(0.0 if i < n // 2 else -2.0, 1.0) for i in range(n)]
+
+
+def _window_counts(decisions: list[bool], window: int) -> list[int]:
+    return [sum(decisions[start : start + window]) for start in range(len(decisions) - window + 1)]
+
+
+def test_every_window_keeps_its_minimum_share_when_the_scores_drift_down() -> None:
+    rho, window = 0.3, 200
+    config = BudgetConfig(rho=rho, window=window)
+    controller = BudgetController(config, MemoryBudgetStore(window))
+    verdicts = [controller.decide(s, calibrated_threshold=0.5) for s in _drifting_scores()]
+    decisions = [v.cloud for v in verdicts]
+    assert config.minimum == 56 and config.cap == 60  # floor(0.28 · 200), floor(0.3 · 200)
+    assert all(56 <= count <= 60 for count in _window_counts(decisions, window))
+    for n in range(1, window):  # the first decisions, too: the share so far stays within the band
+        assert int((rho - config.tolerance) * n + 1e-9) <= sum(decisions[:n]) <= int(rho * n + 1e-9)
+    forced = [v for v in verdicts if v.cloud and "holds at least 56" in v.reason]
+    assert forced and all(v.state["minimum"] == 56 for v in forced)
+    # The controller it replaced (whole-window threshold and feedback, no minimum) lets the share sag here.
+    before = BudgetConfig(rho=rho, window=window, tolerance=1.0, score_horizon=window, share_horizon=window - 1)
+    old = BudgetController(before, MemoryBudgetStore(window))
+    sagging = [old.decide(s, calibrated_threshold=0.5).cloud for s in _drifting_scores()]
+    assert min(_window_counts(sagging, window)) < (rho - 0.03) * window
+
+
+def test_the_minimum_share_never_overrides_the_floor_or_the_spend_limit() -> None:
+    full_of_edge = BudgetState(decisions=(0,) * 9, scores=(1.0,) * 9)
+    config = BudgetConfig(rho=0.5, window=10, spend_limit_usd=1.0, cloud_cost_usd=0.5)
+    assert config.minimum == 4
+    forced = decide(0.2, full_of_edge, config, floor=0.0)
+    assert forced.cloud and "0 of the last 9 went to the cloud" in forced.reason and forced.reserved_usd == 0.5
+    assert not decide(-0.2, full_of_edge, config, floor=0.0).cloud  # the edge is predicted at least as good
+    broke = BudgetState(decisions=full_of_edge.decisions, scores=full_of_edge.scores, spent_usd=1.0)
+    refused = decide(0.2, broke, config, floor=0.0)
+    assert not refused.cloud and "holds at least 4, but the spend limit is reached" in refused.reason
+
+
+@pytest.mark.parametrize(
+    "field,value", [("tolerance", -0.1), ("tolerance", 1.5), ("score_horizon", 0), ("share_horizon", 11)]
+)
+def test_config_refuses_bad_tolerances_and_horizons(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        BudgetConfig(rho=0.5, window=10, **{field: value})  # type: ignore[arg-type]
 
 
 @pytest.mark.integration

@@ -24,7 +24,7 @@ from tests.support import PrivateRedis, WorkerPool, wait_for_job, wait_until
 
 
 def test_shadow_needs_room_in_the_budget() -> None:
-    config = BudgetConfig(rho=0.5, window=10)
+    config = BudgetConfig(rho=0.5, window=10, tolerance=1.0)  # no minimum share: eight edge decisions stand
     roomy = decide(0.0, BudgetState((0,) * 8, (1.0,) * 8), config, calibrated_threshold=5.0, shadow=True)
     assert not roomy.cloud and roomy.shadow and roomy.uses_cloud and "shadow-sampled" in roomy.reason
     full = decide(0.0, BudgetState((1, 0) * 4, (1.0,) * 8), config, calibrated_threshold=5.0, shadow=True)

@@ -105,6 +105,7 @@ class WorkerContext:
             config = BudgetConfig(
                 rho=rho,
                 window=window,
+                tolerance=self.settings.budget_tolerance,
                 spend_limit_usd=self.settings.cloud_spend_limit_usd,
                 cloud_cost_usd=self.settings.cloud.price_per_image,
             )
