@@ -6,6 +6,12 @@ routers ignore the budget. Equal scores are taken in log order. (Evaluation, :mo
 and the fractional marginal prompt at their expectation instead, so its numbers can differ from a replay's in
 the last prompt.)
 
+With ``online``, decisions are made instead as a router worker makes them: in log order, each against the
+budget controller's window of the decisions before it (:mod:`router.budget`: the recent scores' quantile, the
+window's cap and minimum share), starting from an empty window with the router's offline calibration. The
+result then also reports the lowest and highest cloud share over the log's full windows and how many requests
+the window's minimum share sent to the cloud.
+
 Cost per prompt is the log's optional ``"cost": {"edge": usd, "cloud": usd}`` field where present, else the
 tier's price per image from the settings.
 """
@@ -20,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from router.base import Router
+from router.budget import BudgetConfig, BudgetController, BudgetRequest, MemoryBudgetStore
 from router.log import LogFormatError, LogRecord, metric_names
 from router.pgr import quality_arrays
 from router.types import Tier
@@ -48,6 +55,9 @@ class ReplayResult:
         pgr: PGR per metric and ``aggregate`` (their mean); ``None`` where the cloud gains nothing on a metric.
         pareto_no_worse: share of prompts whose routed tier is not Pareto-dominated by the other tier.
         cost: total US dollars of the routing, of all-edge and of all-cloud.
+        online: for an online replay, the budget window, the tolerance, the lowest and highest cloud share over
+            full windows (None when the log is shorter than a window) and the number of requests sent to the
+            cloud by the window's minimum share rather than by their score; None for an offline replay.
     """
 
     router: str
@@ -59,6 +69,7 @@ class ReplayResult:
     pgr: Mapping[str, float | None]
     pareto_no_worse: float
     cost: Mapping[str, float]
+    online: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +83,7 @@ class ReplayResult:
             "pgr": dict(self.pgr),
             "pareto_no_worse": self.pareto_no_worse,
             "cost_usd": dict(self.cost),
+            "online": None if self.online is None else dict(self.online),
             "decisions": [{"id": d.id, "score": d.score, "tier": d.tier} for d in self.decisions],
         }
 
@@ -108,7 +120,41 @@ def decide(router: Router, scores: np.ndarray, budget: float) -> np.ndarray:
     return cloud
 
 
-def replay(records: Sequence[LogRecord], router: Router, budget: float, *, prices: Mapping[str, float]) -> ReplayResult:
+def decide_online(router: Router, scores: np.ndarray, config: BudgetConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Cloud decisions in log order through the budget controller, and what the online replay reports of them."""
+    n = len(scores)
+    if router.fixed_tier is not None:
+        cloud = np.full(n, router.fixed_tier == "cloud")
+        by_minimum = 0
+    else:
+        controller = BudgetController(config, MemoryBudgetStore(config.window))
+        calibrated, floor = router.calibrated_threshold(config.rho), router.edge_floor()
+        verdicts = controller.decide_many(
+            [BudgetRequest(float(s), floor=floor, calibrated_threshold=calibrated) for s in scores]
+        )
+        cloud = np.array([v.cloud for v in verdicts], dtype=bool)
+        by_minimum = sum(
+            v.cloud and (v.threshold is None or s <= v.threshold) for v, s in zip(verdicts, scores, strict=True)
+        )
+    shares = np.convolve(cloud.astype(np.float64), np.ones(config.window), "valid") / config.window
+    full = n >= config.window
+    return cloud, {
+        "window": config.window,
+        "tolerance": config.tolerance,
+        "lowest_window_share": float(shares.min()) if full else None,
+        "highest_window_share": float(shares.max()) if full else None,
+        "cloud_by_minimum_share": int(by_minimum),
+    }
+
+
+def replay(
+    records: Sequence[LogRecord],
+    router: Router,
+    budget: float,
+    *,
+    prices: Mapping[str, float],
+    online: BudgetConfig | None = None,
+) -> ReplayResult:
     """Route every record of ``records`` with ``router`` at cloud budget ``budget``.
 
     Args:
@@ -116,14 +162,22 @@ def replay(records: Sequence[LogRecord], router: Router, budget: float, *, price
         router: a ready router (fitted or loaded when it learns).
         budget: the cloud budget ρ in [0, 1].
         prices: US dollars per image per tier, for records without a ``cost`` field.
+        online: decide in log order with the budget controller of this configuration (its ``rho`` must be
+            ``budget``) instead of sending the best ``floor(ρ·n)`` scores.
 
     Returns:
         The decisions with the routing's quality, PGR, Pareto share and cost.
     """
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget must be within [0, 1], got {budget}")
+    if online is not None and online.rho != budget:
+        raise ValueError(f"the online budget controller holds {online.rho}, not the budget {budget}")
     scores = np.asarray(router.score_records(records), dtype=np.float64)
-    cloud = decide(router, scores, budget)
+    summary: dict[str, Any] | None = None
+    if online is None:
+        cloud = decide(router, scores, budget)
+    else:
+        cloud, summary = decide_online(router, scores, online)
     metrics = metric_names(records)
     edge, cloud_q = quality_arrays(records, metrics)
     routed = np.where(cloud[:, None], cloud_q, edge)
@@ -158,4 +212,5 @@ def replay(records: Sequence[LogRecord], router: Router, budget: float, *, price
             "edge_only": float(costs[:, 0].sum()),
             "cloud_only": float(costs[:, 1].sum()),
         },
+        online=summary,
     )

@@ -112,6 +112,31 @@ def test_replay_decisions_quality_and_cost(runner: CliRunner, tmp_path: Path) ->
     assert "1 of 4 prompts to the cloud" in text.output
 
 
+def test_replay_online_decides_in_log_order_against_the_budget_window(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prompts get shorter as the log goes on: each scores below every recent one, so only the window's
+    # minimum share sends any of them to the cloud once the first threshold exists.
+    log = write_lines(tmp_path / "log.jsonl", [line(i, " ".join(["w"] * (120 - i)), 1.0, 2.0) for i in range(120)])
+    monkeypatch.setenv("ROUTET2I_BUDGET_WINDOW", "20")
+    args = ["replay", "--log", str(log), "--router", "longest-prompt-first", "--budget", "0.3"]
+    online = runner.invoke(main, [*args, "--online", "--json"])
+    assert online.exit_code == 0, online.output
+    doc = json.loads(online.output)
+    cloud = [d["tier"] == "cloud" for d in doc["decisions"]]
+    windows = [sum(cloud[start : start + 20]) for start in range(len(cloud) - 19)]
+    assert min(windows) >= 5 and max(windows) <= 6  # floor(0.28 · 20), floor(0.3 · 20)
+    assert doc["online"]["window"] == 20 and doc["online"]["tolerance"] == 0.02
+    assert doc["online"]["lowest_window_share"] == min(windows) / 20
+    assert doc["online"]["highest_window_share"] == max(windows) / 20
+    assert doc["online"]["cloud_by_minimum_share"] > 0
+    offline = json.loads(runner.invoke(main, [*args, "--json"]).output)
+    assert offline["online"] is None and offline["cloud"] == 36  # the 36 longest, all at the start
+    assert [d["tier"] == "cloud" for d in offline["decisions"]] == [i < 36 for i in range(120)]
+    text = runner.invoke(main, [*args, "--online"])
+    assert text.exit_code == 0 and "sent to the cloud by the window's minimum share" in text.output
+
+
 def test_replay_prices_from_settings_when_the_log_has_no_cost(
     runner: CliRunner, small_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -201,6 +201,12 @@ def _run_suite(name: str, routers: list[str], folds: int, seeds: int, out_dir: P
 )
 @click.option("--budget", required=True, type=click.FloatRange(0.0, 1.0), help="Cloud budget: share of prompts, 0..1.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of random choices.")
+@click.option(
+    "--online",
+    is_flag=True,
+    help="Decide in log order with the live budget controller (ROUTET2I_BUDGET_WINDOW, ROUTET2I_BUDGET_TOLERANCE) "
+    "instead of sending the best floor(budget x prompts) scores.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print decisions and totals as JSON.")
 def replay(
     log_path: Path,
@@ -209,6 +215,7 @@ def replay(
     train_log: Path | None,
     budget: float,
     seed: int,
+    online: bool,
     as_json: bool,
 ) -> None:
     """The decisions ROUTER would make on a log at a cloud budget, and the resulting quality and cost.
@@ -216,6 +223,7 @@ def replay(
     Cost comes from each line's optional "cost" field, else from the tiers' prices in the settings.
     """
     from router.base import RouterError, create_router, load_router, router_class
+    from router.budget import BudgetConfig
     from router.log import LogFormatError
     from router.replay import replay as run_replay
 
@@ -244,6 +252,9 @@ def replay(
             router,
             budget,
             prices={"edge": settings.edge.price_per_image, "cloud": settings.cloud.price_per_image},
+            online=BudgetConfig(rho=budget, window=settings.budget_window, tolerance=settings.budget_tolerance)
+            if online
+            else None,
         )
     except RouterError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -271,4 +282,15 @@ def _describe(doc: dict[str, Any]) -> str:
         f"  cost: ${cost['routed']:.4f} (edge only ${cost['edge_only']:.4f}, cloud only ${cost['cloud_only']:.4f})"
     )
     lines.append(f"  Pareto no-worse: {doc['pareto_no_worse']:.1%} of prompts")
+    if (online := doc["online"]) is not None:
+        if online["lowest_window_share"] is None:
+            windows = f"the log is shorter than one window of {online['window']}"
+        else:
+            windows = (
+                f"cloud share of every {online['window']} consecutive decisions "
+                f"{online['lowest_window_share']:.1%}–{online['highest_window_share']:.1%}"
+            )
+        lines.append(
+            f"  online: {windows}; {online['cloud_by_minimum_share']} sent to the cloud by the window's minimum share"
+        )
     return "\n".join(lines)
