@@ -4,9 +4,10 @@ Offline, a router's threshold is a quantile of its scores on a log. Online, requ
 the score distribution drifts, so the threshold is re-estimated from the most recent scores and corrected by
 how far the recent cloud share is from ρ; a hard cap then guarantees that no window of ``window`` consecutive
 decisions holds more than ``floor(ρ·window)`` cloud decisions, and a minimum that none holds fewer than
-``floor((ρ − tolerance)·window)`` while requests the router rates above its edge floor keep coming. Optionally, a spend limit in money
-per period also holds: each cloud image reserves its price from the period's limit when it is decided, and a
-request for which the period has no money left goes to the edge, whatever its share.
+``floor((ρ − tolerance)·window)`` while requests the router rates above its edge floor keep coming.
+Optionally, a spend limit in money per period also holds: each cloud image reserves its price from the
+period's limit when it is decided, and a request for which the period has no money left goes to the edge,
+whatever its share.
 
 The algorithm is pure (:func:`decide`); where its state lives is a :class:`BudgetStore`. The Redis store that
 several router workers share lives in ``worker.budget_store``.
@@ -260,8 +261,8 @@ def _route(
     elif cloud_recent < minimum:  # the window ending here would fall below its minimum without this request
         below = "no threshold yet" if threshold is None else f"score {score:.4g} at or below threshold {threshold:.4g}"
         reason = (
-            f"{below}, but {cloud_recent} of the last {n_recent} went to the cloud and a window of "
-            f"{config.window} holds at least {minimum}"
+            f"{below}, but {cloud_recent} of the last {n_recent} went to the cloud and the {n_recent + 1} "
+            f"decisions ending here hold at least {minimum}"
         )
     elif threshold is None:
         return BudgetVerdict(False, None, snapshot, "no score history or calibration yet; edge until there is")

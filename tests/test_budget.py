@@ -83,7 +83,7 @@ def test_every_window_keeps_its_minimum_share_when_the_scores_drift_down() -> No
     assert all(56 <= count <= 60 for count in _window_counts(decisions, window))
     for n in range(1, window):  # the first decisions, too: the share so far stays within the band
         assert int((rho - config.tolerance) * n + 1e-9) <= sum(decisions[:n]) <= int(rho * n + 1e-9)
-    forced = [v for v in verdicts if v.cloud and "holds at least 56" in v.reason]
+    forced = [v for v in verdicts if v.cloud and "the 200 decisions ending here hold at least 56" in v.reason]
     assert forced and all(v.state["minimum"] == 56 for v in forced)
     # The controller it replaced (whole-window threshold and feedback, no minimum) lets the share sag here.
     before = BudgetConfig(rho=rho, window=window, tolerance=1.0, score_horizon=window, share_horizon=window - 1)
@@ -101,7 +101,10 @@ def test_the_minimum_share_never_overrides_the_floor_or_the_spend_limit() -> Non
     assert not decide(-0.2, full_of_edge, config, floor=0.0).cloud  # the edge is predicted at least as good
     broke = BudgetState(decisions=full_of_edge.decisions, scores=full_of_edge.scores, spent_usd=1.0)
     refused = decide(0.2, broke, config, floor=0.0)
-    assert not refused.cloud and "holds at least 4, but the spend limit is reached" in refused.reason
+    assert (
+        not refused.cloud
+        and "the 10 decisions ending here hold at least 4, but the spend limit is reached" in refused.reason
+    )
 
 
 @pytest.mark.parametrize(
