@@ -931,7 +931,7 @@ class RouteT2IRouter(Router):
         ratings): ``default`` for the fp32 encoder backends, ``default-int8`` for ``onnx-int8``; None for an
         encoder model other than the packaged MiniLM."""
         encoder = default_encoder()
-        if cls is not RouteT2IRouter or encoder.model_path != default_model_path():
+        if cls is not RouteT2IRouter or encoder.model_path.resolve() != default_model_path().resolve():
             return None  # none ships for another encoder model, or for a variant of the router
         name = DEFAULT_ARTIFACT + ("-int8" if encoder.backend == "onnx-int8" else "")
         path = Path(str(resources.files("router") / "artifacts" / name))
