@@ -109,7 +109,12 @@ class BudgetConfig:
     @property
     def minimum(self) -> int:
         """Fewest cloud decisions a full window holds while the router rates requests above its edge floor."""
-        return min(self.cap, max(0, math.floor((self.rho - self.tolerance) * self.window + 1e-9)))
+        return self.minimum_of(self.window)
+
+    def minimum_of(self, decisions: int) -> int:
+        """Fewest cloud decisions among the last ``decisions`` (at most ``window``; fewer during the first
+        window, whose share so far is held as well)."""
+        return max(0, math.floor((self.rho - self.tolerance) * decisions + 1e-9))
 
     @property
     def scores_used(self) -> int:
@@ -185,7 +190,7 @@ def decide(
     cap_now = min(config.cap, math.floor(config.rho * (len(recent) + 1) + 1e-9))
     # Nor below its minimum share (the share so far, during the first `window` decisions): the decisions
     # so far and this one are the window that ends here.
-    minimum = min(config.minimum, max(0, math.floor((config.rho - config.tolerance) * (len(recent) + 1) + 1e-9)))
+    minimum = config.minimum_of(len(recent) + 1)
 
     # 1. Target share for this request: ρ pushed against the recent error, so shortfalls are made up.
     target = min(max(config.rho + config.gain * (config.rho - share), 0.0), 1.0) if recent else config.rho
