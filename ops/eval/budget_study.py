@@ -19,28 +19,17 @@ changed from the defaults, e.g. ``--config gain2:gain=2 --config short:score_hor
 from __future__ import annotations
 
 import argparse
-import csv
 import random
-from importlib import resources
 
 import numpy as np
 
 from router.base import load_router
 from router.budget import BudgetConfig, BudgetController, BudgetRequest, MemoryBudgetStore
+from routet2i.data import partiprompts_with_categories
 
 BAND = 0.03
-
-
-def partiprompts() -> tuple[list[str], list[str]]:
-    path = resources.files("routet2i") / "data" / "partiprompts" / "PartiPrompts.tsv"
-    prompts, categories, seen = [], [], set()
-    with path.open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            if row["Prompt"] not in seen:
-                seen.add(row["Prompt"])
-                prompts.append(row["Prompt"])
-                categories.append(row["Category"])
-    return prompts, categories
+WHOLE_FIELDS = {"score_horizon", "share_horizon"}
+"""``BudgetConfig`` fields that count decisions (``--config`` reads every value as a number)."""
 
 
 def stream(order: np.ndarray, scores: np.ndarray, config: BudgetConfig, floor: float, seed: int) -> np.ndarray:
@@ -71,7 +60,7 @@ def main() -> None:
         except ValueError:
             parser.error(f"--config {spec!r}: expected NAME:KEY=VALUE,...")
 
-    prompts, categories = partiprompts()
+    prompts, categories = (list(column) for column in zip(*partiprompts_with_categories(), strict=True))
     router = load_router("routet2i", None)
     scores = np.concatenate([router.score(prompts[i : i + 64]) for i in range(0, len(prompts), 64)])
     floor = router.edge_floor()
@@ -88,9 +77,8 @@ def main() -> None:
                 ),
             }
             for name, fields in extra.items():
-                whole = {"score_horizon", "share_horizon"}
                 configs[name] = BudgetConfig(
-                    rho=rho, window=window, **{k: int(v) if k in whole else v for k, v in fields.items()}
+                    rho=rho, window=window, **{k: int(v) if k in WHOLE_FIELDS else v for k, v in fields.items()}
                 )
             for kind in ("shuffled", "by category"):
                 orders = []

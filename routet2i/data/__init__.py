@@ -17,10 +17,16 @@ def path(*parts: str) -> Path:
     return target
 
 
+def partiprompts_with_categories() -> list[tuple[str, str]]:
+    """The 1,632 PartiPrompts with their PartiPrompts category (``Animals``, ``Vehicles``, ...), in file order."""
+    with path("partiprompts", "PartiPrompts.tsv").open(encoding="utf-8", newline="") as handle:
+        rows = csv.DictReader(handle, delimiter="\t")
+        return [(row["Prompt"].strip(), row["Category"]) for row in rows if row["Prompt"].strip()]
+
+
 def partiprompts() -> list[str]:
     """The 1,632 PartiPrompts, in file order."""
-    with path("partiprompts", "PartiPrompts.tsv").open(encoding="utf-8", newline="") as handle:
-        return [row["Prompt"].strip() for row in csv.DictReader(handle, delimiter="\t") if row["Prompt"].strip()]
+    return [prompt for prompt, _ in partiprompts_with_categories()]
 
 
 def sample_prompts(n: int, *, seed: int = 0) -> list[str]:
