@@ -234,7 +234,9 @@ def decide(
         verdict = replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the edge too")
     # 5. A cloud image (delivered or shadow) reserves its price from the period's spend limit.
     if verdict.uses_cloud and config.spend_limit_usd is not None:
-        verdict = replace(verdict, reserved_usd=config.cloud_cost_usd)
+        verdict = replace(
+            verdict, reserved_usd=config.cloud_cost_usd, state={**verdict.state, "reserved_usd": config.cloud_cost_usd}
+        )
     return verdict
 
 

@@ -18,13 +18,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
-from db.models import CostEntry, Decision, Job
+from db.models import CostEntry, Decision, Job, JobEvent
 from db.session import make_engine, make_session_factory
+from db.state_redis import connect
 from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.servers import ApiServer, cli_env
 from tests.support import PrivateRedis, WorkerPool, wait_until
 from tests.test_http_backend import ImageApi
+from worker.budget_store import SpendLedger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,10 +39,17 @@ PERIOD_S = 31 * 86_400  # the longest period: a test that straddles a period's e
 
 
 @pytest.fixture(scope="module")
-def spend_stack(pg_settings: Settings, tmp_path_factory, model_cache) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
+def image_api() -> Iterator[ImageApi]:
+    api = ImageApi()
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="module")
+def spend_stack(pg_settings: Settings, tmp_path_factory, model_cache, image_api: ImageApi) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
     broker = PrivateRedis(tmp_path_factory.mktemp("spend-redis"))
     broker.start()
-    api = ImageApi()
+    api = image_api
     settings = make_settings(
         database_url=pg_settings.database_url,
         broker_url=broker.url,
@@ -72,12 +81,21 @@ def spend_stack(pg_settings: Settings, tmp_path_factory, model_cache) -> Iterato
         yield settings
     finally:
         pool.stop_all()
-        api.close()
         broker.stop()
 
 
+@pytest.fixture
+def ledger(spend_stack: Settings) -> Iterator[SpendLedger]:
+    """The stack's spend ledger, starting the test with nothing spent this period (and left that way)."""
+    spend = SpendLedger.for_settings(spend_stack, connect(spend_stack.state_redis_url))
+    assert spend is not None
+    spend.client.delete(spend.key())
+    yield spend
+    spend.client.delete(spend.key())
+
+
 def test_cloud_images_stop_at_the_spend_limit_and_the_ledger_matches_the_bill(
-    spend_stack: Settings, tmp_path: Path
+    spend_stack: Settings, ledger: SpendLedger, tmp_path: Path
 ) -> None:
     settings = spend_stack
     app = create_app(settings)
@@ -136,3 +154,74 @@ def test_cloud_images_stop_at_the_spend_limit_and_the_ledger_matches_the_bill(
     assert shown.returncode == 0, shown.stderr
     spent = budget["spent_this_period_usd"]  # the same ledger the command reads (all jobs are done)
     assert f"cloud spend this period: ${spent:.4f} of a ${LIMIT:.4f} limit per {PERIOD_S} s" in shown.stdout
+
+
+def test_a_refused_cloud_image_gives_its_reservation_back_and_a_replay_takes_it_again(
+    spend_stack: Settings, ledger: SpendLedger, image_api: ImageApi
+) -> None:
+    """The hosted API refuses two prompts (HTTP 400) and is overloaded for a third until its retries run out:
+    no image is billed, so the three reservations go back to the ledger. Replaying the dead-lettered job once
+    the API is back reserves its image again, and the ledger ends equal to the bill."""
+    settings = spend_stack
+    client = authorize(create_app(settings).test_client(), create_tenant_key(settings))
+    image_api.busy = True
+    prompts = ["a refuse sign on a red door", "a refuse truck in the snow", "a busy harbour at dawn with cranes"]
+    response = client.post("/v1/jobs/batch", json={"jobs": [{"prompt": p} for p in prompts]})
+    assert response.status_code == 202, response.get_json()
+    ids = [uuid.UUID(item["id"]) for item in response.get_json()["items"]]
+    sessions = make_session_factory(make_engine(settings.database_url))
+
+    def ended(status: str) -> list[Job] | None:
+        with sessions() as session:
+            jobs = [session.get(Job, job_id) for job_id in ids]
+        return jobs if all(j is not None and j.status == status for j in jobs) else None  # type: ignore[misc]
+
+    jobs = wait_until(lambda: ended("failed"), timeout=120, interval=0.5, what="the refused jobs to fail")
+    with sessions() as session:
+        decisions = {d.job_id: d for d in session.scalars(select(Decision).where(Decision.job_id.in_(ids)))}
+        failures = {
+            e.job_id: e.detail
+            for e in session.scalars(select(JobEvent).where(JobEvent.job_id.in_(ids), JobEvent.status == "failed"))
+        }
+    for job in jobs:
+        state = decisions[job.id].budget_state
+        assert decisions[job.id].tier == "cloud" and state["reserved_usd"] == pytest.approx(PRICE)
+        assert state["spend_period"] == ledger.key()
+        assert (job.reserved_usd, job.reserved_period) == (0.0, None)
+        assert failures[job.id]["released_usd"] == pytest.approx(PRICE)
+    assert [j.dead_lettered_at is not None for j in jobs] == [False, False, True]  # only the overload may pass
+    assert "refused the request (400)" in jobs[0].error
+    assert ledger.spent() == pytest.approx(0.0, abs=1e-9)  # 3 reserved, 3 given back, nothing billed
+
+    image_api.busy = False
+    busy = str(ids[2])
+    replayed = subprocess.run(
+        [sys.executable, "-m", "routet2i.cli", "dlq", "replay", busy],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    assert ledger.spent() >= PRICE  # counted before the job is published (its seconds may follow already)
+
+    def succeeded() -> Job | None:
+        with sessions() as session:
+            job = session.get(Job, ids[2])
+        return job if job is not None and job.status == "succeeded" else None
+
+    job = wait_until(succeeded, timeout=60, interval=0.5, what="the replayed job to succeed")
+    assert (job.reserved_usd, job.reserved_period) == (pytest.approx(PRICE), ledger.key())
+    with sessions() as session:
+        billed = session.scalar(select(func.sum(CostEntry.usd)).where(CostEntry.job_id.in_(ids)))
+    assert isinstance(billed, Decimal) and float(billed) > PRICE  # the image and its seconds
+    assert ledger.spent() == pytest.approx(float(billed), abs=1e-5)  # the replay's reservation and its seconds
+
+
+def test_a_reservation_is_given_back_only_while_its_period_is_counted(spend_stack: Settings) -> None:
+    spend = SpendLedger(connect(spend_stack.state_redis_url), period_s=60, name=f"release-{uuid.uuid4().hex[:6]}")
+    spend.add(0.3)
+    assert spend.release(0.1, spend.key()) and spend.spent() == pytest.approx(0.2)
+    gone = spend.key() + "-expired"
+    assert spend.release(0.1, gone) is False and spend.client.exists(gone) == 0  # no counter without expiry
+    spend.client.delete(spend.key())

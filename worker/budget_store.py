@@ -9,10 +9,12 @@ the last cloud slot or the last dollar.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import cast
+from dataclasses import replace
+from typing import TYPE_CHECKING, cast
 
 import redis
 
@@ -20,10 +22,24 @@ from router.budget import BudgetState
 from router.types import BudgetVerdict
 from routet2i.settings import Settings
 
+if TYPE_CHECKING:
+    from db.models import Job
+
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "routet2i:budget"
 SPEND_PREFIX = "routet2i:spend"
 MAX_ATTEMPTS = 100
 """Optimistic transaction retries before giving up (only under extreme contention)."""
+
+_RELEASE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('INCRBYFLOAT', KEYS[1], -tonumber(ARGV[1]))
+end
+return nil
+"""
+"""Decrement a period's counter only while it exists, so a late release cannot create a negative counter
+without an expiry."""
 
 
 class SpendLedger:
@@ -31,8 +47,9 @@ class SpendLedger:
     starts at midnight UTC), one Redis counter per period, shared by every budget window of a deployment.
 
     Router decisions add the price they reserve inside their budget transaction; tier workers add what a
-    generation was billed beyond its reservation (a price per GPU-second) when they record it. A period's
-    counter expires two periods after its last change.
+    generation was billed beyond its reservation (a price per GPU-second) when they record it, and give a
+    reservation back when the cloud generator refused the job and no image was billed. A period's counter
+    expires two periods after its last change.
     """
 
     def __init__(
@@ -72,6 +89,15 @@ class SpendLedger:
         if pipe is None:
             target.execute()
 
+    def release(self, usd: float, key: str) -> bool:
+        """Give back ``usd`` reserved in the period ``key`` for a cloud image that was never billed.
+
+        Returns False when that period's counter no longer exists (it expired: nothing left to give back).
+        """
+        if usd <= 0:
+            return False
+        return self.client.eval(_RELEASE, 1, key, repr(float(usd))) is not None
+
 
 class BudgetContention(RuntimeError):
     """The shared budget window kept changing under this router; the route task will be retried."""
@@ -103,6 +129,11 @@ class RedisBudgetStore:
                     spend_key = self.spend.key() if self.spend is not None else None
                     pipe.watch(self.key, *([spend_key] if spend_key else []))
                     verdicts = list(fn(self._read(pipe, spend_key)))
+                    if spend_key is not None:  # where each reservation is counted, to give it back if unused
+                        verdicts = [
+                            replace(v, state={**v.state, "spend_period": spend_key}) if v.reserved_usd else v
+                            for v in verdicts
+                        ]
                     entries = [
                         f"{1 if v.uses_cloud else 0}:{float(s)!r}" for v, s in zip(verdicts, scores, strict=True)
                     ]
@@ -133,3 +164,32 @@ class RedisBudgetStore:
 
     def reset(self) -> None:
         self.client.delete(self.key)
+
+
+def take_reservation(job: Job) -> tuple[str, float] | None:
+    """Clear the cloud reservation ``job`` holds; returns its ledger period and amount, or None if it holds
+    none. The caller gives it back (:func:`give_back`) once the change is committed."""
+    if job.reserved_usd <= 0 or job.reserved_period is None:
+        return None
+    released = (job.reserved_period, float(job.reserved_usd))
+    job.reserved_usd = 0.0
+    job.reserved_period = None
+    return released
+
+
+def give_back(ledger: SpendLedger | None, period: str, usd: float, *, job_id: str) -> None:
+    """Give a cloud reservation back to the period that holds it.
+
+    It runs after the job's change was committed: if Redis is unreachable now, the period keeps counting the
+    reservation (logged), which errs towards spending less, never more.
+    """
+    if ledger is None:  # the deployment no longer keeps a spend limit
+        return
+    try:
+        if ledger.release(usd, period):
+            log.info("cloud reservation given back", extra={"job_id": job_id, "usd": usd, "period": period})
+    except redis.RedisError as exc:
+        log.warning(
+            "cloud reservation not given back: Redis unreachable",
+            extra={"job_id": job_id, "usd": usd, "error": str(exc)},
+        )

@@ -36,6 +36,7 @@ from db.session import transaction
 from router.policy import RouteRequest, shadow_sampled
 from routet2i.settings import TierSettings
 from worker.app import GENERATE_TASKS, chunks, publish_many
+from worker.budget_store import give_back, take_reservation
 from worker.context import ScorerUnavailable, WorkerContext
 from worker.generation import GenerationRequest, GenerationResult, cost_usd
 
@@ -103,6 +104,9 @@ def route_jobs(ctx: WorkerContext, job_ids: Sequence[str]) -> dict[str, str | No
                 for (job, _), decision in zip(pending, decisions, strict=True):
                     transition(session, job, JobStatus.ROUTING, at=started)
                     record_decision(session, job=job, decision=decision)
+                    if decision.tier == "cloud" and decision.budget_state.get("spend_period"):
+                        job.reserved_usd = float(decision.budget_state["reserved_usd"])
+                        job.reserved_period = str(decision.budget_state["spend_period"])
                     job.enqueued_at = utcnow()
                     transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": decision.tier})
                     handoffs.append((str(job.id), decision.tier, decision.shadow))
@@ -425,17 +429,29 @@ def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
     return True
 
 
-def _dead_letter(session: Session, job: Job, reason: str, *, stage: str) -> None:
+def _dead_letter(session: Session, job: Job, reason: str, *, stage: str, detail: dict[str, Any] | None = None) -> None:
     job.dead_lettered_at = utcnow()
     job.lease_owner = None
     job.lease_until = None
     transition(
-        session, job, JobStatus.FAILED, detail={"stage": stage, "dead_lettered": True}, error=f"dead-lettered: {reason}"
+        session,
+        job,
+        JobStatus.FAILED,
+        detail={"stage": stage, **(detail or {}), "dead_lettered": True},
+        error=f"dead-lettered: {reason}",
     )
     log.error("job dead-lettered", extra={"job_id": str(job.id), "stage": stage, "reason": reason})
 
 
-def fail_job(ctx: WorkerContext, job_id: str, error: str, *, stage: str, dead_letter: bool = False) -> bool:
+def fail_job(
+    ctx: WorkerContext,
+    job_id: str,
+    error: str,
+    *,
+    stage: str,
+    dead_letter: bool = False,
+    release_reservation: bool = False,
+) -> bool:
     """Mark a job failed with a reason the user can read. Returns False if it had already ended.
 
     Args:
@@ -445,17 +461,28 @@ def fail_job(ctx: WorkerContext, job_id: str, error: str, *, stage: str, dead_le
         stage: ``routing`` or ``generation``.
         dead_letter: the failure may pass (exhausted retries of a transient fault): keep the job replayable
             with ``routet2i dlq replay``.
+        release_reservation: the tier's generator raised on every attempt, so no image was produced or
+            billed: a cloud reservation the job holds goes back to the spend ledger. (Other failures keep it:
+            an image may have been billed before the failure.)
     """
+    released: tuple[str, float] | None = None
     with transaction(ctx.sessions) as session:
         job = get_job(session, uuid.UUID(job_id), for_update=True)
         if _is_done(job):
             return False
         assert job is not None
+        detail: dict[str, Any] = {"stage": stage}
+        if release_reservation:
+            released = take_reservation(job)
+            if released is not None:
+                detail["released_usd"] = released[1]
         if dead_letter:
-            _dead_letter(session, job, error, stage=stage)
+            _dead_letter(session, job, error, stage=stage, detail=detail)
         else:
             job.lease_owner = None
             job.lease_until = None
-            transition(session, job, JobStatus.FAILED, detail={"stage": stage}, error=error)
+            transition(session, job, JobStatus.FAILED, detail=detail, error=error)
             log.warning("job failed", extra={"job_id": job_id, "stage": stage, "error": error})
+    if released is not None:
+        give_back(ctx.spend_ledger(), *released, job_id=job_id)
     return True

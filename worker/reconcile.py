@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import redis
 from celery import Celery
@@ -36,6 +37,7 @@ from db.pagination import as_utc
 from db.session import transaction
 from routet2i.settings import Settings
 from worker.app import GENERATE_TASKS, QUEUES, ROUTE_TASK, publish
+from worker.budget_store import SpendLedger, give_back, take_reservation
 
 log = logging.getLogger(__name__)
 
@@ -167,23 +169,39 @@ def reconcile(
 
 
 def replay_dead_letters(
-    sessions: sessionmaker[Session], app: Celery, job_ids: Iterable[uuid.UUID], *, tier: str | None = None
+    sessions: sessionmaker[Session],
+    app: Celery,
+    job_ids: Iterable[uuid.UUID],
+    *,
+    tier: str | None = None,
+    ledger: SpendLedger | None = None,
+    cloud_price_usd: float = 0.0,
 ) -> list[tuple[str, str]]:
     """Revive dead-lettered jobs: reset their counters and publish them to the step they need.
+
+    With a spend ledger, a routed job replayed to the cloud that holds no reservation (its generator's
+    refusal gave it back) reserves ``cloud_price_usd`` again in the current period, and a job sent to the edge
+    instead gives back the reservation it holds. A replay is an operator's decision: it is counted, not
+    refused, when the period's limit is reached.
 
     Args:
         sessions: session factory.
         app: the Celery app to publish with.
         job_ids: jobs to replay; each must be dead-lettered.
         tier: send the jobs straight to this tier's queue instead of routing them (again).
+        ledger: the deployment's spend ledger (None: no spend limit).
+        cloud_price_usd: what one cloud image reserves.
 
     Returns:
         (job id, task name) per replayed job.
 
     Raises:
         ValueError: a job is unknown or not dead-lettered (nothing is replayed then).
+        redis.RedisError: the ledger could not be charged (nothing is replayed then).
     """
     to_publish: list[tuple[str, str]] = []
+    released: list[tuple[str, tuple[str, float]]] = []
+    charges = 0.0
     with transaction(sessions) as session:
         for job_id in job_ids:
             job = session.get(Job, job_id, with_for_update=True)
@@ -197,14 +215,31 @@ def replay_dead_letters(
                 task = GENERATE_TASKS[tier]
             else:
                 task = GENERATE_TASKS[decision.tier] if decision is not None else ROUTE_TASK
+            detail: dict[str, Any] = {"stage": "replayed", "task": task}
+            if ledger is not None and task != GENERATE_TASKS["cloud"]:
+                held = take_reservation(job)
+                if held is not None:
+                    released.append((str(job.id), held))
+                    detail["released_usd"] = held[1]
+            elif ledger is not None and job.requested_tier is None and job.reserved_usd <= 0 and cloud_price_usd:
+                job.reserved_usd = cloud_price_usd
+                job.reserved_period = ledger.key()
+                charges += cloud_price_usd
+                detail["reserved_usd"] = cloud_price_usd
             job.dead_lettered_at = None
             job.error = None
             job.finished_at = None
             job.attempts = job.redeliveries = 0
             job.lease_owner = job.lease_until = None
             job.enqueued_at = utcnow()
-            transition(session, job, JobStatus.QUEUED, detail={"stage": "replayed", "task": task})
+            transition(session, job, JobStatus.QUEUED, detail=detail)
             to_publish.append((str(job.id), task))
+        if ledger is not None and charges:
+            # Before the commit: if Redis refuses the charge, nothing is replayed; if the commit then fails,
+            # the period counts a reservation no job holds, which errs towards spending less.
+            ledger.add(charges)
+    for owner, held in released:
+        give_back(ledger, *held, job_id=owner)
     for replayed, task in to_publish:
         publish(app, task, replayed)
     return to_publish

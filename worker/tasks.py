@@ -73,7 +73,14 @@ def _settle(
                 wait = max(backoff(delivery.retries), min(exc.retry_after or 0.0, RETRY_AFTER_CAP_S))
                 task.retry_delivery(delivery, countdown=wait, args=[job_id])
                 return
-            pipeline.fail_job(ctx, job_id, f"{stage} failed: {exc}", stage=stage, dead_letter=exc.retryable)
+            pipeline.fail_job(
+                ctx,
+                job_id,
+                f"{stage} failed: {exc}",
+                stage=stage,
+                dead_letter=exc.retryable,
+                release_reservation=stage == "generation",
+            )
         else:
             log.error("step failed", exc_info=exc, extra={"job_id": job_id, "stage": stage})
             pipeline.fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)

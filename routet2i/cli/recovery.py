@@ -96,9 +96,20 @@ def replay(job_ids: tuple[str, ...], tier: str | None) -> None:
         except ValueError:
             raise click.BadParameter(f"{raw!r} is not a job id", param_hint="'JOB_IDS'") from None
     settings = load_settings()
+    ledger = None
+    if settings.cloud_spend_limit_usd is not None:
+        from db.state_redis import connect
+        from worker.budget_store import SpendLedger
+
+        ledger = SpendLedger.for_settings(settings, connect(settings.state_redis_url))
     try:
         replayed = replay_dead_letters(
-            make_session_factory(make_engine(settings.database_url)), create_celery(settings), ids, tier=tier
+            make_session_factory(make_engine(settings.database_url)),
+            create_celery(settings),
+            ids,
+            tier=tier,
+            ledger=ledger,
+            cloud_price_usd=settings.cloud.price_per_image,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'JOB_IDS'") from None
