@@ -26,6 +26,7 @@ from db.metrics import (
     STAGES,
     cost_totals,
     decisions_by_router,
+    images_by_role,
     jobs_by_status_and_tier,
     recent_cloud_fraction,
     stage_histograms,
@@ -82,6 +83,7 @@ class RouteT2ICollector:
             decisions = decisions_by_router(session)
             recent, recent_n = recent_cloud_fraction(session, window=settings.budget_window)
             costs = cost_totals(session)
+            roles = images_by_role(session)
             histograms = [h for stage in STAGES for h in stage_histograms(session, stage)]
             backlog = waiting_backlog(session)
 
@@ -131,6 +133,14 @@ class RouteT2ICollector:
             gpu.add_metric([tier], total.gpu_s)
             images.add_metric([tier], total.images)
         families.extend([usd, gpu, images])
+        by_role = CounterMetricFamily(
+            "routet2i_images_by_role",
+            "Images stored by role: primary (delivered), shadow (labels), replaced (an edge image escalated).",
+            labels=["role"],
+        )
+        for role, count in sorted(roles.items()):
+            by_role.add_metric([role], count)
+        families.append(by_role)
 
         latency = HistogramMetricFamily(
             "routet2i_job_stage_seconds",

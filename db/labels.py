@@ -69,7 +69,9 @@ def iter_labelled_jobs(
     edge_cost, cloud_cost = aliased(CostEntry), aliased(CostEntry)
     query = (
         select(Job, edge, cloud, edge_cost.usd, cloud_cost.usd)
-        .join(edge, and_(edge.job_id == Job.id, edge.tier == "edge"))
+        # An escalated job's edge image was sent to the cloud because it scored badly: a sample chosen by its
+        # outcome would teach a router that the cloud wins more often than it does, so it is left out.
+        .join(edge, and_(edge.job_id == Job.id, edge.tier == "edge", edge.role != "replaced"))
         .join(cloud, and_(cloud.job_id == Job.id, cloud.tier == "cloud"))
         .outerjoin(edge_cost, and_(edge_cost.job_id == Job.id, edge_cost.tier == "edge"))
         .outerjoin(cloud_cost, and_(cloud_cost.job_id == Job.id, cloud_cost.tier == "cloud"))

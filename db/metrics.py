@@ -12,7 +12,7 @@ from sqlalchemy import FromClause, case, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ColumnElement
 
-from db.models import CostEntry, Decision, Job, JobEvent, JobStatus
+from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
 from db.sqltime import seconds_between
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -103,6 +103,14 @@ def cost_totals(session: Session) -> dict[str, CostTotal]:
     ):
         totals[tier] = CostTotal(tier, float(usd or 0.0), float(gpu_s or 0.0), int(images))
     return totals
+
+
+def images_by_role(session: Session) -> dict[str, int]:
+    """Images stored per role: ``primary`` (delivered), ``shadow`` (labels) and ``replaced`` (escalated)."""
+    counts = {role: 0 for role in ("primary", "shadow", "replaced")}
+    for role, count in session.execute(select(Generation.role, func.count()).group_by(Generation.role)):
+        counts[role] = int(count)
+    return counts
 
 
 def _stage(stage: str) -> tuple[ColumnElement[float], FromClause, list[ColumnElement[bool]]]:

@@ -217,7 +217,8 @@ class Generation(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     tier: Mapped[str] = mapped_column(String(8))
     role: Mapped[str] = mapped_column(String(8), default="primary")
-    """``primary`` is what the user receives; ``shadow`` is the other tier's image, kept for training."""
+    """``primary`` is what the user receives; ``shadow`` is the other tier's image, kept for training;
+    ``replaced`` is an edge image that scored so badly the job was escalated to the cloud."""
     backend: Mapped[str] = mapped_column(String(32))
     model_id: Mapped[str] = mapped_column(String(512))
     device: Mapped[str] = mapped_column(String(32))

@@ -142,6 +142,15 @@ class Settings(BaseSettings):
     shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of routed jobs also generated (and scored) on the other tier, to collect training labels from
     live traffic (``routet2i data export``). Their cloud images are paid from the cloud budget."""
+    escalation_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Largest share of routed edge images generated again on the cloud because they scored worst on
+    ``escalation_metric``, held over every ``budget_window`` consecutive edge images by a budget controller of
+    its own (0: no escalation). The user receives the cloud image. Escalations are paid beyond
+    ``cloud_budget`` (at most ρ + rate·(1 − ρ) of routed jobs get a cloud image) and within the spend limit."""
+    escalation_metric: str = Field(default="alignment", pattern=r"^[A-Za-z0-9_]{1,64}$")
+    """The quality metric (of the scorer's metric set) an edge image is escalated on: lower is worse."""
+    escalation_below: float | None = None
+    """Only edge images scoring below this on ``escalation_metric`` are escalated (None: the rate alone)."""
     router: str = "routet2i"
     """Name of the routing policy used by the router worker (``routet2i``, a baseline, or a plug-in)."""
     route_batch: int = Field(default=32, ge=1, le=1024)

@@ -92,9 +92,10 @@ class WorkerContext:
             self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
         return self._policy
 
-    def budget(self, name: str, rho: float) -> BudgetController:
+    def budget(self, name: str, rho: float, *, tolerance: float | None = None) -> BudgetController:
         """The shared budget window ``name`` (the deployment's, or a tenant's own) held to ``rho``, and to the
-        deployment's spend limit when one is set."""
+        deployment's spend limit when one is set; ``tolerance``: the window's minimum share (None: the
+        deployment's ``budget_tolerance``; 1: none)."""
         key = (name, rho)
         if key not in self._budgets:
             from router.budget import BudgetConfig, BudgetController
@@ -105,12 +106,18 @@ class WorkerContext:
             config = BudgetConfig(
                 rho=rho,
                 window=window,
-                tolerance=self.settings.budget_tolerance,
+                tolerance=self.settings.budget_tolerance if tolerance is None else tolerance,
                 spend_limit_usd=self.settings.cloud_spend_limit_usd,
                 cloud_cost_usd=self.settings.cloud.price_per_image,
             )
             self._budgets[key] = BudgetController(config, store, name=name)
         return self._budgets[key]
+
+    def escalation(self) -> BudgetController | None:
+        """The shared window of edge images that may be escalated to the cloud (None: escalation is off)."""
+        if self.settings.escalation_rate <= 0:
+            return None
+        return self.budget(f"{self.settings.budget_name}-escalation", self.settings.escalation_rate, tolerance=1.0)
 
     def spend_ledger(self) -> SpendLedger | None:
         """The deployment's cloud spend per period, when a spend limit is set (built once per process)."""

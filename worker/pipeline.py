@@ -30,10 +30,12 @@ from db.decisions import get_decision, record_decision
 from db.generations import NewGeneration, get_generation, record_generations
 from db.images import StoredImage
 from db.jobs import get_job, transition
-from db.models import Job, JobStatus, Tenant, utcnow
+from db.models import Decision, Job, JobStatus, Tenant, utcnow
 from db.pagination import as_utc
 from db.session import transaction
+from router.budget import BudgetConfig, BudgetRequest
 from router.policy import RouteRequest, shadow_sampled
+from router.types import BudgetVerdict
 from routet2i.settings import TierSettings
 from worker.app import GENERATE_TASKS, chunks, publish_many
 from worker.budget_store import give_back, take_reservation
@@ -279,22 +281,43 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     scored = score_images(
         ctx, [result.png for _, _, result in produced], [request.prompt for _, request, _ in produced]
     )
+    escalations = _escalations(ctx, tier, [key for key, _, _ in produced], scored, routed)
 
     def record(session: Session, items: Sequence[int]) -> list[int]:
         """Record the produced images ``items`` (indices into ``produced``); returns those recorded."""
         jobs_by_id = {job.id: job for job in _locked_jobs(session, sorted(produced[i][0] for i in items))}
-        recorded = [i for i in items if not _is_done(jobs_by_id.get(produced[i][0]))]
+        recorded = [
+            i
+            for i in items
+            if not _is_done(job := jobs_by_id.get(produced[i][0])) and job is not None and job.tier == tier
+        ]
         images = []
         for i in recorded:
             key, request, result = produced[i]
-            images.append(
-                _new_generation(key, tier, tier_settings, "primary", request, result, stored[i], quality=scored[i][0])
-            )
             job = jobs_by_id[key]
             job.lease_owner = None
             job.lease_until = None
-            detail = {"tier": tier, "image_sha256": stored[i].sha256, **scored[i][1]}
-            transition(session, job, JobStatus.SUCCEEDED, detail=detail)
+            detail: dict[str, Any] = {"tier": tier, "image_sha256": stored[i].sha256, **scored[i][1]}
+            escalation = escalations.get(i)
+            if escalation is not None:
+                detail["escalation"] = escalation
+            role = "replaced" if escalation is not None and escalation["escalated"] else "primary"
+            images.append(
+                _new_generation(key, tier, tier_settings, role, request, result, stored[i], quality=scored[i][0])
+            )
+            if role == "primary":
+                transition(session, job, JobStatus.SUCCEEDED, detail=detail)
+                continue
+            # Escalated: the cloud generates the job again, from a fresh count of attempts, and the user
+            # receives that image; this one stays recorded (and billed) as the image it replaced.
+            assert escalation is not None
+            job.tier = OTHER_TIER[tier]
+            job.attempts = 0
+            job.enqueued_at = utcnow()
+            if escalation.get("spend_period"):
+                job.reserved_usd = float(escalation["reserved_usd"])
+                job.reserved_period = str(escalation["spend_period"])
+            transition(session, job, JobStatus.QUEUED, detail={**detail, "stage": "escalated"})
         record_generations(session, images)
         return recorded
 
@@ -323,7 +346,106 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
             "generated",
             extra={"job_id": given[key], "tier": tier, "wall_s": round(result.wall_s, 3), "batch": len(claimed)},
         )
+    escalated = [given[produced[i][0]] for i in recorded if escalations.get(i, {}).get("escalated")]
+    if escalated:
+        other = OTHER_TIER[tier]
+        try:
+            publish_many(
+                ctx.app,
+                [(GENERATE_TASKS[other], chunk, {}) for chunk in chunks(escalated, ctx.settings.tier(other).max_batch)],
+            )
+        except Exception as exc:  # the jobs are queued on the cloud in the database: the reconciler publishes them
+            log.warning("escalated jobs not published", extra={"jobs": escalated, "error": str(exc)})
+        log.info("escalated to the cloud", extra={"jobs": escalated, "tier": tier})
     return outcomes
+
+
+def _escalations(
+    ctx: WorkerContext,
+    tier: str,
+    keys: Sequence[uuid.UUID],
+    scored: Sequence[tuple[dict[str, Any] | None, dict[str, Any]]],
+    routed: set[uuid.UUID],
+) -> dict[int, dict[str, Any]]:
+    """Which of the edge images just scored go to the cloud again (``escalation_rate``).
+
+    Candidates are the images of routed jobs (not a forced tier, not shadow-sampled, which get a cloud image
+    anyway) that carry ``escalation_metric``. They are decided in order in one transaction of the shared
+    escalation window, whose score is the metric's negative: the worst-scoring share goes to the cloud, with
+    ``escalation_below`` as the edge floor and the spend limit as for routing. An escalation that cannot be
+    decided (Redis unreachable) delivers the edge images as they are.
+
+    Returns:
+        Per candidate (an index into ``keys``): what was decided and why, for the job's history.
+    """
+    controller = ctx.escalation() if tier == "edge" else None
+    if controller is None:
+        return {}
+    metric = ctx.settings.escalation_metric
+    with ctx.sessions() as session:
+        shadowed = set(
+            session.scalars(select(Decision.job_id).where(Decision.job_id.in_(keys), Decision.shadow.is_(True)))
+        )
+    candidates: list[tuple[int, float]] = []
+    for i, key in enumerate(keys):
+        quality = scored[i][0]
+        value = quality["values"].get(metric) if quality else None
+        if key in routed and key not in shadowed and isinstance(value, int | float):
+            candidates.append((i, float(value)))
+    if not candidates:
+        return {}
+    below = ctx.settings.escalation_below
+    floor = None if below is None else -below  # a score -value at or below it: value at or above `below`
+    try:
+        verdicts = controller.decide_many([BudgetRequest(-value, floor=floor) for _, value in candidates])
+    except Exception as exc:
+        log.warning("escalation not decided; the edge images are delivered", extra={"error": str(exc)})
+        return {
+            i: {"metric": metric, "value": value, "escalated": False, "reason": f"not decided: {exc}"}
+            for i, value in candidates
+        }
+    decided: dict[int, dict[str, Any]] = {}
+    for (i, value), verdict in zip(candidates, verdicts, strict=True):
+        threshold = None if verdict.threshold is None else 0.0 - verdict.threshold  # (never -0.0)
+        info: dict[str, Any] = {
+            "metric": metric,
+            "value": round(value, 6),
+            "threshold": None if threshold is None else round(threshold, 6),
+            "escalated": verdict.cloud,
+            "reason": _escalation_reason(verdict, controller.config, metric, value, threshold, below),
+        }
+        if verdict.cloud and verdict.reserved_usd:
+            info["reserved_usd"] = verdict.reserved_usd
+            info["spend_period"] = verdict.state.get("spend_period")
+        decided[i] = info
+    return decided
+
+
+def _escalation_reason(
+    verdict: BudgetVerdict,
+    config: BudgetConfig,
+    metric: str,
+    value: float,
+    threshold: float | None,
+    below: float | None,
+) -> str:
+    """The escalation window's verdict in the metric's own terms (the window ranks the metric's negative)."""
+    state = verdict.state
+    if verdict.cloud:
+        assert threshold is not None
+        return f"{metric} {value:.4g} below the escalation threshold {threshold:.4g}"
+    if below is not None and value >= below:
+        return f"{metric} {value:.4g} is not below {below:.4g}"
+    if state["recent_cloud"] + 1 > state["cap"]:
+        return (
+            f"escalation budget full: {state['recent_cloud']} of the last {state['recent_decisions']} edge images "
+            f"escalated, at most {state['cap']} allowed"
+        )
+    if threshold is None:
+        return "no edge image scored yet to compare with"
+    if value < threshold and "spent_usd" in state and not config.affordable(state["spent_usd"]):
+        return f"{metric} {value:.4g} below the escalation threshold {threshold:.4g}, but the spend limit is reached"
+    return f"{metric} {value:.4g} not below the escalation threshold {threshold:.4g}"
 
 
 def _count_spend_beyond_reservation(ctx: WorkerContext, gpu_seconds: Sequence[float]) -> None:

@@ -30,7 +30,6 @@ from celery import Celery
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.decisions import get_decision
 from db.jobs import transition
 from db.models import Job, JobStatus, utcnow
 from db.pagination import as_utc
@@ -151,8 +150,8 @@ def reconcile(
                 )
                 report.dead_lettered.append(str(job.id))
                 continue
-            decision = get_decision(session, job_id=job.id)
-            task = GENERATE_TASKS[decision.tier] if decision is not None else ROUTE_TASK
+            # The job's tier, which an escalation may have changed since its decision.
+            task = GENERATE_TASKS[job.tier] if job.tier is not None else ROUTE_TASK
             was = job.status
             job.redeliveries += 1
             job.enqueued_at = now
@@ -209,12 +208,9 @@ def replay_dead_letters(
                 raise ValueError(f"no job with id {job_id}")
             if job.dead_lettered_at is None:
                 raise ValueError(f"job {job_id} is not dead-lettered (status {job.status})")
-            decision = get_decision(session, job_id=job.id)
             if tier is not None:
                 job.tier = tier
-                task = GENERATE_TASKS[tier]
-            else:
-                task = GENERATE_TASKS[decision.tier] if decision is not None else ROUTE_TASK
+            task = GENERATE_TASKS[job.tier] if job.tier is not None else ROUTE_TASK
             detail: dict[str, Any] = {"stage": "replayed", "task": task}
             if ledger is not None and task != GENERATE_TASKS["cloud"]:
                 held = take_reservation(job)

@@ -1,0 +1,178 @@
+"""Escalation: an edge image that scores among the worst is generated again on the cloud, within a window of
+its own and the spend limit, with real route, edge and cloud workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
+
+from api.app import create_app
+from db.decisions import record_decision
+from db.jobs import create_job, transition
+from db.labels import iter_labelled_jobs
+from db.models import CostEntry, Generation, Job, JobEvent, JobStatus, utcnow
+from db.session import make_engine, make_session_factory, transaction
+from db.state_redis import connect
+from db.tenants import create_tenant
+from router.types import RoutingDecision
+from routet2i.settings import Settings
+from tests.conftest import authorize, create_tenant_key, make_settings
+from tests.support import PrivateRedis, WorkerPool, wait_for_job
+from worker.app import create_celery
+from worker.budget_store import SpendLedger
+from worker.reconcile import job_ids_of, reconcile
+
+PRICE = 0.065
+WINDOW = 10
+RATE = 0.5
+JOBS = 16
+
+
+@pytest.fixture(scope="module")
+def escalation_stack(pg_url: str, tmp_path_factory, model_cache) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
+    broker = PrivateRedis(tmp_path_factory.mktemp("escalation-redis"))
+    broker.start()
+    null = {"backend": "null", "width": 64, "height": 64}
+    settings = make_settings(
+        database_url=pg_url,
+        broker_url=broker.url,
+        image_dir=tmp_path_factory.mktemp("escalation-images"),
+        cache_dir=model_cache,
+        edge={**null, "model": "null-edge", "price_per_image": 0.001},
+        cloud={**null, "model": "null-cloud", "price_per_image": PRICE},
+        cloud_budget=0.0,  # the router sends everything to the edge: only escalations reach the cloud
+        escalation_rate=RATE,
+        escalation_metric="alignment",
+        budget_window=WINDOW,
+        budget_name=f"escalation-{uuid.uuid4().hex[:6]}",
+        cloud_spend_limit_usd=100.0,
+        cloud_spend_period_s=31 * 86_400,
+        rate_limit_per_minute=0,
+    )
+    pool = WorkerPool(settings, log_dir=tmp_path_factory.mktemp("escalation-logs"))
+    for queue in ("route", "edge", "cloud"):
+        pool.start(queue)
+    try:
+        pool.wait_ready()
+        yield settings
+    finally:
+        pool.stop_all()
+        broker.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_worst_edge_images_are_escalated_within_their_window(escalation_stack: Settings) -> None:
+    settings = escalation_stack
+    client = authorize(create_app(settings).test_client(), create_tenant_key(settings, forced_tiers=("edge",)))
+    ids = []
+    for i in range(JOBS):  # one at a time, so the escalation window's order is the submission order
+        prompt = f"a {'blue ' * (i % 5)}lighthouse on a cliff, storm number {i}"
+        ids.append(client.post("/v1/jobs", json={"prompt": prompt}).get_json()["id"])
+        wait_for_job(client, ids[-1])
+    forced = client.post("/v1/jobs", json={"prompt": "a lighthouse, forced to the edge", "tier": "edge"}).get_json()
+    forced_job = wait_for_job(client, forced["id"])
+    jobs = [client.get(f"/v1/jobs/{i}").get_json() for i in ids]
+    assert all(j["status"] == "succeeded" for j in [*jobs, forced_job]), [j["error"] for j in jobs]
+
+    keys = [uuid.UUID(i) for i in ids]
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with sessions() as session:
+        events = list(session.scalars(select(JobEvent).where(JobEvent.job_id.in_(keys)).order_by(JobEvent.id)))
+        generations = list(session.scalars(select(Generation).where(Generation.job_id.in_(keys))))
+        costs = dict(
+            session.execute(  # type: ignore[arg-type]
+                select(CostEntry.job_id, func.count()).where(CostEntry.job_id.in_(keys)).group_by(CostEntry.job_id)
+            ).all()
+        )
+        labelled = {row.job_id for row in iter_labelled_jobs(session)}
+        reserved = dict(session.execute(select(Job.id, Job.reserved_usd).where(Job.id.in_(keys))).all())  # type: ignore[arg-type]
+    # Each edge image's escalation verdict, in the order the edge images were recorded.
+    verdicts = {e.job_id: e.detail["escalation"] for e in events if "escalation" in (e.detail or {})}
+    assert set(verdicts) == set(keys)  # every routed edge image was considered...
+    assert all("escalation" not in (e["detail"] or {}) for e in forced_job["events"])  # ...a forced one never
+
+    escalated = [k for k in keys if verdicts[k]["escalated"]]
+    assert 0 < len(escalated) < JOBS
+    flags = [int(verdicts[k]["escalated"]) for k in keys]
+    for start in range(JOBS - WINDOW + 1):
+        assert sum(flags[start : start + WINDOW]) <= RATE * WINDOW
+    for k in keys:
+        verdict = verdicts[k]
+        if verdict["escalated"]:
+            assert verdict["value"] < verdict["threshold"] and "below the escalation threshold" in verdict["reason"]
+        elif verdict["threshold"] is not None and "not below" in verdict["reason"]:
+            assert verdict["value"] >= verdict["threshold"]
+
+    by_job: dict[uuid.UUID, dict[str, str]] = {}
+    for g in generations:
+        by_job.setdefault(g.job_id, {})[g.tier] = g.role
+    for k, job in zip(keys, jobs, strict=True):
+        if k in escalated:
+            # The user receives the cloud image; the edge image stays recorded and billed as the one it replaced.
+            assert by_job[k] == {"edge": "replaced", "cloud": "primary"} and costs[k] == 2
+            assert job["tier"] == "cloud" and job["result"]["tier"] == "cloud" and job["decision"]["tier"] == "edge"
+            stages = [(e["detail"] or {}).get("stage") for e in job["events"] if e["status"] == "queued"]
+            assert stages == [None, "routed", "escalated"]  # submitted, routed, escalated
+            assert reserved[k] == pytest.approx(PRICE)
+        else:
+            assert by_job[k] == {"edge": "primary"} and costs[k] == 1 and job["result"]["tier"] == "edge"
+    # Both tiers are scored for an escalated job, but a sample chosen by its outcome is no training label.
+    assert not labelled & set(escalated)
+
+    ledger = SpendLedger.for_settings(settings, connect(settings.state_redis_url))
+    assert ledger is not None and ledger.spent() == pytest.approx(len(escalated) * PRICE)
+    exposition = create_app(settings).test_client().get("/metrics").get_data(as_text=True)
+    values = {
+        (s.name, s.labels.get("role")): s.value for f in text_string_to_metric_families(exposition) for s in f.samples
+    }
+    assert values[("routet2i_images_by_role_total", "replaced")] == len(escalated)
+
+
+@pytest.mark.integration
+def test_a_lost_escalation_is_republished_to_the_cloud(pg_settings: Settings, tmp_path) -> None:
+    """The reconciler follows the job's tier, which an escalation changed after the decision."""
+    broker = PrivateRedis(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    broker.start()
+    try:
+        settings = pg_settings.model_copy(update={"broker_url": broker.url})
+        sessions = make_session_factory(make_engine(settings.database_url))
+        with transaction(sessions) as session:
+            tenant = create_tenant(session, name=f"esc-{uuid.uuid4().hex[:8]}")
+            session.flush()
+            job = create_job(session, tenant_id=tenant.id, prompt="a lighthouse whose edge image failed", seed=3)
+            session.flush()
+            transition(session, job, JobStatus.ROUTING)
+            record_decision(
+                session,
+                job=job,
+                decision=RoutingDecision(
+                    tier="edge",
+                    router_name="prompt-complexity",
+                    router_version="1",
+                    score=0.0,
+                    threshold=None,
+                    budget=0.0,
+                    budget_state={},
+                    reason="cloud budget is zero",
+                    inputs={},
+                ),
+            )
+            job.tier = "cloud"  # what an escalation leaves: decided for the edge, queued on the cloud
+            job.enqueued_at = utcnow() - timedelta(hours=1)
+            transition(session, job, JobStatus.QUEUED, detail={"stage": "escalated"})
+            job_id = str(job.id)
+        client = redis.Redis.from_url(broker.url)
+        report = reconcile(sessions, create_celery(settings), client, settings)
+        assert job_id in report.republished
+        assert [job_ids_of(raw) for raw in client.lrange("cloud", 0, -1)] == [[job_id]]
+        assert client.llen("edge") == 0
+    finally:
+        broker.stop()
