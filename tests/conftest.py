@@ -158,9 +158,7 @@ def stack(pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
     client.flushdb()
     pool = WorkerPool(pg_settings, log_dir=tmp_path_factory.mktemp("worker-logs"))
     try:
-        for queue in ("route", "edge", "cloud"):
-            pool.start(queue)
-        pool.wait_ready()
+        pool.start_all()
         yield pool
     finally:
         pool.stop_all()

@@ -54,6 +54,12 @@ class WorkerPool:
         )
         return node
 
+    def start_all(self, queues: tuple[str, ...] = ("route", "edge", "cloud")) -> None:
+        """One worker per queue, returning once every worker answers (the usual stack of a test)."""
+        for queue in queues:
+            self.start(queue)
+        self.wait_ready()
+
     def wait_ready(self, nodes: list[str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
         """Block until every node answers a control ping (its consumer is connected)."""
         import redis

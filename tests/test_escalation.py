@@ -56,10 +56,8 @@ def escalation_stack(pg_url: str, tmp_path_factory, model_cache) -> Iterator[Set
         rate_limit_per_minute=0,
     )
     pool = WorkerPool(settings, log_dir=tmp_path_factory.mktemp("escalation-logs"))
-    for queue in ("route", "edge", "cloud"):
-        pool.start(queue)
     try:
-        pool.wait_ready()
+        pool.start_all()
         yield settings
     finally:
         pool.stop_all()

@@ -99,14 +99,10 @@ def http_workers(http_settings: Settings, stack: WorkerPool, tmp_path_factory) -
     # The session's workers use the offline models; these use the HTTP API. Stop those so these get the jobs.
     stack.stop_all()
     pool = WorkerPool(http_settings, log_dir=tmp_path_factory.mktemp("http-worker-logs"))
-    for queue in ("route", "edge", "cloud"):
-        pool.start(queue)
-    pool.wait_ready()
+    pool.start_all()
     yield pool
     pool.stop_all()
-    for queue in ("route", "edge", "cloud"):
-        stack.start(queue)
-    stack.wait_ready()
+    stack.start_all()
 
 
 @pytest.fixture(scope="module")

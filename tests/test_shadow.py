@@ -59,9 +59,7 @@ def shadow_stack(pg_url: str, tmp_path, model_cache) -> Iterator[Settings]:  # t
         budget_name=f"shadow-{uuid.uuid4().hex[:6]}",
     )
     pool = WorkerPool(settings, log_dir=tmp_path)
-    for queue in ("route", "edge", "cloud"):
-        pool.start(queue)
-    pool.wait_ready()
+    pool.start_all()
     try:
         yield settings
     finally:

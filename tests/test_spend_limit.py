@@ -74,10 +74,8 @@ def spend_stack(pg_settings: Settings, tmp_path_factory, model_cache, image_api:
         rate_limit_per_minute=0,
     )
     pool = WorkerPool(settings, log_dir=tmp_path_factory.mktemp("spend-logs"))
-    for queue in ("route", "edge", "cloud"):
-        pool.start(queue)
     try:
-        pool.wait_ready()
+        pool.start_all()
         yield settings
     finally:
         pool.stop_all()
