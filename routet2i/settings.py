@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TierName = Literal["edge", "cloud"]
@@ -216,6 +216,16 @@ class Settings(BaseSettings):
     """The key CLI commands send to the API (``Authorization: Bearer``)."""
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("escalation_rate")
+    @classmethod
+    def _escalation_needs_scores(cls, value: float, info: ValidationInfo) -> float:
+        scorer = info.data.get("scorer")
+        if value > 0 and scorer is not None and not scorer.enabled:
+            raise ValueError(
+                "escalation judges the edge image's score, so it needs the scorer (ROUTET2I_SCORER__ENABLED=true)"
+            )
+        return value
 
     @field_validator("encoder_model")
     @classmethod

@@ -71,3 +71,18 @@ def test_encoder_backend_choices_are_the_encoders_own() -> None:
     # The setting lists the choices for validation and documentation; the encoder is where they are implemented.
     assert get_args(Settings.model_fields["encoder_backend"].annotation) == BACKENDS
     assert Settings().encoder_backend == BACKENDS[0]
+
+
+def test_escalation_needs_the_scorer_and_one_of_its_metrics(monkeypatch) -> None:
+    monkeypatch.setenv("ROUTET2I_ESCALATION_RATE", "0.1")
+    monkeypatch.setenv("ROUTET2I_SCORER__ENABLED", "false")
+    result = CliRunner().invoke(main, ["worker", "--queue", "edge"])
+    assert result.exit_code == 1
+    assert "ROUTET2I_ESCALATION_RATE" in result.output and "ROUTET2I_SCORER__ENABLED=true" in result.output
+
+    monkeypatch.setenv("ROUTET2I_SCORER__ENABLED", "true")
+    monkeypatch.setenv("ROUTET2I_ESCALATION_METRIC", "beauty")
+    result = CliRunner().invoke(main, ["worker", "--queue", "edge"])  # refused before any worker starts
+    assert result.exit_code == 2
+    assert "ROUTET2I_ESCALATION_METRIC='beauty'" in result.output and "routet2i@1" in result.output
+    assert "alignment" in result.output

@@ -65,6 +65,18 @@ def worker(
     from worker.tasks import prefetch_multiplier
 
     settings = load_settings()
+    if queue == "edge" and settings.escalation_rate > 0:
+        from router.metrics import MetricSetError, resolve_metric_set
+
+        try:
+            metric_set = resolve_metric_set(settings.scorer.metrics)
+        except MetricSetError as exc:
+            raise click.UsageError(f"ROUTET2I_SCORER__METRICS: {exc}") from None
+        if settings.escalation_metric not in metric_set.metric_names:
+            raise click.UsageError(
+                f"ROUTET2I_ESCALATION_METRIC={settings.escalation_metric!r} is not a metric of the scorer's set "
+                f"{metric_set.id}: one of {', '.join(metric_set.metric_names)}"
+            )
     app = create_celery(settings, with_tasks=True)
     app.conf.routet2i_warm_queues = [queue]
     argv = [
