@@ -67,10 +67,21 @@ def png(size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def insert_audited_job(settings: Settings) -> str:
-    """A finished job whose decision carries predicted qualities and token explanations, via db/ functions."""
+ESCALATION = {
+    "metric": "alignment",
+    "value": 0.0412,
+    "threshold": 0.1723,
+    "escalated": True,
+    "reason": "alignment 0.0412 below the escalation threshold 0.1723",
+}
+
+
+def insert_audited_job(settings: Settings, *, escalated: bool = False) -> str:
+    """A finished job whose decision carries predicted qualities and token explanations, via db/ functions;
+    ``escalated``: decided for the edge, whose image scored so badly that the cloud generated it again."""
     engine = make_engine(settings.database_url)
     stored = ImageStore(settings.image_dir).put(png())
+    routed = "edge" if escalated else "cloud"
     with transaction(make_session_factory(engine)) as session:
         tenant = create_tenant(session, name=f"audit-{uuid.uuid4().hex[:8]}")
         session.flush()
@@ -81,7 +92,7 @@ def insert_audited_job(settings: Settings) -> str:
             session,
             job=job,
             decision=RoutingDecision(
-                tier="cloud",
+                tier=routed,
                 router_name="routet2i",
                 router_version="artifact-test-1",
                 score=0.31,
@@ -94,27 +105,37 @@ def insert_audited_job(settings: Settings) -> str:
                 explanation=EXPLANATION,
             ),
         )
-        transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": "cloud"})
-        transition(session, job, JobStatus.GENERATING, detail={"tier": "cloud"})
-        record_generation(
-            session,
-            job=job,
-            tier="cloud",
-            role="primary",
-            backend="diffusers",
-            model_id="offline:cloud",
-            device="cpu",
-            seed=11,
-            steps=2,
-            width=64,
-            height=64,
-            image_path=stored.path,
-            image_sha256=stored.sha256,
-            wall_s=0.5,
-            gpu_s=0.5,
-            cost_usd=0.065,
-            quality=None,
-        )
+        transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": routed})
+        tiers = [("edge", "replaced"), ("cloud", "primary")] if escalated else [("cloud", "primary")]
+        for tier, role in tiers:
+            transition(session, job, JobStatus.GENERATING, detail={"tier": tier})
+            record_generation(
+                session,
+                job=job,
+                tier=tier,
+                role=role,
+                backend="diffusers",
+                model_id=f"offline:{tier}",
+                device="cpu",
+                seed=11,
+                steps=2,
+                width=64,
+                height=64,
+                image_path=stored.path,
+                image_sha256=stored.sha256,
+                wall_s=0.5,
+                gpu_s=0.5,
+                cost_usd=0.065 if tier == "cloud" else 0.009,
+                quality=None,
+            )
+            if role == "replaced":
+                job.tier = "cloud"
+                transition(
+                    session,
+                    job,
+                    JobStatus.QUEUED,
+                    detail={"tier": tier, "stage": "escalated", "escalation": ESCALATION},
+                )
         transition(session, job, JobStatus.SUCCEEDED, detail={"tier": "cloud"})
         job_id = str(job.id)
     engine.dispose()
@@ -223,6 +244,17 @@ def test_dashboard_submits_a_job_shows_its_image_decisions_charts_and_plots(
     neighbours = decision.locator(".explain-neighbours").inner_text()
     assert "definition +0.13" in neighbours and "detail -0.03" in neighbours, neighbours
     assert "a castle on a hill at sunset" in decision.inner_text()
+
+    # An escalated job's detail says that its edge image was replaced, and why.
+    escalated = insert_audited_job(pg_settings, escalated=True)
+    tab.click("#refresh")
+    tab.click(f'#jobs tr[data-job-id="{escalated}"]')
+    note = tab.locator("#job-detail .escalation")
+    note.wait_for(timeout=WAIT_MS)
+    assert "edge image replaced by the cloud's: alignment 0.0412 below the escalation threshold 0.1723" in (
+        note.inner_text()
+    )
+    assert tab.locator("#job-detail .badge.escalated").count() == 1
 
     # Submit through the page; the prompt is hostile markup and must come back as text.
     tab.fill("#prompt", XSS_PROMPT)

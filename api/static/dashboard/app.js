@@ -350,13 +350,16 @@
           job.result.quality && job.result.quality.values ? el("div", { class: "inputs" }, Object.entries(job.result.quality.values).map(([k, v]) => el("span", { class: "kv" }, `${k}: ${num(v)}`))) : null
         )
       : null;
+    const escalated = (job.events || []).find((e) => e.detail && e.detail.stage === "escalated");
+    const escalation = escalated && escalated.detail.escalation;
     return [
       el("p", { class: "prompt big" }, job.prompt),
       el("p", {}, badge(job.status), " ", badge(job.tier), job.error ? el("span", { class: "error" }, ` ${job.error}`) : null),
+      escalation ? el("p", { class: "escalation" }, badge("escalated", "escalated"), ` edge image replaced by the cloud's: ${escalation.reason}`) : null,
       el("div", { class: "detail-grid" }, result, el("div", {}, el("h3", {}, "Timings"), timings, el("h3", {}, "History"), events)),
       el("h3", {}, "Routing decision"),
       job.decision ? decisionView(job.decision) : el("p", { class: "muted" }, "Not routed yet."),
-    ];
+    ].filter(Boolean);
   }
 
   async function loadSelected() {
