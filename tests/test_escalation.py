@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from api.app import create_app
 from db.decisions import record_decision
+from db.generations import primary_generation, record_generation
 from db.jobs import create_job, transition
 from db.labels import iter_labelled_jobs
 from db.models import CostEntry, Generation, Job, JobEvent, JobStatus, utcnow
@@ -26,6 +27,8 @@ from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivateRedis, WorkerPool, wait_for_job
 from worker.app import create_celery
 from worker.budget_store import SpendLedger
+from worker.context import WorkerContext
+from worker.pipeline import fail_job
 from worker.reconcile import job_ids_of, reconcile
 
 PRICE = 0.065
@@ -154,21 +157,7 @@ def test_a_lost_escalation_is_republished_to_the_cloud(pg_settings: Settings, tm
             job = create_job(session, tenant_id=tenant.id, prompt="a lighthouse whose edge image failed", seed=3)
             session.flush()
             transition(session, job, JobStatus.ROUTING)
-            record_decision(
-                session,
-                job=job,
-                decision=RoutingDecision(
-                    tier="edge",
-                    router_name="prompt-complexity",
-                    router_version="1",
-                    score=0.0,
-                    threshold=None,
-                    budget=0.0,
-                    budget_state={},
-                    reason="cloud budget is zero",
-                    inputs={},
-                ),
-            )
+            record_decision(session, job=job, decision=decided_for_the_edge())
             job.tier = "cloud"  # what an escalation leaves: decided for the edge, queued on the cloud
             job.enqueued_at = utcnow() - timedelta(hours=1)
             transition(session, job, JobStatus.QUEUED, detail={"stage": "escalated"})
@@ -180,3 +169,74 @@ def test_a_lost_escalation_is_republished_to_the_cloud(pg_settings: Settings, tm
         assert client.llen("edge") == 0
     finally:
         broker.stop()
+
+
+@pytest.mark.integration
+def test_an_escalation_that_fails_on_the_cloud_delivers_the_edge_image(pg_settings: Settings) -> None:
+    """The hosted API refuses the escalated job for good: the user gets the edge image instead of a failure,
+    and the escalation's reservation goes back."""
+    settings = pg_settings.model_copy(
+        update={"cloud_spend_limit_usd": 10.0, "budget_name": f"esc-fail-{uuid.uuid4().hex[:6]}"}
+    )
+    ctx = WorkerContext(settings, create_celery(settings))
+    ledger = ctx.spend_ledger()
+    assert ledger is not None
+    ledger.add(PRICE)  # what the escalation reserved
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with transaction(sessions) as session:
+        tenant = create_tenant(session, name=f"esc-{uuid.uuid4().hex[:8]}")
+        session.flush()
+        job = create_job(session, tenant_id=tenant.id, prompt="a lighthouse the cloud refuses", seed=5)
+        session.flush()
+        transition(session, job, JobStatus.ROUTING)
+        record_decision(session, job=job, decision=decided_for_the_edge())
+        record_generation(
+            session,
+            job=job,
+            tier="edge",
+            role="replaced",
+            backend="null",
+            model_id="null-edge",
+            device="none",
+            seed=5,
+            steps=2,
+            width=64,
+            height=64,
+            image_path="ab/cd.png",
+            image_sha256="ab" * 32,
+            wall_s=0.01,
+            gpu_s=0.0,
+            cost_usd=0.001,
+            quality=None,
+        )
+        job.tier, job.reserved_usd, job.reserved_period = "cloud", PRICE, ledger.key()
+        transition(session, job, JobStatus.QUEUED, detail={"stage": "escalated"})
+        job_id = str(job.id)
+
+    error = "generation failed: image API refused the request (400): content policy violation"
+    assert fail_job(ctx, job_id, error, stage="generation", release_reservation=True)
+    with sessions() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        delivered = primary_generation(session, job_id=uuid.UUID(job_id))
+        last = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc())).first()
+    assert (job.status, job.tier, job.error, job.reserved_usd) == ("succeeded", "edge", None, 0.0)
+    assert delivered is not None and delivered.tier == "edge"
+    assert last.detail["stage"] == "escalation failed" and last.detail["error"] == error
+    assert last.detail["released_usd"] == pytest.approx(PRICE)
+    assert ledger.spent() == pytest.approx(0.0, abs=1e-9)
+    assert fail_job(ctx, job_id, error, stage="generation", release_reservation=True) is False  # it has ended
+    ledger.client.delete(ledger.key())
+
+
+def decided_for_the_edge() -> RoutingDecision:
+    return RoutingDecision(
+        tier="edge",
+        router_name="prompt-complexity",
+        router_version="1",
+        score=0.0,
+        threshold=None,
+        budget=0.0,
+        budget_state={},
+        reason="cloud budget is zero",
+        inputs={},
+    )

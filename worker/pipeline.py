@@ -30,7 +30,7 @@ from db.decisions import get_decision, record_decision
 from db.generations import NewGeneration, get_generation, record_generations
 from db.images import StoredImage
 from db.jobs import get_job, transition
-from db.models import Decision, Job, JobStatus, Tenant, utcnow
+from db.models import Decision, Generation, Job, JobStatus, Tenant, utcnow
 from db.pagination import as_utc
 from db.session import transaction
 from router.budget import BudgetConfig, BudgetRequest
@@ -257,9 +257,9 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
                 continue
             # No generation can exist yet: the image, its cost and ``succeeded`` are committed together.
             if job.attempts >= ctx.settings.max_attempts:
-                _dead_letter(
-                    session, job, f"generation started {job.attempts} times without finishing", stage="generation"
-                )
+                reason = f"generation started {job.attempts} times without finishing"
+                if not _deliver_replaced(session, job, reason, {"tier": tier}):
+                    _dead_letter(session, job, reason, stage="generation")
                 continue
             if not _claim(session, job, tier=tier, delivery=delivery_of[job.id], ctx=ctx, batch=len(given)):
                 log.info("duplicate message left alone: a live delivery holds the lease", extra={"job_id": job_id})
@@ -551,6 +551,26 @@ def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
     return True
 
 
+def _deliver_replaced(session: Session, job: Job, error: str, detail: dict[str, Any]) -> bool:
+    """If ``job`` was escalated and its cloud generation failed for good, deliver the edge image the
+    escalation was to replace (the job succeeds on the edge, the failure in its history). Returns whether it
+    did; False for any other job, which fails."""
+    if job.tier != "cloud" or job.requested_tier is not None:
+        return False
+    replaced = session.scalars(
+        select(Generation).where(Generation.job_id == job.id, Generation.role == "replaced")
+    ).first()
+    if replaced is None:
+        return False
+    replaced.role = "primary"
+    job.tier = replaced.tier
+    job.lease_owner = None
+    job.lease_until = None
+    transition(session, job, JobStatus.SUCCEEDED, detail={**detail, "stage": "escalation failed", "error": error})
+    log.warning("escalation failed; the edge image is delivered", extra={"job_id": str(job.id), "error": error})
+    return True
+
+
 def _dead_letter(session: Session, job: Job, reason: str, *, stage: str, detail: dict[str, Any] | None = None) -> None:
     job.dead_lettered_at = utcnow()
     job.lease_owner = None
@@ -574,7 +594,8 @@ def fail_job(
     dead_letter: bool = False,
     release_reservation: bool = False,
 ) -> bool:
-    """Mark a job failed with a reason the user can read. Returns False if it had already ended.
+    """Mark a job failed with a reason the user can read (an escalated job whose cloud generation fails
+    delivers its edge image instead). Returns False if it had already ended.
 
     Args:
         ctx: the worker process's resources.
@@ -598,9 +619,10 @@ def fail_job(
             released = take_reservation(job)
             if released is not None:
                 detail["released_usd"] = released[1]
-        if dead_letter:
+        delivered = stage == "generation" and _deliver_replaced(session, job, error, detail)
+        if not delivered and dead_letter:
             _dead_letter(session, job, error, stage=stage, detail=detail)
-        else:
+        elif not delivered:
             job.lease_owner = None
             job.lease_until = None
             transition(session, job, JobStatus.FAILED, detail=detail, error=error)
