@@ -166,6 +166,12 @@ class RedisBudgetStore:
         self.client.delete(self.key)
 
 
+def hold_reservation(job: Job, period: str, usd: float) -> None:
+    """Record that ``job``'s cloud image holds ``usd`` in the spend ledger's counter ``period``."""
+    job.reserved_usd = float(usd)
+    job.reserved_period = period
+
+
 def take_reservation(job: Job) -> tuple[str, float] | None:
     """Clear the cloud reservation ``job`` holds; returns its ledger period and amount, or None if it holds
     none. The caller gives it back (:func:`give_back`) once the change is committed."""

@@ -38,7 +38,7 @@ from router.policy import RouteRequest, shadow_sampled
 from router.types import BudgetVerdict
 from routet2i.settings import TierSettings
 from worker.app import GENERATE_TASKS, chunks, publish_many
-from worker.budget_store import give_back, take_reservation
+from worker.budget_store import give_back, hold_reservation, take_reservation
 from worker.context import ScorerUnavailable, WorkerContext
 from worker.generation import GenerationRequest, GenerationResult, cost_usd
 
@@ -107,8 +107,8 @@ def route_jobs(ctx: WorkerContext, job_ids: Sequence[str]) -> dict[str, str | No
                     transition(session, job, JobStatus.ROUTING, at=started)
                     record_decision(session, job=job, decision=decision)
                     if decision.tier == "cloud" and decision.budget_state.get("spend_period"):
-                        job.reserved_usd = float(decision.budget_state["reserved_usd"])
-                        job.reserved_period = str(decision.budget_state["spend_period"])
+                        state = decision.budget_state
+                        hold_reservation(job, str(state["spend_period"]), float(state["reserved_usd"]))
                     job.enqueued_at = utcnow()
                     transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": decision.tier})
                     handoffs.append((str(job.id), decision.tier, decision.shadow))
@@ -315,8 +315,7 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
             job.attempts = 0
             job.enqueued_at = utcnow()
             if escalation.get("spend_period"):
-                job.reserved_usd = float(escalation["reserved_usd"])
-                job.reserved_period = str(escalation["spend_period"])
+                hold_reservation(job, str(escalation["spend_period"]), float(escalation["reserved_usd"]))
             transition(session, job, JobStatus.QUEUED, detail={**detail, "stage": "escalated"})
         record_generations(session, images)
         return recorded
@@ -382,16 +381,23 @@ def _escalations(
     if controller is None:
         return {}
     metric = ctx.settings.escalation_metric
-    with ctx.sessions() as session:
-        shadowed = set(
-            session.scalars(select(Decision.job_id).where(Decision.job_id.in_(keys), Decision.shadow.is_(True)))
-        )
     candidates: list[tuple[int, float]] = []
     for i, key in enumerate(keys):
         quality = scored[i][0]
         value = quality["values"].get(metric) if quality else None
-        if key in routed and key not in shadowed and isinstance(value, int | float):
+        if key in routed and isinstance(value, int | float):
             candidates.append((i, float(value)))
+    if not candidates:
+        return {}
+    with ctx.sessions() as session:
+        shadowed = set(
+            session.scalars(
+                select(Decision.job_id).where(
+                    Decision.job_id.in_([keys[i] for i, _ in candidates]), Decision.shadow.is_(True)
+                )
+            )
+        )
+    candidates = [(i, value) for i, value in candidates if keys[i] not in shadowed]
     if not candidates:
         return {}
     below = ctx.settings.escalation_below

@@ -36,7 +36,7 @@ from db.pagination import as_utc
 from db.session import transaction
 from routet2i.settings import Settings
 from worker.app import GENERATE_TASKS, QUEUES, ROUTE_TASK, publish
-from worker.budget_store import SpendLedger, give_back, take_reservation
+from worker.budget_store import SpendLedger, give_back, hold_reservation, take_reservation
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,7 @@ def replay_dead_letters(
                     released.append((str(job.id), held))
                     detail["released_usd"] = held[1]
             elif ledger is not None and job.requested_tier is None and job.reserved_usd <= 0 and cloud_price_usd:
-                job.reserved_usd = cloud_price_usd
-                job.reserved_period = ledger.key()
+                hold_reservation(job, ledger.key(), cloud_price_usd)
                 charges += cloud_price_usd
                 detail["reserved_usd"] = cloud_price_usd
             job.dead_lettered_at = None
