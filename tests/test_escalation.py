@@ -11,6 +11,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from api.app import create_app
 from db.decisions import record_decision
@@ -152,12 +153,7 @@ def test_a_lost_escalation_is_republished_to_the_cloud(pg_settings: Settings, tm
         settings = pg_settings.model_copy(update={"broker_url": broker.url})
         sessions = make_session_factory(make_engine(settings.database_url))
         with transaction(sessions) as session:
-            tenant = create_tenant(session, name=f"esc-{uuid.uuid4().hex[:8]}")
-            session.flush()
-            job = create_job(session, tenant_id=tenant.id, prompt="a lighthouse whose edge image failed", seed=3)
-            session.flush()
-            transition(session, job, JobStatus.ROUTING)
-            record_decision(session, job=job, decision=decided_for_the_edge())
+            job = decided_for_the_edge(session, "a lighthouse whose edge image failed", seed=3)
             job.tier = "cloud"  # what an escalation leaves: decided for the edge, queued on the cloud
             job.enqueued_at = utcnow() - timedelta(hours=1)
             transition(session, job, JobStatus.QUEUED, detail={"stage": "escalated"})
@@ -184,12 +180,7 @@ def test_an_escalation_that_fails_on_the_cloud_delivers_the_edge_image(pg_settin
     ledger.add(PRICE)  # what the escalation reserved
     sessions = make_session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
-        tenant = create_tenant(session, name=f"esc-{uuid.uuid4().hex[:8]}")
-        session.flush()
-        job = create_job(session, tenant_id=tenant.id, prompt="a lighthouse the cloud refuses", seed=5)
-        session.flush()
-        transition(session, job, JobStatus.ROUTING)
-        record_decision(session, job=job, decision=decided_for_the_edge())
+        job = decided_for_the_edge(session, "a lighthouse the cloud refuses", seed=5)
         record_generation(
             session,
             job=job,
@@ -228,8 +219,14 @@ def test_an_escalation_that_fails_on_the_cloud_delivers_the_edge_image(pg_settin
     ledger.client.delete(ledger.key())
 
 
-def decided_for_the_edge() -> RoutingDecision:
-    return RoutingDecision(
+def decided_for_the_edge(session: Session, prompt: str, *, seed: int) -> Job:
+    """A job of a new tenant that the router sent to the edge (as an escalation finds it)."""
+    tenant = create_tenant(session, name=f"esc-{uuid.uuid4().hex[:8]}")
+    session.flush()
+    job = create_job(session, tenant_id=tenant.id, prompt=prompt, seed=seed)
+    session.flush()
+    transition(session, job, JobStatus.ROUTING)
+    decision = RoutingDecision(
         tier="edge",
         router_name="prompt-complexity",
         router_version="1",
@@ -240,3 +237,5 @@ def decided_for_the_edge() -> RoutingDecision:
         reason="cloud budget is zero",
         inputs={},
     )
+    record_decision(session, job=job, decision=decision)
+    return job
