@@ -116,6 +116,10 @@ def test_calibration_sends_the_budget_share_of_training_prompts() -> None:
         threshold = router.calibrated_threshold(rho)
         assert threshold is not None
         assert abs(float(np.mean(scores > threshold)) - rho) <= 2 / len(train)
+    # The threshold is ½ minus the calibration's quantile (linear interpolation), computed without np.quantile.
+    for rho in (-0.5, 0.0, 0.013, 0.3, 0.5, 0.999, 1.0, 1.5):
+        expected = 0.5 - np.quantile(router.calibration, min(max(rho, 0.0), 1.0))
+        assert router.calibrated_threshold(rho) == pytest.approx(expected, abs=1e-12)
 
 
 def _distinct_log() -> list[LogRecord]:
