@@ -131,7 +131,8 @@ class Job(Base):
     dead_lettered_at: Mapped[datetime | None]
     """Set when the job failed because retries or redeliveries were exhausted; ``routet2i dlq replay`` revives it."""
     reserved_usd: Mapped[float] = mapped_column(Float, default=0.0)
-    """Money the job's routed cloud image holds in the spend ledger (0: none, or given back)."""
+    """Money the job's routed cloud image holds in the spend ledger (0: none, or given back): the image it
+    delivers when its tier is the cloud, its shadow image when its tier is the edge."""
     reserved_period: Mapped[str | None] = mapped_column(String(128))
     """The spend ledger's counter (the period) that holds ``reserved_usd``."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -12,6 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from db.decisions import record_decision
+from db.jobs import create_job, transition
+from db.models import Job, JobStatus
+from db.tenants import create_tenant
+from router.types import RoutingDecision
 from routet2i.settings import Settings
 
 READY_TIMEOUT_S = 120.0
@@ -264,3 +271,25 @@ def _answers(call: Callable[[], Any]) -> bool:
         return True
     except Exception:
         return False
+
+
+def decided_for_the_edge(session: Session, prompt: str, *, seed: int) -> Job:
+    """A job of a new tenant that the router sent to the edge (as an escalation or a shadow finds it)."""
+    tenant = create_tenant(session, name=f"esc-{uuid.uuid4().hex[:8]}")
+    session.flush()
+    job = create_job(session, tenant_id=tenant.id, prompt=prompt, seed=seed)
+    session.flush()
+    transition(session, job, JobStatus.ROUTING)
+    decision = RoutingDecision(
+        tier="edge",
+        router_name="prompt-complexity",
+        router_version="1",
+        score=0.0,
+        threshold=None,
+        budget=0.0,
+        budget_state={},
+        reason="cloud budget is zero",
+        inputs={},
+    )
+    record_decision(session, job=job, decision=decision)
+    return job

@@ -11,21 +11,17 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from api.app import create_app
-from db.decisions import record_decision
 from db.generations import primary_generation, record_generation
-from db.jobs import create_job, transition
+from db.jobs import transition
 from db.labels import iter_labelled_jobs
 from db.models import CostEntry, Generation, Job, JobEvent, JobStatus, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.state_redis import connect
-from db.tenants import create_tenant
-from router.types import RoutingDecision
 from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
-from tests.support import PrivateRedis, WorkerPool, wait_for_job
+from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, wait_for_job
 from worker.app import create_celery
 from worker.budget_store import SpendLedger
 from worker.context import WorkerContext
@@ -217,25 +213,3 @@ def test_an_escalation_that_fails_on_the_cloud_delivers_the_edge_image(pg_settin
     assert ledger.spent() == pytest.approx(0.0, abs=1e-9)
     assert fail_job(ctx, job_id, error, stage="generation", release_reservation=True) is False  # it has ended
     ledger.client.delete(ledger.key())
-
-
-def decided_for_the_edge(session: Session, prompt: str, *, seed: int) -> Job:
-    """A job of a new tenant that the router sent to the edge (as an escalation finds it)."""
-    tenant = create_tenant(session, name=f"esc-{uuid.uuid4().hex[:8]}")
-    session.flush()
-    job = create_job(session, tenant_id=tenant.id, prompt=prompt, seed=seed)
-    session.flush()
-    transition(session, job, JobStatus.ROUTING)
-    decision = RoutingDecision(
-        tier="edge",
-        router_name="prompt-complexity",
-        router_version="1",
-        score=0.0,
-        threshold=None,
-        budget=0.0,
-        budget_state={},
-        reason="cloud budget is zero",
-        inputs={},
-    )
-    record_decision(session, job=job, decision=decision)
-    return job

@@ -18,15 +18,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
-from db.models import CostEntry, Decision, Job, JobEvent
-from db.session import make_engine, make_session_factory
+from db.generations import record_generation
+from db.jobs import transition
+from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus, utcnow
+from db.session import make_engine, make_session_factory, transaction
 from db.state_redis import connect
 from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.servers import ApiServer, cli_env
-from tests.support import PrivateRedis, WorkerPool, wait_until
+from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, wait_for_job, wait_until
 from tests.test_http_backend import ImageApi
-from worker.budget_store import SpendLedger
+from worker.app import create_celery
+from worker.budget_store import SpendLedger, hold_reservation
+from worker.context import WorkerContext
+from worker.pipeline import fail_job, shadow_failed
+from worker.reconcile import replay_dead_letters
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -223,3 +229,161 @@ def test_a_reservation_is_given_back_only_while_its_period_is_counted(spend_stac
     gone = spend.key() + "-expired"
     assert spend.release(0.1, gone) is False and spend.client.exists(gone) == 0  # no counter without expiry
     spend.client.delete(spend.key())
+
+
+def test_a_refused_cloud_shadow_gives_its_reservation_back(
+    pg_settings: Settings, tmp_path: Path, model_cache: Path, image_api: ImageApi
+) -> None:
+    """Shadow-sampled jobs routed to the edge reserve their cloud shadow's price. The hosted API refuses every
+    prompt here, so no cloud image is billed: every reservation, delivered or shadow, goes back."""
+    (tmp_path / "redis").mkdir()
+    broker = PrivateRedis(tmp_path / "redis")
+    broker.start()
+    settings = make_settings(
+        database_url=pg_settings.database_url,
+        broker_url=broker.url,
+        image_dir=tmp_path / "images",
+        cache_dir=model_cache,
+        edge={"backend": "null", "model": "null-edge", "width": 64, "height": 64},
+        cloud={
+            "backend": "http",
+            "url": image_api.url,
+            "model": "hosted-model",
+            "width": 64,
+            "height": 64,
+            "price_per_image": PRICE,
+        },
+        scorer={"enabled": False},
+        router="prompt-complexity",
+        cloud_budget=0.5,
+        budget_window=10,
+        shadow_rate=1.0,
+        cloud_spend_limit_usd=10.0,
+        cloud_spend_period_s=PERIOD_S,
+        budget_name=f"shadow-spend-{uuid.uuid4().hex[:6]}",
+        rate_limit_per_minute=0,
+    )
+    spend = SpendLedger.for_settings(settings, connect(settings.state_redis_url))
+    assert spend is not None
+    pool = WorkerPool(settings, log_dir=tmp_path)
+    try:
+        pool.start_all()
+        client = authorize(create_app(settings).test_client(), create_tenant_key(settings))
+        ids = []
+        for i in range(8):  # one at a time, so the budget window sees them in order and leaves room to shadow
+            response = client.post("/v1/jobs", json={"prompt": f"a refuse bin {'by a red door ' * (i % 3)}{i}"})
+            ids.append(response.get_json()["id"])
+            wait_for_job(client, ids[-1])
+        keys = [uuid.UUID(i) for i in ids]
+        sessions = make_session_factory(make_engine(settings.database_url))
+        with sessions() as session:
+            decisions = list(session.scalars(select(Decision).where(Decision.job_id.in_(keys))))
+        shadowed = [d.job_id for d in decisions if d.tier == "edge" and d.shadow]
+        routed = [d.job_id for d in decisions if d.tier == "cloud"]
+        assert shadowed and routed  # both kinds of cloud image were reserved
+        for decision in decisions:
+            if decision.job_id in shadowed or decision.job_id in routed:
+                assert decision.budget_state["reserved_usd"] == pytest.approx(PRICE)
+
+        def settled() -> list[Job] | None:  # a shadow may still be failing when its job's edge image is done
+            with sessions() as session:
+                jobs = [session.get(Job, key) for key in shadowed + routed]
+            return jobs if all(j is not None and j.reserved_usd == 0 for j in jobs) else None  # type: ignore[misc]
+
+        jobs = wait_until(settled, timeout=120, interval=0.5, what="every reservation to be given back")
+        assert all(j.reserved_period is None for j in jobs)
+        assert [j.status for j in jobs] == ["succeeded"] * len(shadowed) + ["failed"] * len(routed)
+        with sessions() as session:
+            cloud_images = session.scalar(
+                select(func.count())
+                .select_from(Generation)
+                .where(Generation.job_id.in_(keys), Generation.tier == "cloud")
+            )
+        assert cloud_images == 0
+        assert spend.spent() == pytest.approx(0.0, abs=1e-9)  # without the shadows' release: len(shadowed) × PRICE
+    finally:
+        pool.stop_all()
+        broker.stop()  # the ledger lived in this broker's Redis
+
+
+def test_a_shadow_reservation_is_the_shadows_alone(pg_settings: Settings, tmp_path: Path) -> None:
+    """A job on the edge holds its cloud shadow's reservation: the job's own failure on the edge and its
+    replay to the edge keep it; the shadow's failure gives it back once, and not after a shadow image was
+    recorded; a replay to the cloud reserves the job's own image beside it."""
+    (tmp_path / "redis").mkdir()
+    broker = PrivateRedis(tmp_path / "redis")
+    broker.start()
+    settings = pg_settings.model_copy(
+        update={
+            "broker_url": broker.url,
+            "cloud_spend_limit_usd": 10.0,
+            "budget_name": f"shadow-held-{uuid.uuid4().hex[:6]}",
+        }
+    )
+    ctx = WorkerContext(settings, create_celery(settings))
+    spend = ctx.spend_ledger()
+    assert spend is not None
+    sessions = make_session_factory(make_engine(settings.database_url))
+
+    def shadowed_job(prompt: str) -> str:
+        spend.add(PRICE)  # what routing reserved for the shadow
+        with transaction(sessions) as session:
+            job = decided_for_the_edge(session, prompt, seed=1)
+            hold_reservation(job, spend.key(), PRICE)
+            transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": "edge"})
+            return str(job.id)
+
+    def held(job_id: str) -> float:
+        with sessions() as session:
+            job = session.get(Job, uuid.UUID(job_id))
+            assert job is not None
+            return job.reserved_usd
+
+    try:
+        failing = shadowed_job("a refuse bin the edge cannot draw")
+        assert fail_job(ctx, failing, "the edge refused", stage="generation", release_reservation=True)
+        assert held(failing) == pytest.approx(PRICE) and spend.spent() == pytest.approx(PRICE)
+        assert shadow_failed(ctx, failing, "cloud", "refused") and held(failing) == 0.0
+        assert spend.spent() == pytest.approx(0.0, abs=1e-9)
+        assert not shadow_failed(ctx, failing, "cloud", "refused")  # a redelivered failure gives nothing more
+        assert spend.spent() == pytest.approx(0.0, abs=1e-9)
+
+        billed = shadowed_job("a refuse bin whose shadow was drawn")
+        with transaction(sessions) as session:
+            job = session.get(Job, uuid.UUID(billed))
+            record_generation(
+                session,
+                job=job,
+                tier="cloud",
+                role="shadow",
+                backend="http",
+                model_id="hosted",
+                device="api",
+                seed=1,
+                steps=1,
+                width=64,
+                height=64,
+                image_path="ab/cd.png",
+                image_sha256="cd" * 32,
+                wall_s=0.1,
+                gpu_s=0.0,
+                cost_usd=PRICE,
+                quality=None,
+            )
+        assert not shadow_failed(ctx, billed, "cloud", "refused") and held(billed) == pytest.approx(PRICE)
+
+        replayed = []
+        for tier in ("edge", "cloud"):
+            job_id = shadowed_job(f"a refuse bin replayed to the {tier}")
+            with transaction(sessions) as session:
+                job = session.get(Job, uuid.UUID(job_id))
+                job.tier = "edge"
+                job.dead_lettered_at = utcnow()
+                transition(session, job, JobStatus.FAILED, detail={"stage": "generation"}, error="lost")
+            before = spend.spent()
+            replay_dead_letters(sessions, ctx.app, [uuid.UUID(job_id)], tier=tier, ledger=spend, cloud_price_usd=PRICE)
+            replayed.append(spend.spent() - before)
+        assert replayed == [pytest.approx(0.0, abs=1e-9), pytest.approx(PRICE)]
+    finally:
+        spend.client.delete(spend.key())
+        broker.stop()

@@ -167,7 +167,8 @@ class RedisBudgetStore:
 
 
 def hold_reservation(job: Job, period: str, usd: float) -> None:
-    """Record that ``job``'s cloud image holds ``usd`` in the spend ledger's counter ``period``."""
+    """Record that ``job``'s cloud image (delivered, or its shadow when the job is on the edge) holds ``usd``
+    in the spend ledger's counter ``period``."""
     job.reserved_usd = float(usd)
     job.reserved_period = period
 

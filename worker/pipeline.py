@@ -106,8 +106,8 @@ def route_jobs(ctx: WorkerContext, job_ids: Sequence[str]) -> dict[str, str | No
                 for (job, _), decision in zip(pending, decisions, strict=True):
                     transition(session, job, JobStatus.ROUTING, at=started)
                     record_decision(session, job=job, decision=decision)
-                    if decision.tier == "cloud" and decision.budget_state.get("spend_period"):
-                        state = decision.budget_state
+                    state = decision.budget_state
+                    if state.get("spend_period") and state.get("reserved_usd"):  # a cloud image, delivered or shadow
                         hold_reservation(job, str(state["spend_period"]), float(state["reserved_usd"]))
                     job.enqueued_at = utcnow()
                     transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": decision.tier})
@@ -557,6 +557,31 @@ def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
     return True
 
 
+def shadow_failed(ctx: WorkerContext, job_id: str, tier: str, error: str) -> bool:
+    """A shadow generation's generator raised on every attempt: no image was produced or billed, so the
+    reservation the job holds for a cloud shadow goes back to the spend ledger (once: the job's reservation is
+    cleared in the same transaction). The job itself is left as it is.
+
+    Returns:
+        True when a reservation was given back.
+    """
+    if tier != "cloud":
+        return False
+    key = uuid.UUID(job_id)
+    with transaction(ctx.sessions) as session:
+        job = get_job(session, key, for_update=True)
+        # A job on the edge holding a reservation holds its cloud shadow's; a shadow image recorded (by an
+        # earlier delivery of the same message) was billed.
+        if job is None or job.tier != "edge" or get_generation(session, job_id=key, tier="cloud") is not None:
+            return False
+        released = take_reservation(job)
+    if released is None:
+        return False
+    log.warning("shadow generation failed for good", extra={"job_id": job_id, "tier": tier, "error": error})
+    give_back(ctx.spend_ledger(), *released, job_id=job_id)
+    return True
+
+
 def _deliver_replaced(session: Session, job: Job, error: str, detail: dict[str, Any]) -> bool:
     """If ``job`` was escalated and its cloud generation failed for good, deliver the edge image the
     escalation was to replace (the job succeeds on the edge, the failure in its history). Returns whether it
@@ -611,8 +636,9 @@ def fail_job(
         dead_letter: the failure may pass (exhausted retries of a transient fault): keep the job replayable
             with ``routet2i dlq replay``.
         release_reservation: the tier's generator raised on every attempt, so no image was produced or
-            billed: a cloud reservation the job holds goes back to the spend ledger. (Other failures keep it:
-            an image may have been billed before the failure.)
+            billed: the reservation of a job failing on the cloud goes back to the spend ledger. (Other
+            failures keep it: an image may have been billed before the failure. A job failing on the edge
+            keeps its shadow's reservation: the shadow is generated whatever becomes of the job.)
     """
     released: tuple[str, float] | None = None
     with transaction(ctx.sessions) as session:
@@ -621,7 +647,7 @@ def fail_job(
             return False
         assert job is not None
         detail: dict[str, Any] = {"stage": stage}
-        if release_reservation:
+        if release_reservation and job.tier == "cloud":
             released = take_reservation(job)
             if released is not None:
                 detail["released_usd"] = released[1]

@@ -180,8 +180,10 @@ def replay_dead_letters(
 
     With a spend ledger, a routed job replayed to the cloud that holds no reservation (its generator's
     refusal gave it back) reserves ``cloud_price_usd`` again in the current period, and a job sent to the edge
-    instead gives back the reservation it holds. A replay is an operator's decision: it is counted, not
-    refused, when the period's limit is reached.
+    instead gives back the reservation it holds. A job that was on the edge holds its cloud shadow's
+    reservation, if any: it keeps it (the shadow is generated whatever becomes of the job) and, replayed to
+    the cloud, reserves its own image as well. A replay is an operator's decision: it is counted, not refused,
+    when the period's limit is reached.
 
     Args:
         sessions: session factory.
@@ -208,16 +210,22 @@ def replay_dead_letters(
                 raise ValueError(f"no job with id {job_id}")
             if job.dead_lettered_at is None:
                 raise ValueError(f"job {job_id} is not dead-lettered (status {job.status})")
+            shadows = job.tier == "edge" and job.reserved_usd > 0  # the reservation is its cloud shadow's
             if tier is not None:
                 job.tier = tier
             task = GENERATE_TASKS[job.tier] if job.tier is not None else ROUTE_TASK
             detail: dict[str, Any] = {"stage": "replayed", "task": task}
             if ledger is not None and task != GENERATE_TASKS["cloud"]:
-                held = take_reservation(job)
+                held = None if shadows else take_reservation(job)
                 if held is not None:
                     released.append((str(job.id), held))
                     detail["released_usd"] = held[1]
-            elif ledger is not None and job.requested_tier is None and job.reserved_usd <= 0 and cloud_price_usd:
+            elif (
+                ledger is not None
+                and job.requested_tier is None
+                and (job.reserved_usd <= 0 or shadows)
+                and cloud_price_usd
+            ):
                 hold_reservation(job, ledger.key(), cloud_price_usd)
                 charges += cloud_price_usd
                 detail["reserved_usd"] = cloud_price_usd

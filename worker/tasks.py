@@ -153,7 +153,8 @@ def generate_batch(task: BatchTask, tier: str, deliveries: Sequence[Delivery], *
 
 def _run_shadow(task: BatchTask, delivery: Delivery, job_id: str, tier: str, *, generation_retries: int) -> None:
     """A shadow generation: retried like any other on transient faults, but its failure never touches the
-    job (the user's image does not depend on it); it is logged and the label is simply not collected."""
+    job (the user's image does not depend on it); it is logged and the label is simply not collected. When
+    the generator raised on every attempt, a cloud shadow's reservation goes back to the spend ledger."""
     ctx = get_context(task.app)
     try:
         pipeline.generate_shadow(ctx, job_id, tier)
@@ -165,7 +166,7 @@ def _run_shadow(task: BatchTask, delivery: Delivery, job_id: str, tier: str, *, 
     except GenerationError as exc:
         if exc.retryable and delivery.retries < generation_retries:
             task.retry_delivery(delivery, countdown=backoff(delivery.retries), args=[job_id])
-        else:
+        elif not pipeline.shadow_failed(ctx, job_id, tier, str(exc)):
             log.warning("shadow generation failed", extra={"job_id": job_id, "tier": tier, "error": str(exc)})
     except Exception:
         log.exception("shadow generation failed", extra={"job_id": job_id, "tier": tier})
