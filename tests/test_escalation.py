@@ -106,6 +106,7 @@ def test_the_worst_edge_images_are_escalated_within_their_window(escalation_stac
     assert set(verdicts) == set(keys)  # every routed edge image was considered...
     assert all("escalation" not in (e["detail"] or {}) for e in forced_job["events"])  # ...a forced one never
 
+    assert {v["window"] for v in verdicts.values()} == {f"{settings.budget_name}-escalation"}  # the shared one
     escalated = [k for k in keys if verdicts[k]["escalated"]]
     assert 0 < len(escalated) < JOBS
     flags = [int(verdicts[k]["escalated"]) for k in keys]
@@ -137,6 +138,33 @@ def test_the_worst_edge_images_are_escalated_within_their_window(escalation_stac
     ledger = SpendLedger.for_settings(settings, connect(settings.state_redis_url))
     assert ledger is not None and ledger.spent() == pytest.approx(len(escalated) * PRICE)
     assert replaced_images(settings) == replaced_before + len(escalated)  # the database is the session's
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tenants_with_their_own_cloud_budget_have_their_own_escalation_window(escalation_stack: Settings) -> None:
+    """A tenant held to no cloud images (its own budget 0) is never escalated; a tenant with its own budget is
+    escalated in its own window, as it is routed in its own window."""
+    settings = escalation_stack
+    sessions = make_session_factory(make_engine(settings.database_url))
+    seen: dict[str, list[dict]] = {}
+    for name, budget in (("none", 0.0), ("own", 0.01)):  # 0.01 of a window of 10 routes nothing to the cloud
+        client = authorize(create_app(settings).test_client(), create_tenant_key(settings, cloud_budget=budget))
+        jobs = []
+        for i in range(4):
+            job = client.post("/v1/jobs", json={"prompt": f"a {'green ' * i}lighthouse for tenant {name}"}).get_json()
+            jobs.append(wait_for_job(client, job["id"]))
+        assert all(j["status"] == "succeeded" and j["decision"]["tier"] == "edge" for j in jobs)
+        with sessions() as session:
+            tenant = session.scalar(select(Job.tenant_id).where(Job.id == uuid.UUID(jobs[0]["id"])))
+        seen[name] = [
+            e["detail"]["escalation"] for j in jobs for e in j["events"] if "escalation" in (e["detail"] or {})
+        ]
+        if name == "own":
+            window = f"tenant-{tenant}-escalation"
+    assert seen["none"] == []
+    assert len(seen["own"]) == 4 and {v["window"] for v in seen["own"]} == {window}
+    assert seen["own"][0]["threshold"] is None  # its window starts empty: no edge image to compare with
 
 
 @pytest.mark.integration

@@ -19,6 +19,8 @@ from routet2i.settings import Settings
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    import uuid
+
     import redis
 
     from router.budget import BudgetController
@@ -113,11 +115,21 @@ class WorkerContext:
             self._budgets[key] = BudgetController(config, store, name=name)
         return self._budgets[key]
 
-    def escalation(self) -> BudgetController | None:
-        """The shared window of edge images that may be escalated to the cloud (None: escalation is off)."""
-        if self.settings.escalation_rate <= 0:
+    def escalation(
+        self, tenant_id: uuid.UUID | None = None, tenant_budget: float | None = None
+    ) -> BudgetController | None:
+        """The window of edge images that may be escalated to the cloud (None: escalation is off).
+
+        A tenant with its own cloud budget (``tenant_budget``) has its own window at the same rate, as it has
+        its own routing window, and none when that budget is zero: such a tenant gets no cloud image it did
+        not ask for. Other tenants share the deployment's window.
+        """
+        rate = self.settings.escalation_rate
+        if rate <= 0 or (tenant_budget is not None and tenant_budget <= 0):
             return None
-        return self.budget(f"{self.settings.budget_name}-escalation", self.settings.escalation_rate, tolerance=1.0)
+        if tenant_budget is None:
+            return self.budget(f"{self.settings.budget_name}-escalation", rate, tolerance=1.0)
+        return self.budget(f"tenant-{tenant_id}-escalation", rate, tolerance=1.0)
 
     def spend_ledger(self) -> SpendLedger | None:
         """The deployment's cloud spend per period, when a spend limit is set (built once per process)."""

@@ -33,7 +33,7 @@ from db.jobs import get_job, transition
 from db.models import Decision, Generation, Job, JobStatus, Tenant, utcnow
 from db.pagination import as_utc
 from db.session import transaction
-from router.budget import BudgetConfig, BudgetRequest
+from router.budget import BudgetConfig, BudgetController, BudgetRequest
 from router.policy import RouteRequest, shadow_sampled
 from router.types import BudgetVerdict
 from routet2i.settings import TierSettings
@@ -369,16 +369,16 @@ def _escalations(
     """Which of the edge images just scored go to the cloud again (``escalation_rate``).
 
     Candidates are the images of routed jobs (not a forced tier, not shadow-sampled, which get a cloud image
-    anyway) that carry ``escalation_metric``. They are decided in order in one transaction of the shared
-    escalation window, whose score is the metric's negative: the worst-scoring share goes to the cloud, with
-    ``escalation_below`` as the edge floor and the spend limit as for routing. An escalation that cannot be
-    decided (Redis unreachable) delivers the edge images as they are.
+    anyway, not of a tenant whose own cloud budget is zero) that carry ``escalation_metric``. They are decided
+    in order in one transaction per escalation window (the deployment's shared one, or a tenant's own:
+    :meth:`WorkerContext.escalation`), whose score is the metric's negative: the worst-scoring share goes to
+    the cloud, with ``escalation_below`` as the edge floor and the spend limit as for routing. An escalation
+    that cannot be decided (Redis unreachable) delivers the edge images as they are.
 
     Returns:
-        Per candidate (an index into ``keys``): what was decided and why, for the job's history.
+        Per candidate (an index into ``keys``): what was decided, by which window and why, for the job's history.
     """
-    controller = ctx.escalation() if tier == "edge" else None
-    if controller is None:
+    if tier != "edge" or ctx.settings.escalation_rate <= 0:
         return {}
     metric = ctx.settings.escalation_metric
     candidates: list[tuple[int, float]] = []
@@ -390,40 +390,54 @@ def _escalations(
     if not candidates:
         return {}
     with ctx.sessions() as session:
+        asked = [keys[i] for i, _ in candidates]
         shadowed = set(
-            session.scalars(
-                select(Decision.job_id).where(
-                    Decision.job_id.in_([keys[i] for i, _ in candidates]), Decision.shadow.is_(True)
-                )
-            )
+            session.scalars(select(Decision.job_id).where(Decision.job_id.in_(asked), Decision.shadow.is_(True)))
         )
-    candidates = [(i, value) for i, value in candidates if keys[i] not in shadowed]
-    if not candidates:
-        return {}
+        tenants = {
+            job_id: (tenant_id, budget)
+            for job_id, tenant_id, budget in session.execute(
+                select(Job.id, Job.tenant_id, Tenant.cloud_budget)
+                .join(Tenant, Tenant.id == Job.tenant_id)
+                .where(Job.id.in_(asked))
+            )
+        }
+    windows: dict[str, tuple[BudgetController, list[tuple[int, float]]]] = {}
+    for i, value in candidates:
+        controller = ctx.escalation(*tenants[keys[i]]) if keys[i] in tenants else None
+        if keys[i] not in shadowed and controller is not None:
+            windows.setdefault(controller.name, (controller, []))[1].append((i, value))
     below = ctx.settings.escalation_below
     floor = None if below is None else -below  # a score -value at or below it: value at or above `below`
-    try:
-        verdicts = controller.decide_many([BudgetRequest(-value, floor=floor) for _, value in candidates])
-    except Exception as exc:
-        log.warning("escalation not decided; the edge images are delivered", extra={"error": str(exc)})
-        return {
-            i: {"metric": metric, "value": value, "escalated": False, "reason": f"not decided: {exc}"}
-            for i, value in candidates
-        }
     decided: dict[int, dict[str, Any]] = {}
-    for (i, value), verdict in zip(candidates, verdicts, strict=True):
-        threshold = None if verdict.threshold is None else 0.0 - verdict.threshold  # (never -0.0)
-        info: dict[str, Any] = {
-            "metric": metric,
-            "value": round(value, 6),
-            "threshold": None if threshold is None else round(threshold, 6),
-            "escalated": verdict.cloud,
-            "reason": _escalation_reason(verdict, controller.config, metric, value, threshold, below),
-        }
-        if verdict.cloud and verdict.reserved_usd:
-            info["reserved_usd"] = verdict.reserved_usd
-            info["spend_period"] = verdict.state.get("spend_period")
-        decided[i] = info
+    for name, (controller, group) in windows.items():
+        try:
+            verdicts = controller.decide_many([BudgetRequest(-value, floor=floor) for _, value in group])
+        except Exception as exc:
+            log.warning("escalation not decided; the edge images are delivered", extra={"error": str(exc)})
+            for i, value in group:
+                decided[i] = {
+                    "metric": metric,
+                    "value": value,
+                    "window": name,
+                    "escalated": False,
+                    "reason": f"not decided: {exc}",
+                }
+            continue
+        for (i, value), verdict in zip(group, verdicts, strict=True):
+            threshold = None if verdict.threshold is None else 0.0 - verdict.threshold  # (never -0.0)
+            info: dict[str, Any] = {
+                "metric": metric,
+                "value": round(value, 6),
+                "threshold": None if threshold is None else round(threshold, 6),
+                "window": name,
+                "escalated": verdict.cloud,
+                "reason": _escalation_reason(verdict, controller.config, metric, value, threshold, below),
+            }
+            if verdict.cloud and verdict.reserved_usd:
+                info["reserved_usd"] = verdict.reserved_usd
+                info["spend_period"] = verdict.state.get("spend_period")
+            decided[i] = info
     return decided
 
 
