@@ -44,6 +44,21 @@ JOBS = 12
 PERIOD_S = 31 * 86_400  # the longest period: a test that straddles a period's end is all but impossible
 
 
+NULL_EDGE = {"backend": "null", "model": "null-edge", "width": 64, "height": 64}
+
+
+def hosted_cloud(api: ImageApi) -> dict[str, object]:
+    """The cloud tier on the hosted image API stand-in, billed per image."""
+    return {
+        "backend": "http",
+        "url": api.url,
+        "model": "hosted-model",
+        "width": 64,
+        "height": 64,
+        "price_per_image": PRICE,
+    }
+
+
 @pytest.fixture(scope="module")
 def image_api() -> Iterator[ImageApi]:
     api = ImageApi()
@@ -61,16 +76,8 @@ def spend_stack(pg_settings: Settings, tmp_path_factory, model_cache, image_api:
         broker_url=broker.url,
         image_dir=pg_settings.image_dir,  # the session's image store: the dashboard test shows every job's image
         cache_dir=model_cache,
-        edge={"backend": "null", "model": "null-edge", "width": 64, "height": 64},
-        cloud={
-            "backend": "http",
-            "url": api.url,
-            "model": "hosted-model",
-            "width": 64,
-            "height": 64,
-            "price_per_image": PRICE,
-            "price_per_gpu_second": PER_SECOND,
-        },
+        edge=NULL_EDGE,
+        cloud={**hosted_cloud(api), "price_per_gpu_second": PER_SECOND},
         scorer={"enabled": False},
         router="prompt-complexity",
         cloud_budget=1.0,  # the share would send nearly every job to the cloud: only the money stops them
@@ -244,15 +251,8 @@ def test_a_refused_cloud_shadow_gives_its_reservation_back(
         broker_url=broker.url,
         image_dir=tmp_path / "images",
         cache_dir=model_cache,
-        edge={"backend": "null", "model": "null-edge", "width": 64, "height": 64},
-        cloud={
-            "backend": "http",
-            "url": image_api.url,
-            "model": "hosted-model",
-            "width": 64,
-            "height": 64,
-            "price_per_image": PRICE,
-        },
+        edge=NULL_EDGE,
+        cloud=hosted_cloud(image_api),
         scorer={"enabled": False},
         router="prompt-complexity",
         cloud_budget=0.5,
