@@ -34,7 +34,8 @@ and averaged (a small ensemble: on a few hundred labelled prompts single runs va
 between routers).
 
 The encoder is frozen: its token states are computed once per prompt and cached, so one fit costs seconds;
-an epoch that back-propagates through the encoder costs about 80 times more on a CPU (docs/router.md).
+an epoch that back-propagates through the encoder costs about 80 times more on a CPU, and tuning its top one
+or two layers with the heads changed no PGR measurably on the standard logs (docs/router.md).
 Training runs the torch module; decisions run the same eval-mode forward pass in numpy with every member
 stacked and each gate's ``P⁺ − P⁻`` taken as one projection ahead of time (one matrix product projects the
 tokens for all gates, one per member applies its ``S``), which is what keeps a one-prompt decision a fraction
