@@ -13,8 +13,8 @@ one ``evaluate`` run:
 - ``tuned-N-lr0`` (``--control``): the same code with the encoder's learning rate 0, which must reproduce
   ``routet2i`` (a check that the study's code is the shipped router but for the tuning).
 
-Run from the repository root (per tuned variant and split seed, about 8 minutes on AGIQA-3K and 15 on a
-GenAI-Bench log with one tuned layer on one core of the development machine):
+Run from the repository root (one split seed on the 2-core development machine: 13 minutes per GenAI-Bench
+log with ``--layers 1``, 19 minutes on AGIQA-3K with ``--layers 1 2``):
 
     python ops/eval/encoder_tuning_study.py [--layers 1 2] [--seeds 100] [--logs all] [--control]
 
