@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from db.decisions import record_decision
+from db.generations import record_generation
 from db.jobs import create_job, transition
 from db.models import Job, JobStatus
 from db.tenants import create_tenant
@@ -293,3 +294,32 @@ def decided_for_the_edge(session: Session, prompt: str, *, seed: int) -> Job:
     )
     record_decision(session, job=job, decision=decision)
     return job
+
+
+def record_image(
+    session: Session, job: Job, *, tier: str, role: str, cost_usd: float, quality: dict | None = None, **fields: Any
+) -> uuid.UUID:
+    """Record one 64×64 image of ``job`` on ``tier`` (null backend, a fresh path) billed ``cost_usd``, as a
+    worker would; ``fields`` override any other column of :class:`db.generations.NewGeneration`."""
+    return record_generation(
+        session,
+        job=job,
+        **{
+            "tier": tier,
+            "role": role,
+            "backend": "null",
+            "model_id": f"{tier}-model",
+            "device": "cpu",
+            "seed": job.seed,
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "image_path": f"{uuid.uuid4().hex}.png",
+            "image_sha256": uuid.uuid4().hex * 2,
+            "wall_s": 0.1,
+            "gpu_s": 0.1,
+            "cost_usd": cost_usd,
+            "quality": quality,
+            **fields,
+        },
+    )

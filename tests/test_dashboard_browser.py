@@ -16,7 +16,6 @@ import pytest
 from PIL import Image, ImageStat
 
 from db.decisions import record_decision
-from db.generations import record_generation
 from db.images import ImageStore
 from db.jobs import create_job, transition
 from db.models import JobStatus
@@ -26,7 +25,7 @@ from router.types import RoutingDecision
 from routet2i.settings import Settings
 from tests.conftest import create_tenant_key
 from tests.servers import ApiServer
-from tests.support import WorkerPool
+from tests.support import WorkerPool, record_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -109,24 +108,19 @@ def insert_audited_job(settings: Settings, *, escalated: bool = False) -> str:
         tiers = [("edge", "replaced"), ("cloud", "primary")] if escalated else [("cloud", "primary")]
         for tier, role in tiers:
             transition(session, job, JobStatus.GENERATING, detail={"tier": tier})
-            record_generation(
+            record_image(
                 session,
-                job=job,
+                job,
                 tier=tier,
                 role=role,
+                cost_usd=0.065 if tier == "cloud" else 0.009,
                 backend="diffusers",
                 model_id=f"offline:{tier}",
-                device="cpu",
                 seed=11,
-                steps=2,
-                width=64,
-                height=64,
                 image_path=stored.path,
                 image_sha256=stored.sha256,
                 wall_s=0.5,
                 gpu_s=0.5,
-                cost_usd=0.065 if tier == "cloud" else 0.009,
-                quality=None,
             )
             if role == "replaced":
                 job.tier = "cloud"

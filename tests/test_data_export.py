@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from db.generations import record_generation
 from db.jobs import create_job
 from db.labels import iter_labelled_jobs
 from db.models import Job
@@ -19,29 +18,14 @@ from db.session import make_engine, make_session_factory
 from db.tenants import create_tenant
 from router.log import read_log
 from routet2i.cli import main
+from tests.support import record_image
 
 pytestmark = pytest.mark.integration
 
 
 def add_generation(session: Session, job: Job, tier: str, quality: dict | None, cost: float) -> None:
-    record_generation(
-        session,
-        job=job,
-        tier=tier,
-        role="primary" if tier == "edge" else "shadow",
-        backend="null",
-        model_id=f"{tier}-model",
-        device="cpu",
-        seed=job.seed,
-        steps=2,
-        width=64,
-        height=64,
-        image_path=f"{uuid.uuid4().hex}.png",
-        image_sha256=uuid.uuid4().hex * 2,
-        wall_s=0.1,
-        gpu_s=0.1,
-        cost_usd=cost,
-        quality=quality,
+    record_image(
+        session, job, tier=tier, role="primary" if tier == "edge" else "shadow", cost_usd=cost, quality=quality
     )
 
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
-from db.generations import primary_generation, record_generation
+from db.generations import primary_generation
 from db.jobs import transition
 from db.labels import iter_labelled_jobs
 from db.models import CostEntry, Generation, Job, JobEvent, JobStatus, utcnow
@@ -21,7 +21,7 @@ from db.session import make_engine, make_session_factory, transaction
 from db.state_redis import connect
 from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
-from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, wait_for_job
+from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, record_image, wait_for_job
 from worker.app import create_celery
 from worker.budget_store import SpendLedger
 from worker.context import WorkerContext
@@ -205,25 +205,7 @@ def test_an_escalation_that_fails_on_the_cloud_delivers_the_edge_image(pg_settin
     sessions = make_session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
         job = decided_for_the_edge(session, "a lighthouse the cloud refuses", seed=5)
-        record_generation(
-            session,
-            job=job,
-            tier="edge",
-            role="replaced",
-            backend="null",
-            model_id="null-edge",
-            device="none",
-            seed=5,
-            steps=2,
-            width=64,
-            height=64,
-            image_path="ab/cd.png",
-            image_sha256="ab" * 32,
-            wall_s=0.01,
-            gpu_s=0.0,
-            cost_usd=0.001,
-            quality=None,
-        )
+        record_image(session, job, tier="edge", role="replaced", cost_usd=0.001)
         job.tier, job.reserved_usd, job.reserved_period = "cloud", PRICE, ledger.key()
         transition(session, job, JobStatus.QUEUED, detail={"stage": "escalated"})
         job_id = str(job.id)

@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
-from db.generations import record_generation
 from db.jobs import transition
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus, utcnow
 from db.session import make_engine, make_session_factory, transaction
@@ -26,7 +25,7 @@ from db.state_redis import connect
 from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.servers import ApiServer, cli_env
-from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, wait_for_job, wait_until
+from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, record_image, wait_for_job, wait_until
 from tests.test_http_backend import ImageApi
 from worker.app import create_celery
 from worker.budget_store import SpendLedger, hold_reservation
@@ -351,25 +350,7 @@ def test_a_shadow_reservation_is_the_shadows_alone(pg_settings: Settings, tmp_pa
         billed = shadowed_job("a refuse bin whose shadow was drawn")
         with transaction(sessions) as session:
             job = session.get(Job, uuid.UUID(billed))
-            record_generation(
-                session,
-                job=job,
-                tier="cloud",
-                role="shadow",
-                backend="http",
-                model_id="hosted",
-                device="api",
-                seed=1,
-                steps=1,
-                width=64,
-                height=64,
-                image_path="ab/cd.png",
-                image_sha256="cd" * 32,
-                wall_s=0.1,
-                gpu_s=0.0,
-                cost_usd=PRICE,
-                quality=None,
-            )
+            record_image(session, job, tier="cloud", role="shadow", cost_usd=PRICE)
         assert not shadow_failed(ctx, billed, "cloud", "refused") and held(billed) == pytest.approx(PRICE)
 
         replayed = []
