@@ -248,7 +248,7 @@ def test_a_refused_cloud_shadow_gives_its_reservation_back(
     settings = make_settings(
         database_url=pg_settings.database_url,
         broker_url=broker.url,
-        image_dir=tmp_path / "images",
+        image_dir=pg_settings.image_dir,  # the session's image store, as the spend stack's
         cache_dir=model_cache,
         edge=NULL_EDGE,
         cloud=hosted_cloud(image_api),
