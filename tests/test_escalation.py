@@ -16,7 +16,7 @@ from api.app import create_app
 from db.generations import primary_generation
 from db.jobs import transition
 from db.labels import iter_labelled_jobs
-from db.models import CostEntry, Generation, Job, JobEvent, JobStatus, utcnow
+from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus, Tenant, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.state_redis import connect
 from routet2i.settings import Settings
@@ -25,7 +25,7 @@ from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, record
 from worker.app import create_celery
 from worker.budget_store import SpendLedger
 from worker.context import WorkerContext
-from worker.pipeline import fail_job
+from worker.pipeline import _escalations, fail_job
 from worker.reconcile import job_ids_of, reconcile
 
 PRICE = 0.065
@@ -165,6 +165,33 @@ def test_tenants_with_their_own_cloud_budget_have_their_own_escalation_window(es
     assert seen["none"] == []
     assert len(seen["own"]) == 4 and {v["window"] for v in seen["own"]} == {window}
     assert seen["own"][0]["threshold"] is None  # its window starts empty: no edge image to compare with
+
+
+@pytest.mark.integration
+def test_shadow_sampled_jobs_and_tenants_held_to_no_cloud_are_not_candidates(pg_settings: Settings) -> None:
+    """Of four badly scored edge images, only the routed, unshadowed ones of tenants that may use the cloud are
+    put to an escalation window: the shared one, or the tenant's own."""
+    settings = pg_settings.model_copy(
+        update={"escalation_rate": 0.5, "budget_window": 10, "budget_name": f"esc-cand-{uuid.uuid4().hex[:6]}"}
+    )
+    ctx = WorkerContext(settings, create_celery(settings))
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with transaction(sessions) as session:
+        jobs = {name: decided_for_the_edge(session, f"a lighthouse, {name}", seed=1) for name in TENANT_BUDGETS}
+        for name, budget in TENANT_BUDGETS.items():
+            session.get(Tenant, jobs[name].tenant_id).cloud_budget = budget
+        session.scalars(select(Decision).where(Decision.job_id == jobs["shadow"].id)).one().shadow = True
+        keys = [job.id for job in jobs.values()]
+        own_window = f"tenant-{jobs['own budget'].tenant_id}-escalation"
+    scored = [({"values": {"alignment": 0.1}}, {}) for _ in keys]
+    decided = _escalations(ctx, "edge", keys, scored, set(keys))
+    windows = {list(TENANT_BUDGETS)[i]: info["window"] for i, info in decided.items()}
+    assert windows == {"shared": f"{settings.budget_name}-escalation", "own budget": own_window}
+    assert _escalations(ctx, "cloud", keys, scored, set(keys)) == {}  # only edge images are escalated
+
+
+TENANT_BUDGETS = {"shared": None, "shadow": None, "no cloud": 0.0, "own budget": 0.2}
+"""The tenants' own cloud budgets (None: the deployment's) of the candidate test's jobs."""
 
 
 @pytest.mark.integration
