@@ -389,23 +389,18 @@ def _escalations(
             candidates.append((i, float(value)))
     if not candidates:
         return {}
-    with ctx.sessions() as session:
-        asked = [keys[i] for i, _ in candidates]
-        shadowed = set(
-            session.scalars(select(Decision.job_id).where(Decision.job_id.in_(asked), Decision.shadow.is_(True)))
+    with ctx.sessions() as session:  # each candidate's tenant budget, and whether it was shadow-sampled
+        rows = session.execute(
+            select(Job.id, Job.tenant_id, Tenant.cloud_budget, Decision.shadow)
+            .join(Tenant, Tenant.id == Job.tenant_id)
+            .outerjoin(Decision, Decision.job_id == Job.id)
+            .where(Job.id.in_([keys[i] for i, _ in candidates]))
         )
-        tenants = {
-            job_id: (tenant_id, budget)
-            for job_id, tenant_id, budget in session.execute(
-                select(Job.id, Job.tenant_id, Tenant.cloud_budget)
-                .join(Tenant, Tenant.id == Job.tenant_id)
-                .where(Job.id.in_(asked))
-            )
-        }
+        tenants = {job_id: (tenant_id, budget) for job_id, tenant_id, budget, shadow in rows if not shadow}
     windows: dict[str, tuple[BudgetController, list[tuple[int, float]]]] = {}
     for i, value in candidates:
         controller = ctx.escalation(*tenants[keys[i]]) if keys[i] in tenants else None
-        if keys[i] not in shadowed and controller is not None:
+        if controller is not None:
             windows.setdefault(controller.name, (controller, []))[1].append((i, value))
     below = ctx.settings.escalation_below
     floor = None if below is None else -below  # a score -value at or below it: value at or above `below`
