@@ -81,6 +81,11 @@ LATER_SETTINGS: dict[str, Any] = {"neighbour_share": 0.0, "neighbour_temperature
 them: a manifest without one loads with this value, and a setting at this value is left out of the version's
 hash, so those artifacts keep their versions and keep loading."""
 
+PIECE_ROWS = 32
+"""Prompts per pass of the router's own network when scoring: a batch's pieces run side by side on the
+encoder's threads once its forward passes are done (about 1.05 times the batched throughput of one pass over
+the whole batch on 2 cores, docs/performance.md)."""
+
 DEFAULT_ARTIFACT = "default"
 """Name of the artifact shipped in ``router/artifacts/`` (``-int8``: its twin for the int8 encoder);
 ``routet2i train`` reproduces both (docs/router.md)."""
@@ -687,29 +692,28 @@ class RouteT2IRouter(Router):
                 leaves each training prompt's own ratings out).
             explain: compute the per-token pushes (decisions store them; scores alone do not need them).
         """
-        with _one_blas_thread():
-            batch = _pad(tokens, stats)
-            out, pushes = self._moe(batch, explain)
-            out = out.astype(np.float64)
-            if self.priors:
-                features = (self._raw_features(tokens, stats) - self.feature_mean) / self.feature_std
-                w = self._stacked()
-                coef = w["prior_coef"]
-                prior = (features @ coef.reshape(coef.shape[0], -1)).reshape(-1, *coef.shape[1:])
-                out = out + prior + w["prior_intercept"]
-                if pushes is not None:
-                    pushes = pushes + self._prior_pushes(batch)
-            near_gap = np.zeros(out.shape[:2])
-            if len(self.neighbour_keys):
-                share = self.cfg.neighbour_share
-                near = self._neighbours(batch.sentence, exclude)
-                if exclude is not None:  # a row with every neighbour excluded keeps the ensemble alone
-                    alone = np.isnan(near).any(axis=(1, 2))
-                    near[alone] = out[alone]
-                out = (1.0 - share) * out + share * near
-                if pushes is not None:
-                    pushes = (1.0 - share) * pushes
-                near_gap = share * (near[..., 1] - near[..., 0]) * self.std
+        batch = _pad(tokens, stats)
+        out, pushes = self._moe(batch, explain)
+        out = out.astype(np.float64)
+        if self.priors:
+            features = (self._raw_features(tokens, stats) - self.feature_mean) / self.feature_std
+            w = self._stacked()
+            coef = w["prior_coef"]
+            prior = (features @ coef.reshape(coef.shape[0], -1)).reshape(-1, *coef.shape[1:])
+            out = out + prior + w["prior_intercept"]
+            if pushes is not None:
+                pushes = pushes + self._prior_pushes(batch)
+        near_gap = np.zeros(out.shape[:2])
+        if len(self.neighbour_keys):
+            share = self.cfg.neighbour_share
+            near = self._neighbours(batch.sentence, exclude)
+            if exclude is not None:  # a row with every neighbour excluded keeps the ensemble alone
+                alone = np.isnan(near).any(axis=(1, 2))
+                near[alone] = out[alone]
+            out = (1.0 - share) * out + share * near
+            if pushes is not None:
+                pushes = (1.0 - share) * pushes
+            near_gap = share * (near[..., 1] - near[..., 0]) * self.std
         edge = out[..., 0] * self.std + self.mean
         cloud = out[..., 1] * self.std + self.mean
         return edge, cloud, None if pushes is None else pushes * self.std[None, :, None], near_gap
@@ -741,22 +745,36 @@ class RouteT2IRouter(Router):
         total = weights.sum()
         return weights / total if total > 0 else np.full(len(self.targets), 1.0 / len(self.targets))
 
-    def _prs_from_tokens(
+    def _pieces(
         self,
         tokens: Sequence[TokenStates],
         stats: np.ndarray,
-        chunk: int = 256,
+        *,
+        explain: bool,
         groups: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """PRS of every prompt, in chunks; ``groups``: the prompts are the training prompts, with these prompt
-        groups (:func:`router.splits.group_ids`) and their neighbours these groups, and none is its own
-        neighbour."""
-        parts = []
-        for start in range(0, len(tokens), chunk):
-            rows = slice(start, start + chunk)
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]]:
+        """:meth:`_forward` over pieces of :data:`PIECE_ROWS` prompts, run side by side on the encoder's threads
+        (:meth:`SentenceEncoder.map`), with numpy's BLAS on one thread; ``groups``: the prompts are the training
+        prompts, with these prompt groups (:func:`router.splits.group_ids`) and their neighbours these groups,
+        and none is its own neighbour.
+
+        The pieces depend on the number of prompts alone, not on the threads, so neither do the results."""
+
+        def forward(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
             exclude = None if groups is None else groups[0][rows, None] == groups[1][None, :]
-            edge, cloud, _, _ = self._forward(tokens[rows], stats[rows], exclude, explain=False)
-            parts.append(self._prs(edge, cloud))
+            return self._forward(tokens[rows], stats[rows], exclude, explain)
+
+        pieces = [slice(start, start + PIECE_ROWS) for start in range(0, len(tokens), PIECE_ROWS)]
+        with _one_blas_thread():  # entered here: the limit is the process's, not a thread's
+            return self.encoder.map(forward, pieces)
+
+    def _prs_from_tokens(
+        self, tokens: Sequence[TokenStates], stats: np.ndarray, groups: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """PRS of every prompt (``groups``: see :meth:`_pieces`)."""
+        parts = [
+            self._prs(edge, cloud) for edge, cloud, _, _ in self._pieces(tokens, stats, explain=False, groups=groups)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
@@ -785,8 +803,9 @@ class RouteT2IRouter(Router):
         if not prompts:
             return []
         tokens = self.encoder.encode_tokens(prompts)
-        edge, cloud, pushes, near_gap = self._forward(tokens, self._standardised_stats(prompts))
-        assert pushes is not None
+        pieces = self._pieces(tokens, self._standardised_stats(prompts), explain=True)
+        edge, cloud, near_gap = (np.concatenate([piece[i] for piece in pieces]) for i in (0, 1, 3))
+        pushes = [row for piece in pieces if piece[2] is not None for row in piece[2]]  # (k, L) each, own padding
         prs = self._prs(edge, cloud)
         metric_set = "routet2i-predicted"
         return [

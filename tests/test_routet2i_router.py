@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from router.base import RouterError, create_router, load_router
+from router.embeddings import SentenceEncoder
 from router.log import LogRecord
 from router.routet2i import (
+    PIECE_ROWS,
     RouteT2IConfig,
     RouteT2IRouter,
     _Batch,
@@ -352,6 +355,36 @@ def test_scoring_runs_blas_on_one_thread_and_gives_the_threads_back(fitted: Rout
         assert blas_threads() == {2}
     assert seen == [{1}]
     assert scores.shape == (2,)
+
+
+def test_a_batchs_pieces_run_on_the_encoders_threads_and_score_as_on_one_thread(fitted: RouteT2IRouter) -> None:
+    # After a batch's forward passes the router's own network runs over pieces of PIECE_ROWS prompts, side by
+    # side on the encoder's threads. The pieces depend on the prompts alone, so one thread and two give the
+    # same scores and explanations, bit for bit.
+    prompts = [f"{s} {p}" + suffix for s in SUBJECTS for p in PLACES for suffix in ("", ' with a sign "x"')]
+    assert len(prompts) > 2 * PIECE_ROWS
+    forward = fitted._forward
+    seen: list[str] = []
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(threading.current_thread().name)
+        return forward(*args, **kwargs)
+
+    try:
+        fitted._encoder = SentenceEncoder(threads=1)
+        alone_scores, alone = fitted.score(prompts), fitted.predict(prompts)
+        fitted._encoder = SentenceEncoder(threads=2)
+        fitted._forward = spy  # type: ignore[method-assign]
+        side_scores, side = fitted.score(prompts), fitted.predict(prompts)
+    finally:
+        fitted._encoder = None
+        del fitted._forward
+    pieces = -(-len(prompts) // PIECE_ROWS)
+    assert len(seen) == 2 * pieces and all(name.startswith("routet2i-encoder") for name in seen)
+    assert np.array_equal(alone_scores, side_scores)
+    assert [p.score for p in alone] == [p.score for p in side] == side_scores.tolist()
+    assert [p.explanation for p in alone] == [p.explanation for p in side]
+    assert [p.edge for p in alone] == [p.edge for p in side]
 
 
 def test_the_prior_picks_its_l2_strength_on_the_weighted_gaps() -> None:
