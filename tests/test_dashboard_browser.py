@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ CHROMIUM_ARGS = [
 ]
 XSS_PROMPT = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> a red fox & "friends"'
 WAIT_MS = 120_000
+JOB_IMAGE = re.compile(r"/v1/jobs/([0-9a-f-]{36})/image")
 
 PREDICTED = {
     "edge": {"metric_set": "routet2i-v1", "values": {"definition": 0.41, "detail": 0.38, "alignment": 0.66}},
@@ -184,7 +186,14 @@ def page(api_server: ApiServer) -> Iterator[tuple[object, list[str]]]:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         tab = browser.new_page(viewport={"width": 1400, "height": 1000})
         problems: list[str] = []
-        tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        tab.on(
+            "console",
+            lambda m: (
+                problems.append(f"console {m.type}: {m.text} at {m.location.get('url', '')}")
+                if m.type == "error"
+                else None
+            ),
+        )
         tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         yield tab, problems
         browser.close()
@@ -288,4 +297,9 @@ def test_dashboard_submits_a_job_shows_its_image_decisions_charts_and_plots(
         stat = ImageStat.Stat(picture.convert("L"))
         assert stat.stddev[0] > 10, "screenshot is blank"
         assert len(picture.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 100
-    assert problems == []
+    # The page lists every job of the session's database, and other test stacks keep their images in stores
+    # that are gone by now: the page shows "image unavailable" for those, the browser logs their 410s. Only
+    # this test's jobs are judged.
+    ours = {audited, escalated, job_id}
+    foreign = [p for p in problems if (m := JOB_IMAGE.search(p)) and m.group(1) not in ours and " 410 " in p]
+    assert [p for p in problems if p not in foreign] == []
