@@ -90,7 +90,7 @@ def test_batches_run_side_by_side_on_threads_with_the_same_result(backend: str) 
     two = SentenceEncoder(backend=backend, threads=2, batch_size=5)
     sequential = one.encode_tokens(prompts)
     parallel = two.encode_tokens(prompts[::-1])[::-1]
-    assert len(two._pools) == 1 and 1 in two._sessions and not one._pools  # the batches did run on a pool
+    assert len(two._pools) == 1 and (1, False) in two._sessions and not one._pools  # the batches ran on a pool
     for a, b in zip(sequential, parallel, strict=True):
         assert a.tokens == b.tokens
         assert np.array_equal(a.states, b.states) and np.array_equal(a.sentence, b.sentence)
@@ -121,16 +121,47 @@ def test_an_encoder_used_before_a_fork_still_runs_its_batches_in_the_child() -> 
 
 
 def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
-    # Its activations are quantized per input tensor: in a shared batch a prompt's states would depend on its
-    # neighbours, so the int8 encoder passes one prompt at a time (a replay or an evaluation then reproduces
-    # a live decision exactly).
-    prompts = [f"a {thing} {place}" for thing in THINGS for place in PLACES]
-    alone = SentenceEncoder(backend="onnx-int8", threads=1).encode_tokens(prompts[:1])[0]
-    batched = SentenceEncoder(backend="onnx-int8", threads=2).encode_tokens(prompts)[0]
-    assert np.array_equal(alone.states, batched.states) and np.array_equal(alone.sentence, batched.sentence)
-    shared = SentenceEncoder(backend="onnx-int8", threads=1, batch_size=len(prompts)).encode_tokens(prompts)[0]
-    assert not np.array_equal(alone.states, shared.states)  # what a shared batch would do
-    assert SentenceEncoder(backend="onnx").batch_size > 1  # fp32 states move by 1e-6 at most with the batch
+    # Its activations are quantized with one range per input tensor: in a shared batch a prompt's states would
+    # depend on its neighbours. Batches run through a graph that quantizes each prompt with its own range, over
+    # its own tokens, so a replay or an evaluation reproduces a live decision exactly.
+    from routet2i.data import partiprompts
+
+    prompts = partiprompts()[:200] + [f"a {thing} {place}" for thing in THINGS for place in PLACES]
+    alone = SentenceEncoder(backend="onnx-int8", threads=1, batch_size=1)
+    batched = SentenceEncoder(backend="onnx-int8", threads=2)
+    assert batched.batch_size > 1
+    one_by_one, in_batches = alone.encode_tokens(prompts), batched.encode_tokens(prompts[::-1])[::-1]
+    assert (1, True) in batched._sessions and (1, True) not in alone._sessions  # each used its own graph
+    for a, b in zip(one_by_one, in_batches, strict=True):
+        assert a.tokens == b.tokens
+        assert np.array_equal(a.states, b.states) and np.array_equal(a.sentence, b.sentence)
+    # What the quantized graph as exported does with the same batches (one range for the batch): different.
+    shared = 0
+    for batch, inputs, states in batched.hidden_states(prompts[:64]):
+        plain = batched._session(1).run(None, inputs)[0]
+        for row, prompt in enumerate(batch):
+            length = int(inputs["attention_mask"][row].sum())
+            assert np.array_equal(states[row, :length], alone.encode_tokens([prompt])[0].states)
+            shared += not np.array_equal(plain[row, :length], states[row, :length])
+    assert shared > 32
+
+
+def test_the_batch_graph_refuses_a_graph_it_was_not_written_for() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from router.embeddings import per_prompt_quantization
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 2, 3])
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"]), helper.make_node("Relu", ["s"], ["r"])],
+        "odd",
+        [x],
+        [y],
+    )
+    with pytest.raises(ValueError, match="unexpected consumers"):
+        per_prompt_quantization(onnx.helper.make_model(graph))
 
 
 @pytest.mark.parametrize("cls", [CloudWinClassifierRouter, GapRegressorRouter, KNNRouter])
