@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from router.budget import sorted_quantile
 from router.log import LogRecord
 from router.types import Prediction, Tier
 
@@ -111,6 +112,22 @@ class Router(ABC):
     def default_artifact(cls) -> Path | None:
         """A trained artifact shipped with the package, used when a learned router is named without one."""
         return None
+
+
+class PromptRule(Router):
+    """A fixed rule on the prompt's text, learning nothing. Its offline calibration is the carried PartiPrompts
+    (:func:`routet2i.data.partiprompts`, 1,632 prompts of many kinds): the threshold that sends a share ``rho`` of
+    them to the cloud. Live routing uses it until the budget's window has seen enough scores of its own
+    (:data:`router.budget.MIN_SCORES_FOR_QUANTILE`), so a cold start routes about ρ to the cloud, not none."""
+
+    _calibration: np.ndarray | None = None
+
+    def calibrated_threshold(self, rho: float) -> float | None:
+        if self._calibration is None:
+            from routet2i.data import partiprompts
+
+            self._calibration = np.sort(self.score(partiprompts()))
+        return sorted_quantile(self._calibration, 1.0 - rho)
 
 
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from router.base import Router, RouterError
+from router.base import PromptRule, Router, RouterError
 from router.log import LogRecord, metric_names
 from router.pgr import aggregate_weights, quality_arrays
 from router.types import Prediction, Tier
@@ -83,7 +83,7 @@ class AllCloudRouter(_FixedTierRouter):
     fixed_tier = "cloud"
 
 
-class LongestPromptFirstRouter(Router):
+class LongestPromptFirstRouter(PromptRule):
     """Score = prompt length in characters: long, detailed prompts go to the cloud first."""
 
     name = "longest-prompt-first"
@@ -92,7 +92,7 @@ class LongestPromptFirstRouter(Router):
         return np.array([len(p) for p in prompts], dtype=np.float64)
 
 
-class NounCountRouter(Router):
+class NounCountRouter(PromptRule):
     """Score = number of nouns (RouteT2I's observation: more objects, more often a cloud win).
 
     Nouns come from an offline lexicon with context rules (:mod:`router.nouns`, which documents its limits).

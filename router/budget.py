@@ -147,15 +147,27 @@ class BudgetState:
     spent_usd: float = 0.0
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default), without numpy."""
-    ordered = sorted(values)
-    if not ordered:
+class Indexable(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def sorted_quantile(ordered: Indexable, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of values already sorted in ascending order (a list or
+    a numpy array): a calibration asked for its threshold at every decision is sorted once, not per call."""
+    if not len(ordered):
         raise ValueError("quantile of an empty sequence")
     position = min(max(q, 0.0), 1.0) * (len(ordered) - 1)
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    below, above = float(ordered[low]), float(ordered[high])
+    return below + (above - below) * (position - low)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), without numpy."""
+    return sorted_quantile(sorted(values), q)
 
 
 def decide(

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from functools import cache
 
 import numpy as np
 
-from router.base import Router
-from router.budget import quantile
+from router.base import PromptRule
 from router.types import Prediction
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
@@ -154,7 +152,7 @@ def content_words(prompt: str) -> list[str]:
     return [w for w in _WORD.findall(prompt.lower()) if w not in STOPWORDS]
 
 
-class PromptComplexityRouter(Router):
+class PromptComplexityRouter(PromptRule):
     """Score = content-word count + length / 10,000 (the tie-breaker never outweighs one word)."""
 
     name = "prompt-complexity"
@@ -162,23 +160,8 @@ class PromptComplexityRouter(Router):
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         return np.array([len(content_words(p)) + len(p) / 10_000 for p in prompts], dtype=np.float64)
 
-    def calibrated_threshold(self, rho: float) -> float | None:
-        return _reference_threshold(rho)
-
     def predict(self, prompts: Sequence[str]) -> list[Prediction]:
         return [
             Prediction(score=float(s), features={"content_words": len(content_words(p)), "chars": len(p)})
             for p, s in zip(prompts, self.score(prompts), strict=True)
         ]
-
-
-@cache
-def _reference_threshold(rho: float) -> float:
-    return quantile(_reference_scores(), 1.0 - rho)
-
-
-@cache
-def _reference_scores() -> tuple[float, ...]:
-    from routet2i.data import partiprompts
-
-    return tuple(PromptComplexityRouter().score(partiprompts()))
