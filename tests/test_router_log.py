@@ -139,8 +139,8 @@ def test_prompt_rules_are_calibrated_to_send_about_rho_of_partiprompts(name: str
 
 @pytest.mark.parametrize("name", ["prompt-complexity", "longest-prompt-first"])
 def test_a_prompt_rule_routes_from_its_first_request_at_about_rho(name: str) -> None:
-    # Without a calibration the first requests would all go to the edge (no threshold until the window has
-    # scores of its own); with it the cold start already routes about ρ of them to the cloud.
+    # Without a calibration the first request has no threshold and the next ones take it from a handful of
+    # scores; with it the cold start is decided on the PartiPrompts' split and routes about ρ to the cloud.
     from router.budget import MIN_SCORES_FOR_QUANTILE, BudgetConfig, BudgetController, MemoryBudgetStore
     from router.policy import RoutingPolicy
     from routet2i.data import sample_prompts
