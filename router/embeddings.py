@@ -23,6 +23,7 @@ depend on the other prompts in it (cosine 0.98–1.0 between batch compositions)
 quantized graph as exported, and a batch through a second graph (:func:`per_prompt_quantization`) that
 quantizes every prompt of the batch with its own range, taken over its own tokens only: a prompt's token states
 come out bit for bit as when it runs alone (tests hold them so), and its embeddings depend on the prompt alone.
+Batches run only where they are cheaper than single prompts (:meth:`SentenceEncoder._groups`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ DEFAULT_BATCH_SIZE = 8
 """Prompts per forward pass; batches are formed from length-sorted prompts to limit padding. Small batches pad
 least and stay in the CPU caches; on ONNX Runtime several batches run at once, one per thread
 (:meth:`SentenceEncoder.hidden_states`)."""
+
+INT8_PADDING = 1.2
+"""Most token slots, padding included, an ``onnx-int8`` batch may have per real token; above it its prompts run
+one per pass (:meth:`SentenceEncoder._groups`)."""
 
 TOKEN_CACHE_SIZE = 4096
 """Prompts whose token states an encoder keeps by default (about 50 KB each for a 30-token prompt)."""
@@ -323,14 +328,14 @@ class SentenceEncoder:
         ids = self._token_ids(ordered)
         pad = self._load_tokenizer().pad_token_id
         batches, inputs = [], []
-        for start in range(0, len(ordered), self.batch_size):
-            rows = ids[start : start + self.batch_size]
+        for group in self._groups([len(one) for one in ids]):
+            rows = [ids[i] for i in group]
             input_ids = np.full((len(rows), max(map(len, rows))), pad, dtype=np.int64)
             mask = np.zeros(input_ids.shape, dtype=np.int64)
             for row, one in enumerate(rows):
                 input_ids[row, : len(one)] = one
                 mask[row, : len(one)] = 1
-            batches.append(ordered[start : start + self.batch_size])
+            batches.append([ordered[i] for i in group])
             inputs.append({"input_ids": input_ids, "attention_mask": mask})
         threads = min(self._threads(), len(inputs))
         if self.backend == "torch" or threads == 1:
@@ -347,6 +352,26 @@ class SentenceEncoder:
             for j, share in enumerate(shares):
                 states[j::threads] = share
         return list(zip(batches, inputs, states, strict=True))
+
+    def _groups(self, lengths: list[int]) -> list[range]:
+        """The batches, as runs of the length-sorted prompts (``lengths``: their token counts):
+        :attr:`batch_size` each, the last one shorter.
+
+        On ``onnx-int8`` a batch gives the same token states as its prompts one by one, so only its cost decides:
+        its rewritten quantization pays back only in a full batch with little padding (at most
+        :data:`INT8_PADDING` token slots per real token). The other prompts (a few arriving requests of uneven
+        lengths, as a route worker mostly sees) run one per pass on the exported graph (measurements in
+        docs/router.md, "Decision cost")."""
+        size = self.batch_size
+        groups = [range(start, min(start + size, len(lengths))) for start in range(0, len(lengths), size)]
+        if self.backend != "onnx-int8":
+            return groups
+
+        def pays(group: range) -> bool:
+            rows = [lengths[i] for i in group]
+            return len(rows) == size and len(rows) * max(rows) <= INT8_PADDING * sum(rows)
+
+        return [one for group in groups for one in ([group] if pays(group) else [range(i, i + 1) for i in group])]
 
     def map(self, work: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         """``work`` applied to every item, the items spread over this encoder's threads (the calling thread

@@ -95,7 +95,10 @@ def test_batches_run_side_by_side_on_threads_with_the_same_result(backend: str) 
         assert a.tokens == b.tokens
         assert np.array_equal(a.states, b.states) and np.array_equal(a.sentence, b.sentence)
     batches = [batch for batch, _, _ in two.hidden_states(prompts)]
-    assert [len(b) for b in batches] == [5] * 6 + [2]
+    if backend == "onnx":
+        assert [len(b) for b in batches] == [5] * 6 + [2]
+    else:  # int8: full batches of even lengths, the other prompts one per pass (the same states either way)
+        assert {len(b) for b in batches} == {5, 1}
     flat = [p for b in batches for p in b]
     assert sorted(flat) == sorted(prompts) and flat == sorted(prompts, key=lambda p: (len(p), p))
 
@@ -136,14 +139,23 @@ def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
         assert a.tokens == b.tokens
         assert np.array_equal(a.states, b.states) and np.array_equal(a.sentence, b.sentence)
     # What the quantized graph as exported does with the same batches (one range for the batch): different.
-    shared = 0
-    for batch, inputs, states in batched.hidden_states(prompts[:64]):
+    in_batches = shared = 0
+    for batch, inputs, states in batched.hidden_states(prompts):
+        if len(batch) == 1:
+            continue
         plain = batched._session(1).run(None, inputs)[0]
         for row, prompt in enumerate(batch):
             length = int(inputs["attention_mask"][row].sum())
             assert np.array_equal(states[row, :length], alone.encode_tokens([prompt])[0].states)
+            in_batches += 1
             shared += not np.array_equal(plain[row, :length], states[row, :length])
-    assert shared > 32
+    assert in_batches >= 64 and shared > in_batches // 2
+    # Which prompts share a pass is a matter of cost: a full batch of even lengths does; uneven ones (padding
+    # above INT8_PADDING of their tokens) run one per pass, as a route worker's few arriving prompts mostly are.
+    even = [f"a {thing} on a table" for thing in THINGS]
+    uneven = ["cat " * n for n in range(1, 9)]
+    assert [len(b) for b, _, _ in batched.hidden_states(even)] == [8]
+    assert [len(b) for b, _, _ in batched.hidden_states(uneven)] == [1] * 8
 
 
 def test_the_batch_graph_refuses_a_graph_it_was_not_written_for() -> None:
