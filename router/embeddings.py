@@ -341,10 +341,12 @@ class SentenceEncoder:
         if self.backend == "torch" or threads == 1:
             states = [self.forward(one) for one in inputs]
         else:
-            # Made here: two threads must not both export the model and build the sessions.
+            # Made here: two threads must not both export the model and build a session (the int8 graph for
+            # batches only when a batch will run).
             self._session(1)
-            self._session(1, batched=True)
-            shares = self._pool(threads).map(
+            if any(len(one["input_ids"]) > 1 for one in inputs):
+                self._session(1, batched=True)
+            shares = self.map(
                 lambda share: [self.forward(one, threads=1) for one in share],
                 [inputs[j::threads] for j in range(threads)],
             )
@@ -513,9 +515,10 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
             exported = quantized
             import onnx
 
-            batched = batched_graph(target).with_name(batched_graph(target).name + ".tmp")
-            onnx.save(per_prompt_quantization(onnx.load(str(quantized))), str(batched))
-            batched.replace(batched_graph(target))
+            batched = batched_graph(target)
+            tmp_batched = batched.with_name(batched.name + ".tmp")
+            onnx.save(per_prompt_quantization(onnx.load(str(quantized))), str(tmp_batched))
+            tmp_batched.replace(batched)
         tmp_target = target.with_name(target.name + ".tmp")
         tmp_target.write_bytes(exported.read_bytes())
         tmp_target.replace(target)
