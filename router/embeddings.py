@@ -129,6 +129,8 @@ class SentenceEncoder:
         self._model: Any = None
         self._model_config: Any = None
         self._tokenizer: Any = None
+        self._ids: Any = None
+        """The tokenizer's Rust tokenizer, truncating at :attr:`max_tokens` (:meth:`_token_ids`)."""
         self._sessions: dict[tuple[int, bool], Any] = {}
         """ONNX Runtime sessions by thread count and graph (``True``: the int8 graph for batches)."""
         self._pools: dict[tuple[int, int], Any] = {}
@@ -389,15 +391,24 @@ class SentenceEncoder:
         return list(self._pool(threads).map(work, items))
 
     def _token_ids(self, prompts: list[str]) -> list[list[int]]:
-        """Truncated token ids of ``prompts``, special tokens included, unpadded."""
-        ids: list[list[int]] = self._load_tokenizer()(prompts, truncation=True, max_length=self.max_tokens)["input_ids"]
-        return ids
+        """Truncated token ids of ``prompts``, special tokens included, unpadded: what the transformers tokenizer
+        gives with ``truncation=True, max_length=max_tokens`` (a test holds them equal), from its Rust tokenizer
+        directly (one prompt: about 45 µs against 85 µs through the transformers call)."""
+        self._load_tokenizer()
+        return [encoding.ids for encoding in self._ids.encode_batch(prompts)]
 
     def _load_tokenizer(self) -> Any:
         if self._tokenizer is None:
+            from tokenizers import Tokenizer
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            # A copy of its Rust tokenizer set up once (the transformers call sets truncation at every call).
+            ids = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            ids.enable_truncation(self.max_tokens)
+            ids.no_padding()
+            self._ids = ids
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def _pool(self, threads: int) -> Any:

@@ -64,6 +64,20 @@ def test_embeddings_are_normalised_and_cached_on_disk(encoder: SentenceEncoder, 
     assert encoder.cache_file is not None and encoder.cache_file.is_file()
 
 
+def test_token_ids_are_the_transformers_tokenizers() -> None:
+    from router.datasets import agiqa_3k
+    from routet2i.data import partiprompts
+
+    encoder = SentenceEncoder(threads=1)
+    odd = ["", "   ", "Crème brûlée 🍮 on a plate", "ÅNGSTRÖM\tnaïve\ncafé", "a" * 3000, " ".join(["two owls"] * 400)]
+    prompts = partiprompts() + sorted({r.prompt for r in genai_bench("SDXL_Turbo", "DALLE_3")})
+    prompts += sorted({r.prompt for r in agiqa_3k("sd1.5_normal", "xl2.2_normal")}) + odd
+    theirs = encoder._load_tokenizer()(prompts, truncation=True, max_length=encoder.max_tokens)["input_ids"]
+    ours = encoder._token_ids(prompts)
+    assert ours == theirs
+    assert max(map(len, ours)) == encoder.max_tokens and ours[-1][-1] == encoder._tokenizer.sep_token_id
+
+
 def test_onnx_backend_is_the_torch_model_and_int8_is_a_different_one() -> None:
     prompts = ["a red bicycle leaning on a wall", "two owls", "a city at night, oil painting, highly detailed"]
     reference = SentenceEncoder(backend="torch", threads=1)
