@@ -51,6 +51,26 @@ INT8_PADDING = 1.2
 """Most token slots, padding included, an ``onnx-int8`` batch may have per real token; above it its prompts run
 one per pass (:meth:`SentenceEncoder._groups`)."""
 
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+INT8_BATCHES = "amx_int8" in _cpu_flags()
+"""Whether ``onnx-int8`` prompts may share a pass at all: on CPUs with AMX, where ONNX Runtime's int8 products
+run on tiles of 16 rows and small products fall back to other kernels, so more rows per product pay. Measured in batched scoring (docs/router.md, "Decision
+cost"): on an Intel Xeon with AMX, batches where they pay gave 1.065 times the prompts per second of one prompt
+per pass; on an AMD EPYC with AVX2 alone, 0.95 and 0.99 times in two runs, and a process that never batches
+never builds the batch graph's session (29 MB)."""
+
 TOKEN_CACHE_SIZE = 4096
 """Prompts whose token states an encoder keeps by default (about 50 KB each for a 30-token prompt)."""
 
@@ -120,6 +140,8 @@ class SentenceEncoder:
         self.cache_dir = cache_dir
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.threads = threads
+        self.int8_batches = INT8_BATCHES
+        """``onnx-int8``: whether prompts may share a pass (:data:`INT8_BATCHES`; the token states are the same)."""
         self._vectors: dict[str, np.ndarray] = {}
         self._tokens: OrderedDict[str, TokenStates] = OrderedDict()
         self.token_cache_size = TOKEN_CACHE_SIZE
@@ -362,10 +384,10 @@ class SentenceEncoder:
         :attr:`batch_size` each, the last one shorter.
 
         On ``onnx-int8`` a batch gives the same token states as its prompts one by one, so only its cost decides:
-        its rewritten quantization pays back only in a full batch with little padding (at most
-        :data:`INT8_PADDING` token slots per real token). The other prompts (a few arriving requests of uneven
-        lengths, as a route worker mostly sees) run one per pass on the exported graph (measurements in
-        docs/router.md, "Decision cost")."""
+        its rewritten quantization pays back only on a CPU with AMX (:attr:`int8_batches`) and in a full batch
+        with little padding (at most :data:`INT8_PADDING` token slots per real token). The other prompts (a few
+        arriving requests of uneven lengths, as a route worker mostly sees) run one per pass on the exported graph
+        (measurements in docs/router.md, "Decision cost")."""
         size = self.batch_size
         groups = [range(start, min(start + size, len(lengths))) for start in range(0, len(lengths), size)]
         if self.backend != "onnx-int8":
@@ -373,7 +395,7 @@ class SentenceEncoder:
 
         def pays(group: range) -> bool:
             rows = [lengths[i] for i in group]
-            return len(rows) == size and len(rows) * max(rows) <= INT8_PADDING * sum(rows)
+            return self.int8_batches and len(rows) == size and len(rows) * max(rows) <= INT8_PADDING * sum(rows)
 
         return [one for group in groups for one in ([group] if pays(group) else [range(i, i + 1) for i in group])]
 

@@ -97,11 +97,12 @@ def test_onnx_backend_is_the_torch_model_and_int8_is_a_different_one() -> None:
 
 @pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
 def test_batches_run_side_by_side_on_threads_with_the_same_result(backend: str) -> None:
-    # int8 activations are quantized per batch, so this also holds the batches themselves fixed: they may
-    # depend on the prompt set only, never on the thread count or the order the prompts come in.
+    # The batches themselves are fixed too: they may depend on the prompt set only, never on the thread count or
+    # the order the prompts come in.
     prompts = [f"a {colour} {thing} {place}" for colour in ("red", "pale") for thing in THINGS for place in PLACES[:2]]
     one = SentenceEncoder(backend=backend, threads=1, batch_size=5)
     two = SentenceEncoder(backend=backend, threads=2, batch_size=5)
+    one.int8_batches = two.int8_batches = True  # int8: as on a CPU with AMX, whatever this one has
     sequential = one.encode_tokens(prompts)
     parallel = two.encode_tokens(prompts[::-1])[::-1]
     assert len(two._pools) == 1 and (1, False) in two._sessions and not one._pools  # the batches ran on a pool
@@ -146,6 +147,7 @@ def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
     prompts = partiprompts()[:200] + [f"a {thing} {place}" for thing in THINGS for place in PLACES]
     alone = SentenceEncoder(backend="onnx-int8", threads=1, batch_size=1)
     batched = SentenceEncoder(backend="onnx-int8", threads=2)
+    batched.int8_batches = True  # the default on CPUs with AMX only
     assert batched.batch_size > 1
     one_by_one, in_batches = alone.encode_tokens(prompts), batched.encode_tokens(prompts[::-1])[::-1]
     assert (1, True) in batched._sessions and (1, True) not in alone._sessions  # each used its own graph
@@ -170,6 +172,8 @@ def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
     uneven = ["cat " * n for n in range(1, 9)]
     assert [len(b) for b, _, _ in batched.hidden_states(even)] == [8]
     assert [len(b) for b, _, _ in batched.hidden_states(uneven)] == [1] * 8
+    batched.int8_batches = False  # a CPU without AMX: one prompt per pass
+    assert [len(b) for b, _, _ in batched.hidden_states(even)] == [1] * 8
 
 
 def test_the_batch_graph_refuses_a_graph_it_was_not_written_for() -> None:
