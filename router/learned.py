@@ -15,6 +15,11 @@ embeddings of :mod:`router.embeddings`, standardised with the training fold's st
 Hyper-parameters (inverse regularisation C, ridge alpha, k) are chosen by 5-fold inner cross-validation on the
 training records only, split by prompt like the outer folds, with the seed given to :meth:`Router.fit`:
 log-loss for the classifier, squared error for the regressor and kNN. The grids are module constants.
+
+The same inner folds give each training record a score from a model that did not see its prompt (with the
+chosen hyper-parameters): sorted, these are the router's offline calibration, the scores it gives prompts it
+has not seen, from which :meth:`EmbeddingRouter.calibrated_threshold` sets a live router's first thresholds
+before its budget window has scores of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from router.base import Router, RouterError, read_manifest, write_manifest
+from router.budget import sorted_quantile
 from router.embeddings import SentenceEncoder, default_encoder
 from router.log import LogRecord, metric_names
 from router.pgr import composite_gain, gain_scales, quality_arrays
@@ -95,6 +101,14 @@ class EmbeddingRouter(Router):
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def calibrated_threshold(self, rho: float) -> float | None:
+        """The score above which a share ``rho`` of the training records' out-of-fold scores lie (``None`` for
+        an artifact without them: one trained before they were kept, or a search that did not run)."""
+        calibration = self.params.get("calibration")
+        if calibration is None or calibration.size == 0:
+            return None
+        return sorted_quantile(calibration, 1.0 - rho)
 
     # --- artifact -------------------------------------------------------------------------------------
 
@@ -179,20 +193,26 @@ class CloudWinClassifierRouter(EmbeddingRouter):
                 "intercept": np.array(0.0),
                 "constant": np.array(float(positives > 0)),
                 "C": np.array(0.0),
+                "calibration": np.zeros(0),
             }
         splits = [
             (train, valid)
             for train, valid in inner_splits(prompts, INNER_FOLDS, seed)
             if 0 < labels[train].sum() < len(train)
         ]
+        calibration = np.zeros(0)
         if len(splits) >= 2:
             losses = np.zeros(len(CLASSIFIER_CS))
+            held_out = np.full((len(CLASSIFIER_CS), len(labels)), np.nan)
             for train, valid in splits:
                 for j, c in enumerate(CLASSIFIER_CS):
                     fitted = LogisticRegression(C=c, max_iter=2000).fit(z[train], labels[train])
                     p = np.clip(fitted.predict_proba(z[valid])[:, 1], 1e-12, 1 - 1e-12)
                     losses[j] -= float(np.sum(labels[valid] * np.log(p) + (1 - labels[valid]) * np.log(1 - p)))
-            c = CLASSIFIER_CS[int(np.argmin(losses))]
+                    held_out[j, valid] = p
+            best = int(np.argmin(losses))
+            c = CLASSIFIER_CS[best]
+            calibration = np.sort(held_out[best][~np.isnan(held_out[best])])  # a one-class fold was skipped
         else:
             c = 1.0  # too few of one class for an inner search: a fixed, documented default
         model = LogisticRegression(C=c, max_iter=2000).fit(z, labels)
@@ -203,6 +223,7 @@ class CloudWinClassifierRouter(EmbeddingRouter):
             "intercept": np.array(float(model.intercept_[0])),
             "constant": np.array(np.nan),
             "C": np.array(c),
+            "calibration": calibration,
         }
 
     def _score(self, x: np.ndarray) -> np.ndarray:
@@ -224,12 +245,22 @@ class GapRegressorRouter(EmbeddingRouter):
         z = (x - mean) / std
         splits = inner_splits(prompts, INNER_FOLDS, seed)
         errors = np.zeros(len(RIDGE_ALPHAS))
+        held_out = np.zeros((len(RIDGE_ALPHAS), len(y)))
         for train, valid in splits:
             for j, (coef, intercept) in enumerate(ridge_path(z[train], y[train], RIDGE_ALPHAS)):
-                errors[j] += float(((z[valid] @ coef + intercept - y[valid]) ** 2).sum())
-        alpha = RIDGE_ALPHAS[int(np.argmin(errors))]
+                held_out[j, valid] = z[valid] @ coef + intercept
+                errors[j] += float(((held_out[j, valid] - y[valid]) ** 2).sum())
+        best = int(np.argmin(errors))
+        alpha = RIDGE_ALPHAS[best]
         ((coef, intercept),) = ridge_path(z, y, (alpha,))
-        return {"mean": mean, "std": std, "coef": coef, "intercept": np.array(intercept), "alpha": np.array(alpha)}
+        return {
+            "mean": mean,
+            "std": std,
+            "coef": coef,
+            "intercept": np.array(intercept),
+            "alpha": np.array(alpha),
+            "calibration": np.sort(held_out[best]),
+        }
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         p = self.params
@@ -246,13 +277,20 @@ class KNNRouter(EmbeddingRouter):
         splits = inner_splits(prompts, INNER_FOLDS, seed)
         candidates = [k for k in KNN_KS if k < min(len(train) for train, _ in splits)] or [1]
         errors = np.zeros(len(candidates))
+        held_out = np.zeros((len(candidates), len(y)))
         for train, valid in splits:
             ranked = _neighbour_order(x[valid], x[train])
             cum = np.cumsum(y[train][ranked], axis=1)
             for j, k in enumerate(candidates):
-                errors[j] += float(((cum[:, k - 1] / k - y[valid]) ** 2).sum())
-        k = candidates[int(np.argmin(errors))]
-        return {"x": x.astype(np.float32), "y": y.astype(np.float64), "k": np.array(float(k))}
+                held_out[j, valid] = cum[:, k - 1] / k
+                errors[j] += float(((held_out[j, valid] - y[valid]) ** 2).sum())
+        best = int(np.argmin(errors))
+        return {
+            "x": x.astype(np.float32),
+            "y": y.astype(np.float64),
+            "k": np.array(float(candidates[best])),
+            "calibration": np.sort(held_out[best]),
+        }
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         p = self.params

@@ -1,0 +1,54 @@
+"""How well a learned baseline's offline calibration predicts the cloud share of prompts it has not seen.
+
+Each learned baseline (``router.learned``) keeps the out-of-fold scores of its inner cross-validation as its
+calibration. For GenAI-Bench SDXL_Turbo → DALLE_3 and AGIQA-3K sd1.5_normal → xl2.2_normal, split into five
+folds by prompt (seed 0), every router is trained on four folds; the threshold its calibration gives for ρ = 0.1,
+0.3 and 0.5 is applied to the fifth fold's scores, and the cloud share that results is compared with ρ. The
+same is done with thresholds from the training prompts' own (in-sample) scores. Printed per log and router: the
+mean and largest absolute miss over the 15 (fold, ρ) cells, and the mean signed miss.
+
+Run from the repository root: ``python ops/eval/calibration_study.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from router.budget import sorted_quantile
+from router.datasets import agiqa_3k, genai_bench
+from router.embeddings import SentenceEncoder, use_default_encoder
+from router.learned import CloudWinClassifierRouter, GapRegressorRouter, KNNRouter
+from router.splits import split_folds
+
+FOLDS = 5
+RHOS = (0.1, 0.3, 0.5)
+
+
+def main() -> None:
+    use_default_encoder(SentenceEncoder())
+    logs = {
+        "genai-bench SDXL_Turbo->DALLE_3": genai_bench("SDXL_Turbo", "DALLE_3"),
+        "agiqa-3k sd1.5_normal->xl2.2_normal": agiqa_3k("sd1.5_normal", "xl2.2_normal"),
+    }
+    print(f"{'log':38s} {'router':22s} {'out-of-fold: mean / max / signed':34s} in-sample: mean / max / signed")
+    for name, log in logs.items():
+        fold = split_folds([r.prompt for r in log], FOLDS, 0)
+        for cls in (CloudWinClassifierRouter, GapRegressorRouter, KNNRouter):
+            misses: dict[str, list[float]] = {"out-of-fold": [], "in-sample": []}
+            for held in range(FOLDS):
+                train = [r for r, f in zip(log, fold, strict=True) if f != held]
+                unseen = [r.prompt for r, f in zip(log, fold, strict=True) if f == held]
+                router = cls().fit(train, seed=0)
+                scores = router.score(unseen)
+                own = np.sort(router.score([r.prompt for r in train]))
+                for rho in RHOS:
+                    threshold = router.calibrated_threshold(rho)
+                    assert threshold is not None
+                    misses["out-of-fold"].append(float((scores > threshold).mean()) - rho)
+                    misses["in-sample"].append(float((scores > sorted_quantile(own, 1.0 - rho)).mean()) - rho)
+            cells = [f"{np.mean(np.abs(m)):.3f} / {np.max(np.abs(m)):.3f} / {np.mean(m):+.3f}" for m in misses.values()]
+            print(f"{name:38s} {cls.name:22s} {cells[0]:34s} {cells[1]}")
+
+
+if __name__ == "__main__":
+    main()
