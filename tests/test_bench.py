@@ -67,10 +67,30 @@ def test_every_registered_benchmark_is_a_bench_command() -> None:
     assert all(name in result.output for name in BENCHMARKS)
 
 
-def test_bad_parameter_is_a_usage_error() -> None:
-    result = CliRunner().invoke(main, ["bench", "scoring", "--batch-sizes", "0,4"])
-    assert result.exit_code == 2
-    assert "batch_sizes must be positive integers" in result.output
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["scoring", "--batch-sizes", "0,4"], "Invalid value for '--batch-sizes': comma-separated positive integers"),
+        (["scoring", "--batch-sizes", "x"], "Invalid value for '--batch-sizes': comma-separated positive integers"),
+        (["scoring", "--threads", "-1"], "Invalid value for '--threads'"),
+        (["router", "--prompts", "0"], "Invalid value for '--prompts'"),
+        (["router", "--prompts", "5000"], "Invalid value for '--prompts': at most 1632"),
+        (["router", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["router", "--router", "nope"], "Invalid value for '--router': unknown router 'nope'"),
+        (["router", "--model", "."], "Invalid value for '--model': . is not a router artifact"),
+        (["replay", "--routers", "knn,nope"], "Invalid value for '--routers': unknown router 'nope'"),
+        (["replay", "--routers", ","], "Invalid value for '--routers': no router"),
+        (["replay", "--folds", "1"], "Invalid value for '--folds'"),
+        (["pipeline", "--pool", "forks"], "Invalid value for '--pool'"),
+        (["pipeline", "--batch-submissions", "500"], "Invalid value for '--batch-submissions': at most 100"),
+        (["api", "--seconds", "0"], "Invalid value for '--seconds'"),
+    ],
+)
+def test_a_bad_parameter_is_a_usage_error_naming_its_option(args: list[str], named: str) -> None:
+    # Refused before anything starts: no model is loaded, no stack or server comes up.
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
 
 
 @pytest.mark.slow

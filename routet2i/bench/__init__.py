@@ -53,6 +53,22 @@ class Measurement:
         }
 
 
+class BadParam(ValueError):
+    """A benchmark parameter's value refused by the benchmark itself, before it starts anything.
+
+    Attributes:
+        param: the parameter's name (``batch_sizes``; the command line shows ``--batch-sizes``).
+    """
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+    @property
+    def option(self) -> str:
+        return "--" + self.param.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Param:
     """A benchmark-specific option, offered on the command line as ``--NAME`` (underscores as dashes).
@@ -61,11 +77,15 @@ class Param:
         name: keyword argument of the benchmark's ``run``.
         default: default value; its type (int, float, str) is the option's type.
         help: one line for ``--help``.
+        minimum: smallest value a number may take (``None``: any).
+        choices: the values a string may take (empty: any).
     """
 
     name: str
     default: int | float | str
     help: str
+    minimum: int | float | None = None
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,8 +158,13 @@ register(
         target="routet2i.bench.scoring:run",
         params=(
             Param("batch_sizes", "1,16", "Comma-separated batch sizes."),
-            Param("image_size", 512, "Side of the square test images, in pixels (resized to the model's input)."),
-            Param("threads", 0, "torch CPU threads (0: ROUTET2I_TORCH_THREADS, else torch's default)."),
+            Param(
+                "image_size",
+                512,
+                "Side of the square test images, in pixels (resized to the model's input).",
+                minimum=1,
+            ),
+            Param("threads", 0, "torch CPU threads (0: ROUTET2I_TORCH_THREADS, else torch's default).", minimum=0),
         ),
     )
 )
@@ -151,13 +176,18 @@ register(
         "Celery+Redis task round trip on the same broker.",
         target="routet2i.bench.pipeline:run",
         params=(
-            Param("latency_jobs", 100, "Jobs sent one at a time for the latency percentiles."),
-            Param("burst_jobs", 2000, "Jobs per throughput burst."),
-            Param("clients", 16, "Concurrent HTTP clients in a burst."),
-            Param("route_workers", 2, "Pool size of the route worker."),
-            Param("tier_workers", 2, "Pool size of each tier worker."),
-            Param("pool", "prefork", "Celery pool of the workers: prefork, solo or threads."),
-            Param("batch_submissions", 20, "Jobs per POST /v1/jobs/batch in the batched bursts (1: none)."),
+            Param("latency_jobs", 100, "Jobs sent one at a time for the latency percentiles.", minimum=1),
+            Param("burst_jobs", 2000, "Jobs per throughput burst.", minimum=1),
+            Param("clients", 16, "Concurrent HTTP clients in a burst.", minimum=1),
+            Param("route_workers", 2, "Pool size of the route worker.", minimum=1),
+            Param("tier_workers", 2, "Pool size of each tier worker.", minimum=1),
+            Param("pool", "prefork", "Celery pool of the workers.", choices=("prefork", "solo", "threads")),
+            Param(
+                "batch_submissions",
+                20,
+                "Jobs per POST /v1/jobs/batch in the batched bursts (1: none; at most the API's batch limit).",
+                minimum=1,
+            ),
         ),
         repeats=3,
     )
@@ -170,10 +200,10 @@ register(
         "/healthz on the same server.",
         target="routet2i.bench.api:run",
         params=(
-            Param("seconds", 10.0, "Length of each load run."),
-            Param("connections", 32, "Concurrent connections."),
-            Param("api_workers", 4, "gunicorn worker processes."),
-            Param("api_threads", 4, "Threads per gunicorn worker."),
+            Param("seconds", 10.0, "Length of each load run.", minimum=1.0),
+            Param("connections", 32, "Concurrent connections.", minimum=1),
+            Param("api_workers", 4, "gunicorn worker processes.", minimum=1),
+            Param("api_threads", 4, "Threads per gunicorn worker.", minimum=1),
         ),
         repeats=3,
     )
@@ -188,9 +218,15 @@ register(
         params=(
             Param("router", "routet2i", "Router name."),
             Param("model", "", "Artifact directory ('': the router's shipped default)."),
-            Param("prompts", 300, "Distinct prompts timed one by one (latency) and in batches (throughput)."),
-            Param("batch_size", 64, "Prompts per batch in the throughput runs."),
-            Param("threads", 2, "torch threads of the throughput runs (latency uses one)."),
+            Param(
+                "prompts",
+                300,
+                "Distinct prompts timed one by one (latency) and in batches (throughput; at most the carried "
+                "PartiPrompts).",
+                minimum=1,
+            ),
+            Param("batch_size", 64, "Prompts per batch in the throughput runs.", minimum=1),
+            Param("threads", 2, "torch threads of the throughput runs (latency uses one).", minimum=1),
         ),
     )
 )
@@ -202,7 +238,7 @@ register(
         target="routet2i.bench.replay:run",
         params=(
             Param("routers", "longest-prompt-first,gap-regressor,routet2i", "Comma-separated router names."),
-            Param("folds", 5, "Folds of the timed evaluation (one seed)."),
+            Param("folds", 5, "Folds of the timed evaluation (one seed).", minimum=2),
         ),
     )
 )

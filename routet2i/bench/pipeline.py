@@ -31,7 +31,7 @@ from sqlalchemy import select
 from db.models import Job
 from db.session import make_engine, make_session_factory
 from db.stats import percentile
-from routet2i.bench import Measurement, cpu
+from routet2i.bench import BadParam, Measurement, cpu
 from routet2i.bench.echo import QUEUE, TASK, make_app
 from routet2i.load import LocalRun, local_run
 from routet2i.settings import Settings
@@ -148,6 +148,12 @@ def run(
 ) -> list[Measurement]:
     """Measure the pipeline and its reference; ``repeats`` bursts are timed for each (medians), once with one
     job per submission and once with ``batch_submissions`` jobs per ``POST /v1/jobs/batch``."""
+    from api.schemas import MAX_BATCH_JOBS
+
+    if batch_submissions > MAX_BATCH_JOBS:
+        raise BadParam(
+            "batch_submissions", f"at most {MAX_BATCH_JOBS} (the API's batch limit), got {batch_submissions}"
+        )
     check_redis(settings.broker_url)
     track = cpu.available()
     bare_cpu_ms = 0.0

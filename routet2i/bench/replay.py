@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from routet2i.bench import Measurement, interleaved_medians
+from routet2i.bench import BadParam, Measurement, interleaved_medians
 from routet2i.settings import Settings
 
 
 def run(
     settings: Settings, *, repeats: int, routers: str = "longest-prompt-first,gap-regressor,routet2i", folds: int = 5
 ) -> list[Measurement]:
-    from router.base import create_router
+    from router.base import available_routers, create_router
     from router.datasets import genai_bench
     from router.evaluation import evaluate
     from router.replay import replay
@@ -26,8 +26,15 @@ def run(
     records = genai_bench("SDXL_Turbo", "DALLE_3")
     prompts = [r.prompt for r in records]
     prices = {"edge": settings.edge.price_per_image, "cloud": settings.cloud.price_per_image}
+    names = [r.strip() for r in routers.split(",") if r.strip()]
+    unknown = [name for name in names if name not in available_routers()]
+    if unknown or not names:
+        raise BadParam(
+            "routers",
+            f"unknown router {unknown[0]!r}; available: {', '.join(available_routers())}" if unknown else "no router",
+        )
     measurements = []
-    for name in [r.strip() for r in routers.split(",") if r.strip()]:
+    for name in names:
         router = create_router(name)
         router.warm(prompts)
         router.fit(records, seed=0)

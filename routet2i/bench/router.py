@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from db.stats import percentile
-from routet2i.bench import Measurement
+from routet2i.bench import BadParam, Measurement
 from routet2i.data import sample_prompts
 from routet2i.settings import Settings
 
@@ -49,13 +49,21 @@ def run(
     """
     import torch
 
-    from router.base import load_router
+    from router.base import RouterError, available_routers, load_router
     from router.budget import BudgetConfig, BudgetController, MemoryBudgetStore
     from router.embeddings import SentenceEncoder, use_default_encoder
     from router.policy import RoutingPolicy
+    from routet2i.data import partiprompts
 
+    if prompts > len(partiprompts()):
+        raise BadParam("prompts", f"at most {len(partiprompts())} (the carried PartiPrompts), got {prompts}")
+    if router not in available_routers():
+        raise BadParam("router", f"unknown router {router!r}; available: {', '.join(available_routers())}")
     encoder = use_default_encoder(SentenceEncoder(settings.encoder_model, backend=settings.encoder_backend))
-    routing = load_router(router, Path(model) if model else None)
+    try:
+        routing = load_router(router, Path(model) if model else None)
+    except RouterError as exc:
+        raise BadParam("model" if model else "router", str(exc)) from exc
     window = settings.budget_window
     policy = RoutingPolicy(
         routing, BudgetController(BudgetConfig(rho=settings.cloud_budget, window=window), MemoryBudgetStore(window))

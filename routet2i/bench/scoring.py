@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from routet2i.bench import Measurement, interleaved_medians
+from routet2i.bench import BadParam, Measurement, interleaved_medians
 from routet2i.data import sample_prompts
 from routet2i.settings import Settings
 
@@ -45,13 +45,17 @@ def run(
     Returns:
         Two measurements per batch size, the scorer with and without prompts, each against the bare forward pass.
     """
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise BadParam("batch_sizes", f"comma-separated positive integers, got {batch_sizes!r}")
+
     import torch
 
     from worker.scoring import ClipScorer
 
-    sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
     if threads or settings.torch_threads:
         torch.set_num_threads(threads or settings.torch_threads)  # type: ignore[arg-type]
 

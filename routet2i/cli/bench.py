@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from routet2i.bench import BENCHMARKS, Benchmark, Measurement
+from routet2i.bench import BENCHMARKS, BadParam, Benchmark, Measurement, Param
 from routet2i.cli.common import load_settings
 
 
@@ -31,6 +31,8 @@ def _command(benchmark: Benchmark) -> click.Command:
         settings = load_settings()
         try:
             measurements = benchmark.run(settings, repeats=repeats, **params)
+        except BadParam as exc:
+            raise click.BadParameter(str(exc), param_hint=f"'{exc.option}'") from exc
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
         if as_json:
@@ -54,11 +56,22 @@ def _command(benchmark: Benchmark) -> click.Command:
                 [f"--{param.name.replace('_', '-')}", param.name],
                 default=param.default,
                 show_default=True,
-                type=type(param.default),
+                type=_option_type(param),
                 help=param.help,
             )
         )
     return click.Command(benchmark.name, callback=callback, params=options, help=benchmark.summary)
+
+
+def _option_type(param: Param) -> click.ParamType | type:
+    """The click type of a benchmark parameter: its default's type, within its bounds or choices."""
+    if param.choices:
+        return click.Choice(param.choices)
+    if param.minimum is not None and isinstance(param.default, int):
+        return click.IntRange(min=int(param.minimum))
+    if param.minimum is not None and isinstance(param.default, float):
+        return click.FloatRange(min=param.minimum)
+    return type(param.default)
 
 
 @click.group()
