@@ -8,7 +8,8 @@ With a cache directory the vectors also persist on disk, keyed by a hash of the 
 
 The forward pass runs on one of three backends (:data:`BACKENDS`):
 
-* ``onnx`` (default): the same model exported once per process to ONNX and run by ONNX Runtime. Its token
+* ``onnx`` (default): the same model exported to ONNX and run by ONNX Runtime (exported once per process, or
+  once per machine with a graph directory: :attr:`SentenceEncoder.graph_dir`). Its token
   states match torch's to about 3e-6, so it shares torch's :attr:`SentenceEncoder.key` and everything trained on
   one runs on the other; a one-prompt forward pass on one thread is about 2.5 times faster than torch eager.
 * ``torch``: the transformers model itself, the reference.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -122,6 +124,9 @@ class SentenceEncoder:
         batch_size: prompts per forward pass (``None``: :data:`DEFAULT_BATCH_SIZE`).
         threads: CPU threads while encoding (``None``: torch's current setting).
         backend: one of :data:`BACKENDS`.
+        graph_dir: where the ONNX backends keep their exported graphs, named by the encoder's key and a digest of
+            the exporting code and libraries (:func:`export_digest`): the first process on a machine exports
+            (5–10 s), every later one loads its file. ``None``: a temporary directory per encoder, exported anew.
     """
 
     def __init__(
@@ -132,12 +137,14 @@ class SentenceEncoder:
         batch_size: int | None = None,
         threads: int | None = None,
         backend: str = BACKENDS[0],
+        graph_dir: Path | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown encoder backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend = backend
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         self.cache_dir = cache_dir
+        self.graph_dir = graph_dir
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.threads = threads
         self.int8_batches = INT8_BATCHES
@@ -267,25 +274,33 @@ class SentenceEncoder:
         return self._sessions[(threads, batched)]
 
     def _onnx_model(self) -> str:
-        """The encoder exported to ONNX (quantized for ``onnx-int8``), as a file kept for this encoder's lifetime.
+        """The encoder exported to ONNX (quantized for ``onnx-int8``), as a file: in :attr:`graph_dir` when set
+        (exported there by the first process to need it), else in a directory kept for this encoder's lifetime.
 
-        The export runs in a child process (about 5 s, once per process): loading and tracing the torch model
-        would otherwise leave several hundred MB in this process that ONNX Runtime does not need.
+        The export runs in a child process (5–10 s): loading and tracing the torch model would otherwise leave
+        several hundred MB in this process that ONNX Runtime does not need.
         """
         if self._onnx is None:
             import subprocess
             import sys
             import tempfile
 
-            self._onnx_dir = tempfile.TemporaryDirectory(prefix="routet2i-encoder-")
-            target = Path(self._onnx_dir.name) / f"{self.key}.onnx"
-            done = subprocess.run(
-                [sys.executable, "-m", "router.embeddings", str(self.model_path), str(target), self.backend],
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0 or not target.is_file():
-                raise RuntimeError(f"exporting the encoder to ONNX failed:\n{done.stderr[-2000:]}")
+            if self.graph_dir is not None:
+                target = self.graph_dir / f"{self.key}-{export_digest()}.onnx"
+            else:
+                self._onnx_dir = tempfile.TemporaryDirectory(prefix="routet2i-encoder-")
+                target = Path(self._onnx_dir.name) / f"{self.key}.onnx"
+            # The int8 export writes its batch graph before its own file: one without the other is no export.
+            if not (target.is_file() and (self.backend != "onnx-int8" or batched_graph(target).is_file())):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                done = subprocess.run(
+                    [sys.executable, "-m", "router.embeddings", str(self.model_path), str(target), self.backend],
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode != 0 or not target.is_file():
+                    raise RuntimeError(f"exporting the encoder to ONNX failed:\n{done.stderr[-2000:]}")
+                log.info("exported the %s encoder to %s", self.backend, target)
             self._onnx = str(target)
         return self._onnx
 
@@ -436,8 +451,6 @@ class SentenceEncoder:
     def _pool(self, threads: int) -> Any:
         """Worker threads that run batches side by side (one pool per thread count asked for, and per process:
         a pool inherited through ``fork`` has no threads in the child)."""
-        import os
-
         key = (os.getpid(), threads)
         if key not in self._pools:
             from concurrent.futures import ThreadPoolExecutor
@@ -471,7 +484,7 @@ class SentenceEncoder:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self._vectors)
-        tmp = path.with_name(f"{path.stem}.{threading.get_ident()}.tmp.npz")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
         np.savez(tmp, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]))
         tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one, never half of one
 
@@ -498,9 +511,24 @@ def use_default_encoder(encoder: SentenceEncoder) -> SentenceEncoder:
     return encoder
 
 
+def export_digest() -> str:
+    """What an exported graph depends on besides the model files (which :attr:`SentenceEncoder.key` covers):
+    this module's code, which writes and rewrites it, and the versions of the libraries that trace, quantize and
+    run it. A graph kept under another digest is never loaded."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for package in ("torch", "transformers", "onnx", "onnxruntime"):
+        digest.update(f"{package}={version(package)}".encode())
+    return digest.hexdigest()[:12]
+
+
 def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
     """Export the encoder's last hidden states to ONNX at ``target`` (dynamic batch and length), with int8
-    weights per output channel when ``int8``."""
+    weights per output channel when ``int8``.
+
+    Every file appears whole or not at all (written under a name of this process's, then renamed): processes
+    exporting into the same directory at once each leave a complete graph, the last one renamed staying."""
     import tempfile
 
     import torch
@@ -549,10 +577,10 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
             import onnx
 
             batched = batched_graph(target)
-            tmp_batched = batched.with_name(batched.name + ".tmp")
+            tmp_batched = batched.with_name(f"{batched.name}.{os.getpid()}.tmp")
             onnx.save(per_prompt_quantization(onnx.load(str(quantized))), str(tmp_batched))
             tmp_batched.replace(batched)
-        tmp_target = target.with_name(target.name + ".tmp")
+        tmp_target = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         tmp_target.write_bytes(exported.read_bytes())
         tmp_target.replace(target)
 

@@ -8,10 +8,13 @@ import time. Nested per-tier settings use a double underscore: ``ROUTET2I_CLOUD_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from router.embeddings import SentenceEncoder
 
 TierName = Literal["edge", "cloud"]
 TIERS: tuple[TierName, ...] = ("edge", "cloud")
@@ -113,7 +116,8 @@ class Settings(BaseSettings):
     """Redis for shared router state; defaults to the broker URL."""
     image_dir: Path = Path("./var/images")
     cache_dir: Path = Path("./var/cache")
-    """Files built once per machine (tokenizer files of offline models)."""
+    """Files built once per machine: tokenizer files of offline models, the router encoder's exported ONNX
+    graphs (``encoders/``) and the learned routers' prompt embeddings (``embeddings/``)."""
     reports_dir: Path = Path("./var/eval")
     """Evaluation plots (PNG files) the dashboard shows: where ``routet2i eval --suite`` writes them by default,
     or any ``routet2i eval --plot DIR/NAME.png``."""
@@ -272,6 +276,20 @@ class Settings(BaseSettings):
     @property
     def state_redis_url(self) -> str:
         return self.redis_url or self.broker_url
+
+    def sentence_encoder(self, *, keep_embeddings: bool = False, threads: int | None = None) -> SentenceEncoder:
+        """The router's sentence encoder: this deployment's model and backend, its exported graphs kept under
+        ``cache_dir/encoders`` (exported once per machine), and with ``keep_embeddings`` the prompts' sentence
+        embeddings under ``cache_dir/embeddings`` (evaluations score the same prompts again and again)."""
+        from router.embeddings import SentenceEncoder
+
+        return SentenceEncoder(
+            self.encoder_model,
+            cache_dir=self.cache_dir / "embeddings" if keep_embeddings else None,
+            threads=threads,
+            backend=self.encoder_backend,
+            graph_dir=self.cache_dir / "encoders",
+        )
 
     def tier(self, name: str) -> TierSettings:
         if name == "edge":

@@ -86,10 +86,10 @@ class WorkerContext:
     def policy(self) -> RoutingPolicy:
         if self._policy is None:
             from router.base import load_router
-            from router.embeddings import SentenceEncoder, use_default_encoder
+            from router.embeddings import use_default_encoder
             from router.policy import RoutingPolicy
 
-            use_default_encoder(SentenceEncoder(self.settings.encoder_model, backend=self.settings.encoder_backend))
+            use_default_encoder(self.settings.sentence_encoder())
             router = load_router(self.settings.router, self.settings.router_model)
             self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
         return self._policy

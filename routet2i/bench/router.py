@@ -59,7 +59,7 @@ def run(
         raise BadParam("prompts", f"at most {len(partiprompts())} (the carried PartiPrompts), got {prompts}")
     if router not in available_routers():
         raise BadParam("router", f"unknown router {router!r}; available: {', '.join(available_routers())}")
-    encoder = use_default_encoder(SentenceEncoder(settings.encoder_model, backend=settings.encoder_backend))
+    encoder = use_default_encoder(settings.sentence_encoder())
     try:
         routing = load_router(router, Path(model) if model else None)
     except RouterError as exc:

@@ -49,16 +49,9 @@ def _router_names(value: str | None) -> list[str]:
 
 def _install_encoder(settings: Settings) -> None:
     """Learned routers share one sentence encoder whose embeddings persist under the cache directory."""
-    from router.embeddings import SentenceEncoder, use_default_encoder
+    from router.embeddings import use_default_encoder
 
-    use_default_encoder(
-        SentenceEncoder(
-            settings.encoder_model,
-            cache_dir=settings.cache_dir / "embeddings",
-            threads=settings.torch_threads,
-            backend=settings.encoder_backend,
-        )
-    )
+    use_default_encoder(settings.sentence_encoder(keep_embeddings=True, threads=settings.torch_threads))
 
 
 def _run(
