@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import threading
+import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -484,7 +485,7 @@ class SentenceEncoder:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self._vectors)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+        tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp.npz")  # unique across hosts sharing the volume
         np.savez(tmp, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]))
         tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one, never half of one
 
@@ -527,8 +528,9 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
     """Export the encoder's last hidden states to ONNX at ``target`` (dynamic batch and length), with int8
     weights per output channel when ``int8``.
 
-    Every file appears whole or not at all (written under a name of this process's, then renamed): processes
-    exporting into the same directory at once each leave a complete graph, the last one renamed staying."""
+    Every file appears whole or not at all (written under a name of its own, then renamed): processes, or hosts
+    sharing the directory on a volume, exporting into it at once each leave a complete graph, the last one
+    renamed staying (the exports are byte-identical)."""
     import tempfile
 
     import torch
@@ -577,10 +579,10 @@ def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
             import onnx
 
             batched = batched_graph(target)
-            tmp_batched = batched.with_name(f"{batched.name}.{os.getpid()}.tmp")
+            tmp_batched = batched.with_name(f"{batched.name}.{uuid.uuid4().hex}.tmp")
             onnx.save(per_prompt_quantization(onnx.load(str(quantized))), str(tmp_batched))
             tmp_batched.replace(batched)
-        tmp_target = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp_target = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
         tmp_target.write_bytes(exported.read_bytes())
         tmp_target.replace(target)
 
