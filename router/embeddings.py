@@ -69,10 +69,10 @@ def _cpu_flags() -> frozenset[str]:
 
 INT8_BATCHES = "amx_int8" in _cpu_flags()
 """Whether ``onnx-int8`` prompts may share a pass at all: on CPUs with AMX, where ONNX Runtime's int8 products
-run on tiles of 16 rows and small products fall back to other kernels, so more rows per product pay. Measured in batched scoring (docs/router.md, "Decision
-cost"): on an Intel Xeon with AMX, batches where they pay gave 1.065 times the prompts per second of one prompt
-per pass; on an AMD EPYC with AVX2 alone, 0.95 and 0.99 times in two runs, and a process that never batches
-never builds the batch graph's session (29 MB)."""
+run on tiles of 16 rows and small products fall back to other kernels, so more rows per product pay. Measured
+in batched scoring (docs/router.md, "Decision cost"): on an Intel Xeon with AMX, batches where they pay gave
+1.065 times the prompts per second of one prompt per pass; on an AMD EPYC with AVX2 alone, 0.95 and 0.99 times
+in two runs, and a process that never batches never builds the batch graph's session (29 MB)."""
 
 TOKEN_CACHE_SIZE = 4096
 """Prompts whose token states an encoder keeps by default (about 50 KB each for a 30-token prompt)."""
