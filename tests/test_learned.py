@@ -138,36 +138,46 @@ def test_an_encoder_used_before_a_fork_still_runs_its_batches_in_the_child() -> 
     assert child.exitcode == 0 and np.array_equal(got, parent)
 
 
-def _states_in_child(graph_dir: Path, prompts: list[str], out: Any) -> None:
-    encoder = SentenceEncoder(backend="onnx-int8", threads=1, graph_dir=graph_dir)
-    out.put([t.states.tolist() for t in encoder.encode_tokens(prompts)])
+_ENCODE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from router.embeddings import SentenceEncoder
+
+encoder = SentenceEncoder(backend="onnx-int8", threads=1, graph_dir=Path(sys.argv[1]))
+prompts = sys.argv[3:]
+np.save(sys.argv[2], np.concatenate([t.states for t in encoder.encode_tokens(prompts)]))
+"""
 
 
 def test_exported_graphs_are_kept_for_every_later_process_on_the_machine(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     from router.embeddings import batched_graph, export_digest
 
     prompts = [f"a {thing} {place}" for thing in THINGS for place in PLACES[:2]]
-    # Two router processes starting at once on an empty directory (a prefork pool's children) both export.
-    context = multiprocessing.get_context("fork")
-    out = context.Queue()
-    children = [context.Process(target=_states_in_child, args=(tmp_path, prompts, out)) for _ in range(2)]
-    for child in children:
-        child.start()
-    first, second = (out.get(timeout=240) for _ in children)
-    for child in children:
-        child.join(30)
-        assert child.exitcode == 0
-    assert first == second
-    encoder = SentenceEncoder(backend="onnx-int8", threads=1, graph_dir=tmp_path)
-    graph = tmp_path / f"{encoder.key}-{export_digest()}.onnx"
-    assert sorted(tmp_path.iterdir()) == sorted([graph, batched_graph(graph)])  # no temporary file left
+    graphs = tmp_path / "encoders"
+    # Two router processes starting at once on an empty directory (a worker's pool children) both export.
+    outs = [tmp_path / f"states-{i}.npy" for i in range(2)]
+    children = [
+        subprocess.Popen([sys.executable, "-c", _ENCODE_IN_A_PROCESS, str(graphs), str(out), *prompts]) for out in outs
+    ]
+    assert [child.wait(timeout=300) for child in children] == [0, 0]
+    first, second = (np.load(out) for out in outs)
+    assert np.array_equal(first, second)
+    encoder = SentenceEncoder(backend="onnx-int8", threads=1, graph_dir=graphs)
+    graph = graphs / f"{encoder.key}-{export_digest()}.onnx"
+    assert sorted(graphs.iterdir()) == sorted([graph, batched_graph(graph)])  # no temporary file left
     # A later one loads their files: nothing is exported again (a rename would give new inodes).
     stamps = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in (graph, batched_graph(graph))]
     encoder.int8_batches = True  # both graphs in use, whatever this CPU
     again = encoder.encode_tokens(prompts)
     assert (1, True) in encoder._sessions
     assert [(f.stat().st_ino, f.stat().st_mtime_ns) for f in (graph, batched_graph(graph))] == stamps
-    assert [t.states.tolist() for t in again] == first
+    assert np.array_equal(np.concatenate([t.states for t in again]), first)
 
 
 def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
