@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -118,24 +116,47 @@ def test_batches_run_side_by_side_on_threads_with_the_same_result(backend: str) 
     assert sorted(flat) == sorted(prompts) and flat == sorted(prompts, key=lambda p: (len(p), p))
 
 
-def _encode_in_child(encoder: SentenceEncoder, prompts: list[str], out: Any) -> None:
+_FORK_AFTER_ENCODING = """
+import multiprocessing
+import sys
+
+import numpy as np
+
+from router.embeddings import SentenceEncoder
+
+
+def encode_in_child(encoder, prompts, out):
     encoder.clear()
     out.put(encoder.encode(prompts).tolist())
 
 
-def test_an_encoder_used_before_a_fork_still_runs_its_batches_in_the_child() -> None:
-    # Celery's prefork pool forks worker processes; the parent's encoder thread pool has no threads there.
-    prompts = [f"a {thing} {place}" for thing in THINGS for place in PLACES[:3]]
+if __name__ == "__main__":
+    prompts = sys.argv[1:]
     encoder = SentenceEncoder(backend="onnx", threads=2)
     parent = encoder.encode(prompts)
-    assert encoder._pools  # the batches ran side by side here
+    assert encoder._pools, "the batches did not run side by side"
     context = multiprocessing.get_context("fork")
     out = context.Queue()
-    child = context.Process(target=_encode_in_child, args=(encoder, prompts, out))
+    child = context.Process(target=encode_in_child, args=(encoder, prompts, out))
     child.start()
     got = np.array(out.get(timeout=120))
     child.join(30)
-    assert child.exitcode == 0 and np.array_equal(got, parent)
+    assert child.exitcode == 0 and np.array_equal(got, parent), "the child's embeddings differ"
+"""
+
+
+def test_an_encoder_used_before_a_fork_still_runs_its_batches_in_the_child(tmp_path: Path) -> None:
+    # Celery's prefork pool forks worker processes; the parent's encoder thread pool has no threads there. The
+    # fork happens in a fresh interpreter: one forked from this one would inherit the suite's Celery connections,
+    # whose after-fork clean-up can wait forever on a reply the parent already read.
+    import subprocess
+    import sys
+
+    prompts = [f"a {thing} {place}" for thing in THINGS for place in PLACES[:3]]
+    script = tmp_path / "fork_after_encoding.py"
+    script.write_text(_FORK_AFTER_ENCODING)
+    done = subprocess.run([sys.executable, str(script), *prompts], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 _ENCODE_IN_A_PROCESS = """
