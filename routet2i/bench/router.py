@@ -55,8 +55,9 @@ def run(
     from router.policy import RoutingPolicy
     from routet2i.data import partiprompts
 
-    if prompts > len(partiprompts()):
-        raise BadParam("prompts", f"at most {len(partiprompts())} (the carried PartiPrompts), got {prompts}")
+    carried = len(partiprompts())
+    if prompts > carried:
+        raise BadParam("prompts", f"at most {carried} (the carried PartiPrompts), got {prompts}")
     if router not in available_routers():
         raise BadParam("router", f"unknown router {router!r}; available: {', '.join(available_routers())}")
     encoder = use_default_encoder(settings.sentence_encoder())
