@@ -12,10 +12,10 @@ from api.errors import register_error_handlers
 from api.ratelimit import RateLimiter
 from api.schemas import job_batch_model, job_create_model
 from api.state import EXTENSION, ApiState
+from core.settings import Settings
 from db.images import ImageStore
 from db.session import make_engine, make_session_factory
 from db.state_redis import connect as connect_redis
-from routet2i.settings import Settings
 from worker.app import create_celery
 from worker.budget_store import SpendLedger
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from api.state import ApiState, state
-from routet2i import __version__
+from core import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
 

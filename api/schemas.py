@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
 
+from core.settings import Settings
 from db.models import Decision, Generation, Job, JobEvent, JobStatus
 from db.pagination import MAX_PAGE_SIZE, as_utc
-from routet2i.settings import Settings
 
 SIZE_MULTIPLE = 8
 """Width and height must be multiples of this (the VAE's downsampling factor)."""

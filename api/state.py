@@ -11,8 +11,8 @@ from flask import current_app
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import Settings
 from db.images import ImageStore
-from routet2i.settings import Settings
 
 if TYPE_CHECKING:
     from api.auth import KeyCache, Principal

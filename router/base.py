@@ -116,7 +116,7 @@ class Router(ABC):
 
 class PromptRule(Router):
     """A fixed rule on the prompt's text, learning nothing. Its offline calibration is the carried PartiPrompts
-    (:func:`routet2i.data.partiprompts`, 1,632 prompts of many kinds): the threshold that sends a share ``rho`` of
+    (:func:`router.data.partiprompts`, 1,632 prompts of many kinds): the threshold that sends a share ``rho`` of
     them to the cloud. Live routing uses it until the budget's window has seen enough scores of its own
     (:data:`router.budget.MIN_SCORES_FOR_QUANTILE`), so a cold start routes about ρ to the cloud, not none."""
 
@@ -124,7 +124,7 @@ class PromptRule(Router):
 
     def calibrated_threshold(self, rho: float) -> float | None:
         if self._calibration is None:
-            from routet2i.data import partiprompts
+            from router.data import partiprompts
 
             self._calibration = np.sort(self.score(partiprompts()))
         return sorted_quantile(self._calibration, 1.0 - rho)

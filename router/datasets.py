@@ -1,4 +1,4 @@
-"""Replay logs built from the real human ratings carried in ``routet2i/data`` (see each folder's SOURCE.md).
+"""Replay logs built from the real human ratings carried in ``router/data`` (see each folder's SOURCE.md).
 
 GenAI-Bench: 527 prompts, six generators, three 1-5 alignment ratings per image; metric ``alignment`` is
 their mean. AGIQA-3K: 300 prompts, ten generator configurations, mean opinion scores of perceptual
@@ -15,9 +15,9 @@ import csv
 import json
 from collections import defaultdict
 
+from router.data import path
 from router.log import LogRecord
 from router.types import QualityVector
-from routet2i.data import path
 
 GENAI_BENCH_MODELS = ("SDXL_Turbo", "SDXL_2_1", "SDXL_Base", "DeepFloyd_I_XL_v1", "Midjourney_6", "DALLE_3")
 AGIQA_CONFIGS = (

@@ -39,9 +39,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,21 @@ class SentenceEncoder:
         self._lock = threading.Lock()
         self.computed = 0
         """Number of prompts this encoder ran through the model (the rest came from a cache)."""
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, keep_embeddings: bool = False, threads: int | None = None
+    ) -> SentenceEncoder:
+        """The router's encoder of a deployment: its model and backend, its exported graphs kept under
+        ``cache_dir/encoders`` (exported once per machine), and with ``keep_embeddings`` the prompts' sentence
+        embeddings under ``cache_dir/embeddings`` (evaluations score the same prompts again and again)."""
+        return cls(
+            settings.encoder_model,
+            cache_dir=settings.cache_dir / "embeddings" if keep_embeddings else None,
+            threads=threads,
+            backend=settings.encoder_backend,
+            graph_dir=settings.cache_dir / "encoders",
+        )
 
     @property
     def key(self) -> str:

@@ -1,6 +1,6 @@
 """The standard evaluation suite: the replay logs every router is compared on in docs/evaluation.md.
 
-Each log is built from the human ratings carried in ``routet2i/data`` by the same importers as
+Each log is built from the human ratings carried in ``router/data`` by the same importers as
 ``routet2i data import``.
 """
 

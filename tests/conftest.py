@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from routet2i.settings import Settings
+from core.settings import Settings
 from tests.support import WorkerPool
 
 PG_HOST = os.environ.get("ROUTET2I_TEST_PG_HOST", "127.0.0.1:5432")

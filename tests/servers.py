@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from routet2i.settings import Settings
+from core.settings import Settings
 from tests.support import free_port
 
 READY_TIMEOUT_S = 60.0
@@ -75,6 +75,6 @@ class ApiServer(Process):
     def __init__(self, settings: Settings, *, log_path: Path, workers: int = 2, **extra_env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "routet2i.cli", "api", "--port", str(self.port), "--workers", str(workers)]
+        argv = [sys.executable, "-m", "cli", "api", "--port", str(self.port), "--workers", str(workers)]
         super().__init__(argv, env=cli_env(settings, **extra_env), log_path=log_path)
         wait_http(f"{self.url}/readyz", self)

@@ -14,13 +14,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.decisions import record_decision
 from db.generations import record_generation
 from db.jobs import create_job, transition
 from db.models import Job, JobStatus
 from db.tenants import create_tenant
 from router.types import RoutingDecision
-from routet2i.settings import Settings
 
 READY_TIMEOUT_S = 120.0
 
@@ -42,7 +42,7 @@ class WorkerPool:
             [
                 sys.executable,
                 "-m",
-                "routet2i.cli",
+                "cli",
                 "worker",
                 "--queue",
                 queue,

@@ -11,9 +11,9 @@ import redis
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core.settings import Settings
 from db.models import Job, JobEvent
 from db.session import make_engine, make_session_factory
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core.settings import Settings
 from db.models import CostEntry, Decision, Generation, Job, JobEvent
 from db.session import make_engine, make_session_factory
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivateRedis, WorkerPool, wait_for_job, wait_until
 from worker.tasks import prefetch_multiplier

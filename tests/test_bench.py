@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 
-from routet2i.bench import (
+from cli.bench import (
     BENCHMARKS,
     Benchmark,
     Measurement,
@@ -19,7 +19,7 @@ from routet2i.bench import (
     interleaved_medians,
     register,
 )
-from routet2i.cli import main
+from cli.main import main
 
 KEYS = ["name", "value", "unit", "reference", "ratio"]
 
@@ -47,7 +47,7 @@ def test_measurement_carries_its_reference_and_ratio() -> None:
 
 
 def test_registry_knows_scoring_and_refuses_duplicates_and_unknown_names() -> None:
-    assert get_benchmark("scoring").target == "routet2i.bench.scoring:run"
+    assert get_benchmark("scoring").target == "cli.bench.scoring:run"
     with pytest.raises(ValueError, match="already registered"):
         register(Benchmark(name="scoring", summary="again", target="x:y"))
     with pytest.raises(KeyError, match=r"available: .*scoring"):
@@ -152,7 +152,7 @@ def test_cpu_accounting_charges_a_child_process_tree_for_its_work() -> None:
     import subprocess
     import sys
 
-    from routet2i.bench import cpu
+    from cli.bench import cpu
 
     if not cpu.available():
         pytest.skip("no /proc on this system")

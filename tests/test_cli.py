@@ -11,14 +11,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from routet2i.settings import Settings
+from core.settings import Settings
 from tests.conftest import create_tenant_key
 from tests.support import WorkerPool, wait_until
 
 
 def routet2i(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "routet2i.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -42,13 +42,13 @@ def test_bad_arguments_name_the_argument() -> None:
 
 @pytest.fixture(scope="module")
 def api_server(pg_settings: Settings, stack: WorkerPool, tmp_path_factory) -> Iterator[str]:
-    from routet2i.stack import free_port
+    from cli.stack import free_port
 
     port = free_port()
     env = {**os.environ, **pg_settings.to_env()}
     log = (tmp_path_factory.mktemp("api") / "api.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "routet2i.cli", "api", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "cli", "api", "--port", str(port), "--workers", "1"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

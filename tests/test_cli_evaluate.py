@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cli.main import main
 from router.log import read_log
-from routet2i.cli import main
 
 
 @pytest.fixture()

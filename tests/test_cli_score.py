@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from routet2i.cli import main
+from cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_json_output_in_a_separate_process_matches_the_scorer_here(images: list[
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROUTET2I_LOG_LEVEL": "WARNING"}
     env.pop("ROUTET2I_SCORER__PRETRAINED", None)
     completed = subprocess.run(
-        [sys.executable, "-m", "routet2i.cli", "score", *map(str, images), "--prompt", "a striped cat", "--json"],
+        [sys.executable, "-m", "cli", "score", *map(str, images), "--prompt", "a striped cat", "--json"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -16,13 +16,13 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from core.settings import Settings
 from db.jobs import create_job
 from db.migrate import upgrade
 from db.models import CostEntry, Decision, Generation, JobStatus
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant, get_tenant_by_name, issue_api_key
 from db.timeseries import aligned_window, timeseries
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key
 
 UNTIL = datetime(2031, 5, 17, 12, 34, 56, tzinfo=UTC)

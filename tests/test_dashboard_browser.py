@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
+from core.settings import Settings
 from db.decisions import record_decision
 from db.images import ImageStore
 from db.jobs import create_job, transition
@@ -23,7 +24,6 @@ from db.models import JobStatus
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant
 from router.types import RoutingDecision
-from routet2i.settings import Settings
 from tests.conftest import create_tenant_key
 from tests.servers import ApiServer
 from tests.support import WorkerPool, record_image

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
+from cli.main import main
 from db.jobs import create_job
 from db.labels import iter_labelled_jobs
 from db.models import Job
 from db.session import make_engine, make_session_factory
 from db.tenants import create_tenant
 from router.log import read_log
-from routet2i.cli import main
 from tests.support import record_image
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 import router.embeddings as embeddings
+from cli.main import main
 from router.base import RouterError, load_router
 from router.embeddings import SentenceEncoder, default_model_path
-from routet2i.cli import main
 
 pytestmark = pytest.mark.slow
 

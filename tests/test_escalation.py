@@ -13,13 +13,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core.settings import Settings
 from db.generations import primary_generation
 from db.jobs import transition
 from db.labels import iter_labelled_jobs
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus, Tenant, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.state_redis import connect
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, record_image, wait_for_job
 from worker.app import create_celery

@@ -18,10 +18,10 @@ import redis as redis_lib
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core.settings import Settings
 from db.migrate import upgrade
 from db.models import CostEntry, Generation, Job, JobEvent
 from db.session import make_engine, make_session_factory
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivatePostgres, PrivateRedis, WorkerPool, wait_for_job, wait_until
 from worker.app import create_celery

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from routet2i.settings import EdgeSettings
+from core.settings import EdgeSettings
 from worker.generation import GenerationError, GenerationRequest, NullGenerator, check_png, cost_usd, create_generator
 from worker.offline import build_pipeline, parameter_counts, profile_for
 

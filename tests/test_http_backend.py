@@ -17,7 +17,7 @@ from PIL import Image
 from werkzeug.serving import make_server
 
 from api.app import create_app
-from routet2i.settings import Settings
+from core.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import WorkerPool, wait_for_job
 
@@ -160,7 +160,7 @@ def test_exhausted_retries_dead_letter_the_job_and_replay_revives_it(
 
     image_api.busy = False
     replay = subprocess.run(
-        [sys.executable, "-m", "routet2i.cli", "dlq", "replay", job["id"]],
+        [sys.executable, "-m", "cli", "dlq", "replay", job["id"]],
         env={**os.environ, **http_settings.to_env()},
         capture_output=True,
         text=True,

@@ -63,8 +63,8 @@ def test_embeddings_are_normalised_and_cached_on_disk(encoder: SentenceEncoder, 
 
 
 def test_token_ids_are_the_transformers_tokenizers() -> None:
+    from router.data import partiprompts
     from router.datasets import agiqa_3k
-    from routet2i.data import partiprompts
 
     encoder = SentenceEncoder(threads=1)
     odd = ["", "   ", "Crème brûlée 🍮 on a plate", "ÅNGSTRÖM\tnaïve\ncafé", "a" * 3000, " ".join(["two owls"] * 400)]
@@ -204,7 +204,7 @@ def test_int8_scores_a_prompt_the_same_alone_as_in_a_batch() -> None:
     # Its activations are quantized with one range per input tensor: in a shared batch a prompt's states would
     # depend on its neighbours. Batches run through a graph that quantizes each prompt with its own range, over
     # its own tokens, so a replay or an evaluation reproduces a live decision exactly.
-    from routet2i.data import partiprompts
+    from router.data import partiprompts
 
     prompts = partiprompts()[:200] + [f"a {thing} {place}" for thing in THINGS for place in PLACES]
     alone = SentenceEncoder(backend="onnx-int8", threads=1, batch_size=1)

@@ -17,8 +17,8 @@ from sqlalchemy import create_engine, text
 from werkzeug.serving import make_server
 
 from api.app import create_app
+from core.settings import Settings
 from db.migrate import upgrade
-from routet2i.settings import Settings
 from tests.conftest import create_tenant_key, make_settings
 from tests.support import PrivateRedis, WorkerPool, wait_until
 

@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 from schemathesis import checks
 
 from api.app import create_app
-from routet2i.settings import Settings
+from core.settings import Settings
 from tests.conftest import create_tenant_key
 
 pytestmark = pytest.mark.integration

@@ -20,10 +20,10 @@ import httpx
 import pytest
 import redis as redis_lib
 
+from core.settings import Settings
 from db.jobs import create_job
 from db.models import JobStatus
 from db.tenants import create_tenant
-from routet2i.settings import Settings
 from tests.conftest import create_tenant_key, make_settings
 from tests.servers import ApiServer, Process, cli_env, wait_http
 from tests.support import PrivateRedis, WorkerPool, free_port, wait_until
@@ -90,7 +90,7 @@ def routet2i(
 ) -> subprocess.CompletedProcess[str]:
     """Run the ``routet2i`` CLI in a child process configured by ``settings`` (with an API key if given)."""
     return subprocess.run(
-        [sys.executable, "-m", "routet2i.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         env=cli_env(settings, **({"ROUTET2I_API_KEY": key} if key else {})),
         input=stdin,
         capture_output=True,
@@ -241,7 +241,7 @@ def test_api_and_worker_logs_are_json_lines_with_the_job_id(
 def test_flower_runs_on_the_app_and_sees_its_workers(ops_settings: Settings, ops_pool: WorkerPool, tmp_path) -> None:
     port = free_port()
     flower = Process(
-        [sys.executable, "-m", "routet2i.cli", "flower", "--port", str(port)],
+        [sys.executable, "-m", "cli", "flower", "--port", str(port)],
         env=cli_env(ops_settings),
         log_path=tmp_path / "flower.log",
     )

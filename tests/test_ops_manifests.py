@@ -25,8 +25,8 @@ import yaml
 from pydantic import BaseModel
 
 from api.app import create_app
-from routet2i.cli import main
-from routet2i.settings import Settings
+from cli.main import main
+from core.settings import Settings
 from worker.app import create_celery
 
 OPS = Path(__file__).resolve().parents[1] / "ops"

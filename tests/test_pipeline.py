@@ -10,9 +10,9 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core.settings import Settings
 from db.models import CostEntry, Decision, Generation, JobEvent
 from db.session import make_engine, make_session_factory
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key
 from tests.support import WorkerPool, wait_for_job
 

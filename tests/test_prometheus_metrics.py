@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from core.settings import Settings
 from db.jobs import create_job, transition
 from db.metrics import (
     LATENCY_BUCKETS_S,
@@ -36,7 +37,6 @@ from db.migrate import upgrade
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant, get_tenant_by_name
-from routet2i.settings import Settings
 from tests.servers import ApiServer
 from tests.support import PrivateRedis, free_port
 from worker.app import create_celery

@@ -14,11 +14,11 @@ from statistics import fmean
 import pytest
 
 from api.app import create_app
+from core.settings import Settings
 from db.jobs import create_job
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant, issue_api_key
 from router.metrics import ALIGNMENT, METRIC_NAMES, ROUTET2I_V1
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import WorkerPool, wait_for_job
 from worker import pipeline

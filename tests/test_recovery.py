@@ -13,11 +13,11 @@ from datetime import timedelta
 import pytest
 import redis
 
+from core.settings import Settings
 from db.jobs import create_job, get_job, transition
 from db.models import JobStatus, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant
-from routet2i.settings import Settings
 from tests.support import PrivateRedis
 from worker.app import create_celery
 from worker.context import WorkerContext
@@ -145,9 +145,7 @@ def test_dlq_cli_lists_and_replays(env) -> None:
     cli_env = {**os.environ, **settings.to_env()}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "routet2i.cli", "dlq", *args], env=cli_env, capture_output=True, text=True
-        )
+        return subprocess.run([sys.executable, "-m", "cli", "dlq", *args], env=cli_env, capture_output=True, text=True)
 
     listed = json.loads(cli("list", "--json").stdout)
     assert job_id in {row["id"] for row in listed}

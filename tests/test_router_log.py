@@ -123,7 +123,7 @@ def test_complexity_counts_content_words_and_breaks_ties_by_length() -> None:
 
 @pytest.mark.parametrize("name", ["prompt-complexity", "longest-prompt-first", "noun-count"])
 def test_prompt_rules_are_calibrated_to_send_about_rho_of_partiprompts(name: str) -> None:
-    from routet2i.data import partiprompts
+    from router.data import partiprompts
 
     router = load_router(name, None)
     scores = router.score(partiprompts())
@@ -142,8 +142,8 @@ def test_a_prompt_rule_routes_from_its_first_request_at_about_rho(name: str) -> 
     # Without a calibration the first request has no threshold and the next ones take it from a handful of
     # scores; with it the cold start is decided on the PartiPrompts' split and routes about ρ to the cloud.
     from router.budget import MIN_SCORES_FOR_QUANTILE, BudgetConfig, BudgetController, MemoryBudgetStore
+    from router.data import sample_prompts
     from router.policy import RoutingPolicy
-    from routet2i.data import sample_prompts
 
     policy = RoutingPolicy(
         load_router(name, None),

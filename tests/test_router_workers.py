@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import select
 
 from api.app import create_app
+from core.settings import Settings
 from db.models import Decision, Job
 from db.session import make_engine, make_session_factory
-from routet2i.data import sample_prompts
-from routet2i.settings import Settings
+from router.data import sample_prompts
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivateRedis, WorkerPool, wait_until
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from routet2i.settings import Settings
+from core.settings import Settings
 from tests.conftest import make_settings
 from tests.servers import Process, cli_env, wait_http
 from tests.support import PrivateRedis, free_port, wait_until
@@ -46,7 +46,7 @@ def test_run_local_serves_jobs_and_stops_every_process(tmp_path: Path, model_cac
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "routet2i"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m routet2i.cli "$@"\n')
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m cli "$@"\n')
     shim.chmod(0o755)
     api_port, flower_port = free_port(), free_port()
     env = cli_env(

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.settings import ScorerSettings
 from router.metrics import ALIGNMENT, ROUTET2I_V1, Metric, MetricSet
 from router.types import QualityVector
-from routet2i.settings import ScorerSettings
 from worker.scoring import (
     ClipScorer,
     ImageReadError,

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from routet2i.cli import main
-from routet2i.settings import Settings
+from cli.main import main
+from core.settings import Settings
 
 
 def test_defaults_run_offline_on_embedded_services(monkeypatch) -> None:

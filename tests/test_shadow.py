@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core.settings import Settings
 from db.models import CostEntry, Decision, Generation
 from db.session import make_engine, make_session_factory
 from router.budget import BudgetConfig, BudgetState, decide
 from router.log import read_log
 from router.policy import shadow_sampled
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivateRedis, WorkerPool, wait_for_job, wait_until
 
@@ -110,7 +110,7 @@ def test_shadow_jobs_get_both_tiers_within_the_budget_and_export_as_labels(shado
 
     out = tmp_path / "labels.jsonl"
     exported = subprocess.run(
-        [sys.executable, "-m", "routet2i.cli", "data", "export", "-o", str(out)],
+        [sys.executable, "-m", "cli", "data", "export", "-o", str(out)],
         env={**os.environ, **settings.to_env()},
         capture_output=True,
         text=True,

@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core.settings import Settings
 from db.jobs import transition
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.state_redis import connect
-from routet2i.settings import Settings
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.servers import ApiServer, cli_env
 from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, record_image, wait_for_job, wait_until
@@ -153,7 +153,7 @@ def test_cloud_images_stop_at_the_spend_limit_and_the_ledger_matches_the_bill(
     server = ApiServer(settings, log_path=tmp_path / "api.log")
     try:
         shown = subprocess.run(
-            [sys.executable, "-m", "routet2i.cli", "stats", "--api", server.url],
+            [sys.executable, "-m", "cli", "stats", "--api", server.url],
             env=cli_env(settings, ROUTET2I_API_KEY=create_tenant_key(settings, is_admin=True)),
             capture_output=True,
             text=True,
@@ -206,7 +206,7 @@ def test_a_refused_cloud_image_gives_its_reservation_back_and_a_replay_takes_it_
     image_api.busy = False
     busy = str(ids[2])
     replayed = subprocess.run(
-        [sys.executable, "-m", "routet2i.cli", "dlq", "replay", busy],
+        [sys.executable, "-m", "cli", "dlq", "replay", busy],
         env=cli_env(settings),
         capture_output=True,
         text=True,

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from api.app import create_app
-from routet2i.settings import Settings
+from core.settings import Settings
 from tests.conftest import authorize, create_tenant_key
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def test_revoked_key_is_refused(app, pg_settings) -> None:
     assert client_for(app, key).get("/v1/jobs").status_code == 200
     env = {**os.environ, **pg_settings.to_env()}
     result = subprocess.run(
-        [sys.executable, "-m", "routet2i.cli", "tenant", "revoke", "revocable"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cli", "tenant", "revoke", "revocable"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0 and "revoked 1 key(s)" in result.stdout
     assert client_for(app, key).get("/v1/jobs").status_code == 401
@@ -121,9 +121,7 @@ def test_tenant_cli_creates_lists_and_refuses_duplicates(pg_settings) -> None:
     env = {**os.environ, **pg_settings.to_env()}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "routet2i.cli", "tenant", *args], env=env, capture_output=True, text=True
-        )
+        return subprocess.run([sys.executable, "-m", "cli", "tenant", *args], env=env, capture_output=True, text=True)
 
     created = cli("create", "acme", "--cloud-budget", "0.2", "--rate-limit", "120", "--allow-tier", "edge", "--json")
     assert created.returncode == 0, created.stderr

@@ -16,7 +16,7 @@ import redis.exceptions
 from celery import Celery
 from kombu import Exchange, Queue
 
-from routet2i.settings import Settings
+from core.settings import Settings
 
 QUEUES = ("route", "edge", "cloud")
 

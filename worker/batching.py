@@ -46,7 +46,7 @@ from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
 
-from routet2i.logs import log_context
+from core.logs import log_context
 
 log = logging.getLogger(__name__)
 

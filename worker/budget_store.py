@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
+from core.settings import Settings
 from router.budget import BudgetState
 from router.types import BudgetVerdict
-from routet2i.settings import Settings
 
 if TYPE_CHECKING:
     from db.models import Job

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
+from core.settings import Settings
 from db.images import ImageStore
 from db.session import make_engine, make_session_factory
-from routet2i.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,10 @@ class WorkerContext:
     def policy(self) -> RoutingPolicy:
         if self._policy is None:
             from router.base import load_router
-            from router.embeddings import use_default_encoder
+            from router.embeddings import SentenceEncoder, use_default_encoder
             from router.policy import RoutingPolicy
 
-            use_default_encoder(self.settings.sentence_encoder())
+            use_default_encoder(SentenceEncoder.from_settings(self.settings))
             router = load_router(self.settings.router, self.settings.router_model)
             self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
         return self._policy

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from routet2i.settings import TierSettings
+from core.settings import TierSettings
 
 
 class GenerationError(Exception):

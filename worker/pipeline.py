@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.settings import TierSettings
 from db.decisions import get_decision, record_decision
 from db.generations import NewGeneration, get_generation, record_generations
 from db.images import StoredImage
@@ -36,7 +37,6 @@ from db.session import transaction
 from router.budget import BudgetConfig, BudgetController, BudgetRequest
 from router.policy import RouteRequest, shadow_sampled
 from router.types import BudgetVerdict
-from routet2i.settings import TierSettings
 from worker.app import GENERATE_TASKS, chunks, publish_many
 from worker.budget_store import give_back, hold_reservation, take_reservation
 from worker.context import ScorerUnavailable, WorkerContext

@@ -30,11 +30,11 @@ from celery import Celery
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import Settings
 from db.jobs import transition
 from db.models import Job, JobStatus, utcnow
 from db.pagination import as_utc
 from db.session import transaction
-from routet2i.settings import Settings
 from worker.app import GENERATE_TASKS, QUEUES, ROUTE_TASK, publish
 from worker.budget_store import SpendLedger, give_back, hold_reservation, take_reservation
 

@@ -38,7 +38,7 @@ from router.types import QualityVector
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from routet2i.settings import ScorerSettings
+    from core.settings import ScorerSettings
 
 log = logging.getLogger(__name__)
 

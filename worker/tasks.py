@@ -20,7 +20,7 @@ import sqlalchemy.exc
 from celery import Celery
 from celery.signals import worker_process_init
 
-from routet2i.settings import Settings
+from core.settings import Settings
 from worker import batching, pipeline
 from worker.app import GENERATE_TASKS, ROUTE_TASK
 from worker.batching import BatchTask, Delivery

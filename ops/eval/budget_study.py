@@ -25,7 +25,7 @@ import numpy as np
 
 from router.base import load_router
 from router.budget import BudgetConfig, BudgetController, BudgetRequest, MemoryBudgetStore
-from routet2i.data import partiprompts_with_categories
+from router.data import partiprompts_with_categories
 
 BAND = 0.03
 WHOLE_FIELDS = {"score_horizon", "share_horizon"}

@@ -21,13 +21,13 @@ import random
 
 import numpy as np
 
+from core.settings import Settings
 from router.budget import BudgetConfig, sorted_quantile
 from router.datasets import agiqa_3k, genai_bench
 from router.embeddings import SentenceEncoder, use_default_encoder
 from router.learned import CloudWinClassifierRouter, GapRegressorRouter, KNNRouter
 from router.replay import replay
 from router.splits import split_folds
-from routet2i.settings import Settings
 
 FOLDS = 5
 RHOS = (0.1, 0.3, 0.5)

@@ -1,0 +1,95 @@
+"""``routet2i api`` and ``routet2i worker``: the long-running processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import click
+
+from cli.commands.common import load_settings
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="gunicorn worker processes.")
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 256), help="Threads per worker.")
+def api(host: str, port: int, workers: int, threads: int) -> None:
+    """Serve the HTTP API under gunicorn."""
+    from gunicorn.app.base import BaseApplication
+
+    settings = load_settings()
+
+    class Server(BaseApplication):
+        def load_config(self) -> None:
+            options: dict[str, Any] = {
+                "bind": f"{host}:{port}",
+                "workers": workers,
+                "threads": threads,
+                "worker_class": "gthread" if threads > 1 else "sync",
+                "accesslog": None,
+                "graceful_timeout": 30,
+                "timeout": 120,
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from api.app import create_app
+
+            return create_app(settings)
+
+    click.echo(f"RouteT2I API on http://{host}:{port} ({workers} workers x {threads} threads)", err=True)
+    Server().run()
+
+
+@click.command()
+@click.option("--queue", "-Q", required=True, type=click.Choice(["route", "edge", "cloud"]), help="Queue to consume.")
+@click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1, 512), help="Pool size.")
+@click.option("--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo", "threads"]))
+@click.option(
+    "--max-tasks-per-child",
+    default=0,
+    type=click.IntRange(0),
+    help="Recycle a child after N tasks (0: never).",
+)
+@click.option("--name", default=None, help="Node name (default: QUEUE-PID@HOST).")
+@click.option("--loglevel", default=None, help="Celery log level (default: ROUTET2I_LOG_LEVEL).")
+def worker(
+    queue: str, concurrency: int, pool: str, max_tasks_per_child: int, name: str | None, loglevel: str | None
+) -> None:
+    """Run a Celery worker for one queue. Start as many as you need, on as many machines."""
+    from worker.app import create_celery
+    from worker.tasks import prefetch_multiplier
+
+    settings = load_settings()
+    if queue == "edge" and settings.escalation_rate > 0:
+        from router.metrics import MetricSetError, resolve_metric_set
+
+        try:
+            metric_set = resolve_metric_set(settings.scorer.metrics)
+        except MetricSetError as exc:
+            raise click.UsageError(f"ROUTET2I_SCORER__METRICS: {exc}") from None
+        if settings.escalation_metric not in metric_set.metric_names:
+            raise click.UsageError(
+                f"ROUTET2I_ESCALATION_METRIC={settings.escalation_metric!r} is not a metric of the scorer's set "
+                f"{metric_set.id}: one of {', '.join(metric_set.metric_names)}"
+            )
+    app = create_celery(settings, with_tasks=True)
+    app.conf.routet2i_warm_queues = [queue]
+    argv = [
+        "worker",
+        f"--queues={queue}",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--prefetch-multiplier={prefetch_multiplier(settings, queue)}",
+        f"--hostname={name or f'{queue}-{os.getpid()}@{socket.gethostname()}'}",
+        f"--loglevel={(loglevel or settings.log_level).upper()}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if max_tasks_per_child:
+        argv.append(f"--max-tasks-per-child={max_tasks_per_child}")
+    app.worker_main(argv=argv)

@@ -1,3 +1,0 @@
-from routet2i.cli import main
-
-main()
