@@ -9,15 +9,14 @@ from flask import Flask
 
 from api.auth import LOCAL_TENANT, KeyCache
 from api.errors import register_error_handlers
-from api.ratelimit import RateLimiter
 from api.schemas import job_batch_model, job_create_model
 from api.state import EXTENSION, ApiState
 from core.settings import Settings
 from db.images import ImageStore
+from db.redis_state import RateLimiter, SpendLedger
+from db.redis_state import connect as connect_redis
 from db.session import make_engine, make_session_factory
-from db.state_redis import connect as connect_redis
-from worker.app import create_celery
-from worker.budget_store import SpendLedger
+from worker.transport import create_celery
 
 REDIS_PROBE_TIMEOUT_S = 1.0
 
@@ -79,7 +78,7 @@ def _spend_ledger(settings: Settings, broker_client: redis.Redis) -> SpendLedger
 
 def register_operations(app: Flask) -> None:
     """Monitoring and the dashboard: ``/metrics``, access logs, time series, queues, plots, ``/dashboard``."""
-    from api import metrics, requestlog
+    from api import prometheus, requestlog
     from api.dashboard import blueprint as dashboard
     from api.queues import blueprint as queues
     from api.reports import blueprint as reports
@@ -87,5 +86,5 @@ def register_operations(app: Flask) -> None:
 
     for blueprint in (timeseries, queues, reports, dashboard):
         app.register_blueprint(blueprint)
-    metrics.init_app(app, app.extensions[EXTENSION])
+    prometheus.init_app(app, app.extensions[EXTENSION])
     requestlog.init_app(app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy.exc
@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 from api.auth import authenticate, principal
 from api.errors import ApiError, from_validation_error
 from api.openapi import PNG, documented
-from api.ratelimit import burst
 from api.schemas import (
     MAX_SEED,
     JobAccepted,
@@ -41,12 +40,13 @@ from db.jobs import (
     get_jobs_by_idempotency_keys,
     list_events,
     list_jobs,
-    transition,
 )
-from db.models import Job, JobStatus
+from db.lifecycle import fail, is_done
+from db.models import Job
 from db.pagination import InvalidCursor
+from db.redis_state import burst
 from db.session import transaction
-from worker.app import BROKER_ERRORS, ROUTE_TASK, chunks, publish_many
+from worker.transport import BROKER_ERRORS, ROUTE_TASK, chunks, publish_many
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("jobs", __name__)
@@ -153,12 +153,34 @@ def submit_jobs(specs: Sequence[JobCreateBase], *, field_prefix: str | None = No
             batch larger than the tenant's burst, 503 when the database or the broker cannot take the jobs (a
             job that cannot be enqueued is failed, never left hanging).
     """
-    st = state()
-    who = principal()
 
     def field(i: int, name: str) -> str:
         return name if field_prefix is None else f"{field_prefix}.{i}.{name}"
 
+    keys = _check_submissions(specs, field, field_prefix)
+    try:
+        try:
+            results = _insert(specs, keys, field)
+        except sqlalchemy.exc.IntegrityError:
+            if not keys:
+                raise
+            # A concurrent request with one of the keys committed first: once more, which now finds its job.
+            results = _insert(specs, keys, field)
+    except DATABASE_DOWN as exc:
+        raise ApiError(
+            503, "database_unavailable", "the job database is unavailable; retry later", headers={"Retry-After": "5"}
+        ) from exc
+    _enqueue([job for job, new in results if new])
+    return results
+
+
+def _check_submissions(
+    specs: Sequence[JobCreateBase], field: Callable[[int, str], str], field_prefix: str | None
+) -> dict[str, int]:
+    """Refuse the submissions unless the caller may make every one of them (forced tiers, idempotency keys
+    unique within the request, the tenant's burst and rate limit). Returns each idempotency key's job index."""
+    st = state()
+    who = principal()
     keys: dict[str, int] = {}
     for i, spec in enumerate(specs):
         if spec.tier is not None and not (who.is_admin or spec.tier in who.forced_tiers):
@@ -192,52 +214,48 @@ def submit_jobs(specs: Sequence[JobCreateBase], *, field_prefix: str | None = No
             f"tenant {who.tenant_name!r} is over its limit of {limit} submissions per minute",
             headers={"Retry-After": str(int(wait))},
         )
+    return keys
 
-    def insert() -> list[tuple[Job, bool]]:
-        with transaction(st.sessions) as session:
-            existing = get_jobs_by_idempotency_keys(session, tenant_id=who.tenant_id, keys=list(keys)) if keys else {}
-            replays: dict[int, Job] = {}
-            for i, spec in enumerate(specs):
-                earlier = existing.get(spec.idempotency_key) if spec.idempotency_key is not None else None
-                if earlier is not None:
-                    replays[i] = _check_replay(earlier, spec, field=field(i, "idempotency_key"))
-            new = iter(
-                create_jobs(
-                    session,
-                    tenant_id=who.tenant_id,
-                    jobs=[
-                        NewJob(
-                            prompt=spec.prompt,
-                            seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
-                            steps=spec.steps,
-                            width=spec.width,
-                            height=spec.height,
-                            idempotency_key=spec.idempotency_key,
-                            requested_tier=spec.tier,
-                        )
-                        for i, spec in enumerate(specs)
-                        if i not in replays
-                    ],
-                )
+
+def _insert(
+    specs: Sequence[JobCreateBase], keys: dict[str, int], field: Callable[[int, str], str]
+) -> list[tuple[Job, bool]]:
+    """Create the jobs whose idempotency key is new, in one transaction; the others are their earlier jobs."""
+    who = principal()
+    with transaction(state().sessions) as session:
+        existing = get_jobs_by_idempotency_keys(session, tenant_id=who.tenant_id, keys=list(keys)) if keys else {}
+        replays: dict[int, Job] = {}
+        for i, spec in enumerate(specs):
+            earlier = existing.get(spec.idempotency_key) if spec.idempotency_key is not None else None
+            if earlier is not None:
+                replays[i] = _check_replay(earlier, spec, field=field(i, "idempotency_key"))
+        new = iter(
+            create_jobs(
+                session,
+                tenant_id=who.tenant_id,
+                jobs=[
+                    NewJob(
+                        prompt=spec.prompt,
+                        seed=spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
+                        steps=spec.steps,
+                        width=spec.width,
+                        height=spec.height,
+                        idempotency_key=spec.idempotency_key,
+                        requested_tier=spec.tier,
+                    )
+                    for i, spec in enumerate(specs)
+                    if i not in replays
+                ],
             )
-            return [(replays[i], False) if i in replays else (next(new), True) for i in range(len(specs))]
+        )
+        return [(replays[i], False) if i in replays else (next(new), True) for i in range(len(specs))]
 
-    try:
-        try:
-            results = insert()
-        except sqlalchemy.exc.IntegrityError:
-            if not keys:
-                raise
-            # A concurrent request with one of the keys committed first: once more, which now finds its job.
-            results = insert()
-    except DATABASE_DOWN as exc:
-        raise ApiError(
-            503, "database_unavailable", "the job database is unavailable; retry later", headers={"Retry-After": "5"}
-        ) from exc
 
-    created = [job for job, new in results if new]
+def _enqueue(created: Sequence[Job]) -> None:
+    """Publish new jobs to the route queue: one message per router batch, all in one round trip to the broker.
+    If the broker cannot take them, they are failed (never left hanging) and the caller gets a 503."""
+    st = state()
     try:
-        # One route message per router batch of jobs, all in one round trip to the broker.
         ids = [str(job.id) for job in created]
         publish_many(st.celery, [(ROUTE_TASK, chunk, {}) for chunk in chunks(ids, st.settings.route_batch)])
     except BROKER_ERRORS as exc:
@@ -247,10 +265,8 @@ def submit_jobs(specs: Sequence[JobCreateBase], *, field_prefix: str | None = No
         with transaction(st.sessions) as session:
             for job in created:
                 row = get_job(session, job.id, for_update=True)
-                if row is not None and not JobStatus(row.status).terminal:
-                    transition(
-                        session, row, JobStatus.FAILED, detail={"stage": "enqueue"}, error=f"broker unavailable: {exc}"
-                    )
+                if row is not None and not is_done(row):
+                    fail(session, row, f"broker unavailable: {exc}", detail={"stage": "enqueue"})
         raise ApiError(
             503,
             "broker_unavailable",
@@ -258,7 +274,6 @@ def submit_jobs(specs: Sequence[JobCreateBase], *, field_prefix: str | None = No
             + ("the job was not started" if len(created) == 1 else f"the {len(created)} new jobs were not started"),
             headers={"Retry-After": "5"},
         ) from exc
-    return results
 
 
 def _check_replay(job: Job, spec: JobCreateBase, *, field: str = "idempotency_key") -> Job:

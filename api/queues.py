@@ -13,7 +13,7 @@ from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.jobs import parse_query
 from api.state import state
-from worker.queues import queue_status
+from worker.transport import queue_status
 
 blueprint = Blueprint("queues", __name__)
 blueprint.before_request(authenticate)

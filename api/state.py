@@ -16,9 +16,8 @@ from db.images import ImageStore
 
 if TYPE_CHECKING:
     from api.auth import KeyCache, Principal
-    from api.ratelimit import RateLimiter
     from api.schemas import JobBatchCreateBase, JobCreateBase
-    from worker.budget_store import SpendLedger
+    from db.redis_state import RateLimiter, SpendLedger
 
 EXTENSION = "routet2i"
 

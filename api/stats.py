@@ -12,8 +12,8 @@ from api.auth import authenticate, principal
 from api.openapi import documented
 from api.schemas import StatsOut
 from api.state import state
+from db.redis_state import SpendLedger
 from db.stats import job_stats
-from worker.budget_store import SpendLedger
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("stats", __name__)

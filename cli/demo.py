@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from cli.stack import Stack, StackError, check_redis, start_stack
 from core.settings import Settings
+from db.redis_state import RedisBudgetStore
 from router.data import sample_prompts
-from worker.budget_store import RedisBudgetStore
 
 DEMO_BUDGET = "demo"
 DEMO_TENANT = "demo"

@@ -20,15 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
 from tqdm import tqdm
 
 from cli.stack import Stack, StackError, check_redis, child_env, start_stack
 from core.settings import Settings
-from db.models import CostEntry, Decision, Generation, Job, JobStatus
-from db.pagination import as_utc
+from db.models import JobStatus
 from db.session import make_engine, make_session_factory, transaction
-from db.stats import percentile
+from db.stats import finished_jobs, percentile, tenant_audit
 from db.tenants import create_tenant, issue_api_key
 from router.data import partiprompts
 
@@ -67,52 +65,10 @@ class LoadReport:
         return asdict(self)
 
 
-def _more_than_one(session: Any, model: Any, tenant_id: uuid.UUID) -> int:
-    per_job = (
-        select(model.job_id, func.count().label("n"))
-        .join(Job, Job.id == model.job_id)
-        .where(Job.tenant_id == tenant_id)
-        .group_by(model.job_id)
-        .subquery()
-    )
-    return int(session.scalar(select(func.count()).select_from(per_job).where(per_job.c.n > 1)) or 0)
-
-
 def audit(settings: Settings, tenant_id: uuid.UUID) -> dict[str, Any]:
     engine = make_engine(settings.database_url)
     with make_session_factory(engine)() as session:
-        by_status = dict(
-            session.execute(
-                select(Job.status, func.count()).where(Job.tenant_id == tenant_id).group_by(Job.status)
-            ).all()
-        )
-        without_image = session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .outerjoin(Generation, Generation.job_id == Job.id)
-            .where(Job.tenant_id == tenant_id, Job.status == JobStatus.SUCCEEDED, Generation.id.is_(None))
-        )
-        cloud = session.scalar(
-            select(func.count())
-            .select_from(Decision)
-            .join(Job)
-            .where(Job.tenant_id == tenant_id, Decision.tier == "cloud")
-        )
-        decided = session.scalar(select(func.count()).select_from(Decision).join(Job).where(Job.tenant_id == tenant_id))
-        times = session.execute(
-            select(Job.created_at, Job.finished_at).where(Job.tenant_id == tenant_id, Job.finished_at.is_not(None))
-        ).all()
-        result = {
-            "by_status": by_status,
-            "duplicate_decisions": _more_than_one(session, Decision, tenant_id),
-            "duplicate_generations": _more_than_one(session, Generation, tenant_id),
-            "duplicate_costs": _more_than_one(session, CostEntry, tenant_id),
-            "succeeded_without_image": int(without_image or 0),
-            "cloud_fraction": (cloud or 0) / decided if decided else 0.0,
-            "latencies": sorted(
-                (as_utc(end) - as_utc(start)).total_seconds() for start, end in times if end is not None
-            ),
-        }
+        result = tenant_audit(session, tenant_id)
     engine.dispose()
     return result
 
@@ -166,14 +122,7 @@ class LocalRun:
         engine = make_engine(self.settings.database_url)
         try:
             with make_session_factory(engine)() as session:
-                return int(
-                    session.scalar(
-                        select(func.count())
-                        .select_from(Job)
-                        .where(Job.tenant_id == self.tenant_id, Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)))
-                    )
-                    or 0
-                )
+                return finished_jobs(session, self.tenant_id)
         finally:
             engine.dispose()
 

@@ -15,6 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TierName = Literal["edge", "cloud"]
 TIERS: tuple[TierName, ...] = ("edge", "cloud")
+"""The tiers, cheapest first; each has its own queue, named after it."""
+
+ROUTE_QUEUE = "route"
+QUEUES: tuple[str, ...] = (ROUTE_QUEUE, *TIERS)
+"""Every Celery queue: the router's, then one per tier."""
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/routet2i.db"
 """Embedded default: one SQLite file, so the demo needs no database server."""

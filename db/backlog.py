@@ -14,10 +14,9 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.settings import QUEUES
 from db.models import Job, JobStatus
 from db.pagination import as_utc
-
-QUEUES = ("route", "edge", "cloud")
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,11 @@ def get_generation(session: Session, *, job_id: uuid.UUID, tier: str) -> Generat
     return session.scalars(select(Generation).where(Generation.job_id == job_id, Generation.tier == tier)).first()
 
 
+def replaced_generation(session: Session, *, job_id: uuid.UUID) -> Generation | None:
+    """The image of ``job_id`` that an escalation replaced, if any."""
+    return session.scalars(select(Generation).where(Generation.job_id == job_id, Generation.role == "replaced")).first()
+
+
 def primary_generation(session: Session, *, job_id: uuid.UUID) -> Generation | None:
     return session.scalars(select(Generation).where(Generation.job_id == job_id, Generation.role == "primary")).first()
 

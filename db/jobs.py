@@ -1,17 +1,17 @@
-"""Data access for jobs and their status history."""
+"""Data access for jobs: create, read, list and lock them (every change of state is :mod:`db.lifecycle`'s)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import ColumnElement, Table, and_, insert, or_, select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from db.models import Job, JobEvent, JobStatus, utcnow
+from db.models import Decision, Job, JobEvent, JobStatus, Tenant, utcnow
 from db.pagination import Page, paginate
 
 _INSERT_JOB = insert(cast(Table, Job.__table__))
@@ -117,29 +117,6 @@ def get_jobs_by_idempotency_keys(session: Session, *, tenant_id: uuid.UUID, keys
     return {job.idempotency_key: job for job in jobs if job.idempotency_key is not None}
 
 
-def transition(
-    session: Session,
-    job: Job,
-    status: JobStatus,
-    *,
-    detail: dict[str, Any] | None = None,
-    error: str | None = None,
-    at: datetime | None = None,
-) -> None:
-    """Move ``job`` to ``status``, stamping its timestamps and appending to its history (``at``: when it
-    happened, if not now)."""
-    now = at or utcnow()
-    job.status = status
-    job.updated_at = now
-    if status == JobStatus.GENERATING:
-        job.started_at = now
-    if status.terminal:
-        job.finished_at = now
-    if error is not None:
-        job.error = error
-    session.add(JobEvent(job_id=job.id, status=status, at=now, detail=detail))
-
-
 def list_jobs(
     session: Session,
     *,
@@ -165,3 +142,66 @@ def list_jobs(
 
 def list_events(session: Session, job_id: uuid.UUID) -> list[JobEvent]:
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def lock_jobs(session: Session, keys: Sequence[uuid.UUID]) -> list[Job]:
+    """The jobs ``keys`` with their rows locked, in id order (so two batches never wait on each other in a cycle)."""
+    if not keys:
+        return []
+    return list(session.scalars(select(Job).where(Job.id.in_(keys)).order_by(Job.id).with_for_update()))
+
+
+def lock_jobs_with_tenant_budgets(session: Session, keys: Sequence[uuid.UUID]) -> list[tuple[Job, float | None]]:
+    """The jobs ``keys`` locked as :func:`lock_jobs` does, each with its tenant's own cloud budget (None: the
+    deployment's)."""
+    rows = session.execute(
+        select(Job, Tenant.cloud_budget)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .where(Job.id.in_(keys))
+        .order_by(Job.id)
+        .with_for_update(of=Job)
+    )
+    return [(job, budget) for job, budget in rows]
+
+
+def tenant_budgets_unless_shadowed(
+    session: Session, keys: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[uuid.UUID, float | None]]:
+    """Per job of ``keys`` that was not shadow-sampled: its tenant and the tenant's own cloud budget."""
+    rows = session.execute(
+        select(Job.id, Job.tenant_id, Tenant.cloud_budget, Decision.shadow)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .outerjoin(Decision, Decision.job_id == Job.id)
+        .where(Job.id.in_(keys))
+    )
+    return {job_id: (tenant_id, budget) for job_id, tenant_id, budget, shadow in rows if not shadow}
+
+
+def _stale(now: datetime, reconcile_after_s: float) -> ColumnElement[bool]:
+    """SQL conditions of a job that may have lost its message."""
+    base = now - timedelta(seconds=reconcile_after_s)
+    waiting = and_(
+        Job.status.in_((JobStatus.QUEUED, JobStatus.ROUTING)),
+        or_(Job.enqueued_at.is_(None), Job.enqueued_at < base),
+    )
+    orphaned = and_(Job.status == JobStatus.GENERATING, or_(Job.lease_until.is_(None), Job.lease_until < now))
+    return or_(waiting, orphaned)
+
+
+def lock_stale_jobs(session: Session, *, now: datetime, reconcile_after_s: float, limit: int) -> list[Job]:
+    """Up to ``limit`` unfinished jobs, oldest first, that may have lost their message: queued or routing
+    and untouched for ``reconcile_after_s``, or generating past their lease. On PostgreSQL their rows are locked,
+    skipping rows another pass holds."""
+    query = select(Job).where(_stale(now, reconcile_after_s)).order_by(Job.created_at).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def list_dead_letters(session: Session, *, limit: int = 100) -> list[Job]:
+    """Dead-lettered jobs, most recent first."""
+    return list(
+        session.scalars(
+            select(Job).where(Job.dead_lettered_at.is_not(None)).order_by(Job.dead_lettered_at.desc()).limit(limit)
+        )
+    )

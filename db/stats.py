@@ -95,3 +95,53 @@ def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None) -> dict[s
             "p99": percentile(latencies, 0.99),
         },
     }
+
+
+def _more_than_one(session: Session, model: Any, tenant_id: uuid.UUID) -> int:
+    """Jobs of the tenant with more than one row of ``model`` (decisions, generations or cost entries)."""
+    per_job = (
+        select(model.job_id, func.count().label("n"))
+        .join(Job, Job.id == model.job_id)
+        .where(Job.tenant_id == tenant_id)
+        .group_by(model.job_id)
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(per_job).where(per_job.c.n > 1)) or 0)
+
+
+def tenant_audit(session: Session, tenant_id: uuid.UUID) -> dict[str, Any]:
+    """What a load test checks of one tenant's jobs: counts by status, duplicates (decisions, generations,
+    cost entries: each must be 0), succeeded jobs without an image (must be 0), the cloud share of its
+    decisions, and every finished job's latency from submission, sorted."""
+    by_status = dict(
+        session.execute(select(Job.status, func.count()).where(Job.tenant_id == tenant_id).group_by(Job.status)).all()
+    )
+    without_image = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .outerjoin(Generation, Generation.job_id == Job.id)
+        .where(Job.tenant_id == tenant_id, Job.status == JobStatus.SUCCEEDED, Generation.id.is_(None))
+    )
+    cloud = session.scalar(
+        select(func.count()).select_from(Decision).join(Job).where(Job.tenant_id == tenant_id, Decision.tier == "cloud")
+    )
+    decided = session.scalar(select(func.count()).select_from(Decision).join(Job).where(Job.tenant_id == tenant_id))
+    times = session.execute(
+        select(Job.created_at, Job.finished_at).where(Job.tenant_id == tenant_id, Job.finished_at.is_not(None))
+    ).all()
+    return {
+        "by_status": by_status,
+        "duplicate_decisions": _more_than_one(session, Decision, tenant_id),
+        "duplicate_generations": _more_than_one(session, Generation, tenant_id),
+        "duplicate_costs": _more_than_one(session, CostEntry, tenant_id),
+        "succeeded_without_image": int(without_image or 0),
+        "cloud_fraction": (cloud or 0) / decided if decided else 0.0,
+        "latencies": sorted((as_utc(end) - as_utc(start)).total_seconds() for start, end in times if end is not None),
+    }
+
+
+def finished_jobs(session: Session, tenant_id: uuid.UUID) -> int:
+    """How many of the tenant's jobs have ended."""
+    ended = (JobStatus.SUCCEEDED, JobStatus.FAILED)
+    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ended))
+    return int(session.scalar(query) or 0)

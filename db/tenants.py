@@ -6,10 +6,10 @@ import hashlib
 import secrets
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import ApiKey, Tenant, utcnow
+from db.models import ApiKey, Job, Tenant, utcnow
 
 KEY_PREFIX = "rt2i_"
 """Every key starts with this, so leaked keys are easy to recognise (and to scan for)."""
@@ -79,3 +79,12 @@ def revoke_keys(session: Session, *, tenant: Tenant, prefix: str | None = None) 
             key.revoked_at = utcnow()
             count += 1
     return count
+
+
+def delete_tenant(session: Session, tenant_id: uuid.UUID) -> set[uuid.UUID]:
+    """Delete a tenant with every job of it (their history, decisions, images' records and costs go with them);
+    returns the deleted jobs' ids. For throw-away tenants such as a benchmark's."""
+    ids = set(session.scalars(select(Job.id).where(Job.tenant_id == tenant_id)))
+    session.execute(delete(Job).where(Job.tenant_id == tenant_id))
+    session.execute(delete(Tenant).where(Tenant.id == tenant_id))
+    return ids

@@ -10,7 +10,7 @@ period's limit when it is decided, and a request for which the period has no mon
 whatever its share.
 
 The algorithm is pure (:func:`decide`); where its state lives is a :class:`BudgetStore`. The Redis store that
-several router workers share lives in ``worker.budget_store``.
+several router workers share lives in :mod:`db.redis_state`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from router.cost import reserved_usd
 from router.types import BudgetVerdict
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 DEFAULT_FEEDBACK_GAIN = 4.0
 """How strongly the target share is pushed against the recent error (ρ − recent share), so shortfalls are made
@@ -94,6 +98,19 @@ class BudgetConfig:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= self.window:
                 raise ValueError(f"{name} must be within 1..window ({self.window}), got {value}")
+
+    @classmethod
+    def for_settings(cls, settings: Settings, rho: float, *, tolerance: float | None = None) -> BudgetConfig:
+        """A deployment's budget held to ``rho`` over its window, and to its spend limit when one is set, with
+        every cloud image reserving the cloud tier's price per image; ``tolerance``: the window's minimum share
+        (None: the deployment's ``budget_tolerance``; 1: none)."""
+        return cls(
+            rho=rho,
+            window=settings.budget_window,
+            tolerance=settings.budget_tolerance if tolerance is None else tolerance,
+            spend_limit_usd=settings.cloud_spend_limit_usd,
+            cloud_cost_usd=reserved_usd(settings.cloud),
+        )
 
     def affordable(self, spent_usd: float) -> bool:
         """Whether one more cloud image fits in the spend limit after ``spent_usd`` this period."""

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 from core.settings import Settings
 from db.decisions import record_decision
 from db.generations import record_generation
-from db.jobs import create_job, transition
+from db.jobs import create_job
+from db.lifecycle import transition
 from db.models import Job, JobStatus
 from db.tenants import create_tenant
 from router.types import RoutingDecision
@@ -72,7 +73,7 @@ class WorkerPool:
         """Block until every node answers a control ping (its consumer is connected)."""
         import redis
 
-        from worker.app import create_celery
+        from worker.transport import create_celery
 
         wanted = set(nodes or self.processes)
         app = create_celery(self.settings)

@@ -250,7 +250,7 @@ def test_events_record_each_state(client, pg_settings) -> None:
 
 def route_queue_jobs(client_redis: redis.Redis) -> list[str]:
     """The job ids the route queue's messages carry, in queue order."""
-    from worker.reconcile import job_ids_of
+    from worker.transport import job_ids_of
 
     return [job_id for raw in reversed(client_redis.lrange("route", 0, -1)) for job_id in job_ids_of(raw)]
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from db.redis_state import RedisBudgetStore
 from router.budget import BudgetConfig, BudgetController, BudgetState, MemoryBudgetStore, decide, quantile
-from worker.budget_store import RedisBudgetStore
 
 
 def test_quantile_matches_linear_interpolation() -> None:
@@ -184,7 +184,7 @@ def test_one_spend_limit_holds_across_windows_processes_and_periods(redis_url: s
 
     import redis as redis_lib
 
-    from worker.budget_store import SpendLedger
+    from db.redis_state import SpendLedger
 
     now = [1_000_000.0]
     period = 3600
@@ -236,7 +236,7 @@ def test_one_spend_limit_holds_across_windows_processes_and_periods(redis_url: s
 def test_a_router_that_loses_the_last_dollar_to_another_window_decides_again(redis_client) -> None:
     """Router A reads the period's spend, router B (another budget window) takes the last price before A
     writes: A's transaction is refused and A decides again on the fresh spend, so the limit holds."""
-    from worker.budget_store import SpendLedger
+    from db.redis_state import SpendLedger
 
     config = BudgetConfig(rho=1.0, window=10, spend_limit_usd=CLOUD_PRICE, cloud_cost_usd=CLOUD_PRICE)
     ledger = SpendLedger(redis_client, period_s=3600, name="race-test", clock=lambda: 1_000_000.0)

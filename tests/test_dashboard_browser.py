@@ -19,7 +19,8 @@ from PIL import Image, ImageStat
 from core.settings import Settings
 from db.decisions import record_decision
 from db.images import ImageStore
-from db.jobs import create_job, transition
+from db.jobs import create_job
+from db.lifecycle import transition
 from db.models import JobStatus
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant

@@ -15,18 +15,17 @@ from sqlalchemy import func, select
 from api.app import create_app
 from core.settings import Settings
 from db.generations import primary_generation
-from db.jobs import transition
 from db.labels import iter_labelled_jobs
+from db.lifecycle import transition
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus, Tenant, utcnow
+from db.redis_state import SpendLedger, connect
 from db.session import make_engine, make_session_factory, transaction
-from db.state_redis import connect
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, record_image, wait_for_job
-from worker.app import create_celery
-from worker.budget_store import SpendLedger
 from worker.context import WorkerContext
-from worker.pipeline import _escalations, fail_job
-from worker.reconcile import job_ids_of, reconcile
+from worker.generating import _escalations
+from worker.recovery import fail_job, reconcile
+from worker.transport import create_celery, job_ids_of
 
 PRICE = 0.065
 WINDOW = 10

@@ -24,8 +24,8 @@ from db.models import CostEntry, Generation, Job, JobEvent
 from db.session import make_engine, make_session_factory
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import PrivatePostgres, PrivateRedis, WorkerPool, wait_for_job, wait_until
-from worker.app import create_celery
-from worker.reconcile import broker_job_ids, reconcile
+from worker.recovery import reconcile
+from worker.transport import broker_job_ids, create_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

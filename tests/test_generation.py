@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from core.settings import EdgeSettings
-from worker.generation import GenerationError, GenerationRequest, NullGenerator, check_png, cost_usd, create_generator
+from router.cost import image_cost_usd as cost_usd
+from worker.generators import GenerationError, GenerationRequest, NullGenerator, check_png, create_generator
 from worker.offline import build_pipeline, parameter_counts, profile_for
 
 REQUEST = GenerationRequest(prompt="a lighthouse on a cliff", seed=11, steps=2, width=64, height=64)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router.metrics import (
+from router.quality_metrics import (
     ALIGNMENT,
     BUILTIN_SETS,
     METRIC_NAMES,

@@ -27,8 +27,7 @@ from db.tenants import create_tenant
 from tests.conftest import create_tenant_key, make_settings
 from tests.servers import ApiServer, Process, cli_env, wait_http
 from tests.support import PrivateRedis, WorkerPool, free_port, wait_until
-from worker.app import create_celery
-from worker.queues import queue_depths, queue_status, redis_keys
+from worker.transport import create_celery, queue_depths, queue_status, redis_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from api.app import create_app
 from cli.main import main
 from core.settings import Settings
-from worker.app import create_celery
+from worker.transport import create_celery
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
 ROOT = OPS.parent

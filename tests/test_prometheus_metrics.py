@@ -22,8 +22,11 @@ from sqlalchemy.orm import Session
 
 from api.app import create_app
 from core.settings import Settings
-from db.jobs import create_job, transition
-from db.metrics import (
+from db.jobs import create_job
+from db.lifecycle import transition
+from db.migrate import upgrade
+from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
+from db.monitoring import (
     LATENCY_BUCKETS_S,
     STAGES,
     Histogram,
@@ -33,13 +36,11 @@ from db.metrics import (
     recent_cloud_fraction,
     stage_histograms,
 )
-from db.migrate import upgrade
-from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant, get_tenant_by_name
 from tests.servers import ApiServer
 from tests.support import PrivateRedis, free_port
-from worker.app import create_celery
+from worker.transport import create_celery
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
 T0 = datetime(2020, 1, 1, tzinfo=UTC)

@@ -18,13 +18,13 @@ from core.settings import Settings
 from db.jobs import create_job
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant, issue_api_key
-from router.metrics import ALIGNMENT, METRIC_NAMES, ROUTET2I_V1
+from router.quality_metrics import ALIGNMENT, METRIC_NAMES, ROUTET2I_V1
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.support import WorkerPool, wait_for_job
-from worker import pipeline
-from worker.app import create_celery
+from worker import generating
 from worker.context import WorkerContext
 from worker.scoring import ClipScorer, decode_image
+from worker.transport import create_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -98,7 +98,7 @@ def _generate(settings: Settings, ctx: WorkerContext, prompt: str) -> dict:
         job = create_job(session, tenant_id=tenant.id, prompt=prompt, seed=1, requested_tier="edge")
         job.tier = "edge"  # routed, as the route worker would have left it
         job_id = str(job.id)
-    assert pipeline.generate_job(ctx, job_id, "edge") is True
+    assert generating.generate_job(ctx, job_id, "edge") is True
     with create_app(settings).test_client() as api:
         return authorize(api, key).get(f"/v1/jobs/{job_id}").get_json()
 

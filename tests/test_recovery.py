@@ -14,15 +14,16 @@ import pytest
 import redis
 
 from core.settings import Settings
-from db.jobs import create_job, get_job, transition
+from db.jobs import create_job, get_job
+from db.lifecycle import transition
 from db.models import JobStatus, utcnow
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant
 from tests.support import PrivateRedis
-from worker.app import create_celery
 from worker.context import WorkerContext
-from worker.pipeline import generate_job
-from worker.reconcile import broker_job_ids, job_ids_of, reconcile
+from worker.generating import generate_job
+from worker.recovery import reconcile
+from worker.transport import broker_job_ids, create_celery, job_ids_of
 
 pytestmark = pytest.mark.integration
 
@@ -173,7 +174,7 @@ def test_a_message_for_another_tier_is_ignored(env) -> None:
 
 
 def test_every_job_of_a_message_carrying_many_is_seen_in_the_broker(env) -> None:
-    from worker.app import ROUTE_TASK, publish_many
+    from worker.transport import ROUTE_TASK, publish_many
 
     _, _, app, client, _ = env
     ids = [str(uuid.uuid4()) for _ in range(40)]  # their repr is far longer than Celery's argsrepr keeps

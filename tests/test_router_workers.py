@@ -91,7 +91,7 @@ def test_two_router_processes_hold_one_budget_over_1000_decisions(two_routers, t
     # Both router processes took part.
     for node in routers:
         log = (tmp_path / f"{node}.log").read_text()
-        assert log.count("worker.pipeline: routed") >= 50, node
+        assert log.count("worker.routing: routed") >= 50, node
 
     def finished() -> bool:
         with sessions() as session:

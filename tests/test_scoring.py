@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from core.settings import ScorerSettings
-from router.metrics import ALIGNMENT, ROUTET2I_V1, Metric, MetricSet
+from router.quality_metrics import ALIGNMENT, ROUTET2I_V1, Metric, MetricSet
 from router.types import QualityVector
 from worker.scoring import (
     ClipScorer,

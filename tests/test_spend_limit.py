@@ -19,19 +19,17 @@ from sqlalchemy import func, select
 
 from api.app import create_app
 from core.settings import Settings
-from db.jobs import transition
+from db.lifecycle import hold_reservation, transition
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus, utcnow
+from db.redis_state import SpendLedger, connect
 from db.session import make_engine, make_session_factory, transaction
-from db.state_redis import connect
 from tests.conftest import authorize, create_tenant_key, make_settings
 from tests.servers import ApiServer, cli_env
 from tests.support import PrivateRedis, WorkerPool, decided_for_the_edge, record_image, wait_for_job, wait_until
 from tests.test_http_backend import ImageApi
-from worker.app import create_celery
-from worker.budget_store import SpendLedger, hold_reservation
 from worker.context import WorkerContext
-from worker.pipeline import fail_job, shadow_failed
-from worker.reconcile import replay_dead_letters
+from worker.recovery import fail_job, replay_dead_letters, shadow_failed
+from worker.transport import create_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

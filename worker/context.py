@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 
     import redis
 
+    from db.redis_state import SpendLedger
     from router.budget import BudgetController
     from router.policy import RoutingPolicy
-    from worker.budget_store import SpendLedger
-    from worker.generation import Generator
+    from worker.generators import Generator
     from worker.scoring import ClipScorer
 
 
@@ -52,7 +52,7 @@ class WorkerContext:
 
     def generator(self, tier: str) -> Generator:
         if tier not in self._generators:
-            from worker.generation import create_generator
+            from worker.generators import create_generator
 
             self._generators[tier] = create_generator(self.settings.tier(tier), cache_dir=self.settings.cache_dir)
         return self._generators[tier]
@@ -100,18 +100,11 @@ class WorkerContext:
         deployment's ``budget_tolerance``; 1: none)."""
         key = (name, rho)
         if key not in self._budgets:
+            from db.redis_state import RedisBudgetStore
             from router.budget import BudgetConfig, BudgetController
-            from worker.budget_store import RedisBudgetStore
 
-            window = self.settings.budget_window
-            store = RedisBudgetStore(self._state_redis(), window=window, name=name, spend=self.spend_ledger())
-            config = BudgetConfig(
-                rho=rho,
-                window=window,
-                tolerance=self.settings.budget_tolerance if tolerance is None else tolerance,
-                spend_limit_usd=self.settings.cloud_spend_limit_usd,
-                cloud_cost_usd=self.settings.cloud.price_per_image,
-            )
+            config = BudgetConfig.for_settings(self.settings, rho, tolerance=tolerance)
+            store = RedisBudgetStore(self._state_redis(), window=config.window, name=name, spend=self.spend_ledger())
             self._budgets[key] = BudgetController(config, store, name=name)
         return self._budgets[key]
 
@@ -134,14 +127,14 @@ class WorkerContext:
     def spend_ledger(self) -> SpendLedger | None:
         """The deployment's cloud spend per period, when a spend limit is set (built once per process)."""
         if self.settings.cloud_spend_limit_usd is not None and self._spend_ledger is None:
-            from worker.budget_store import SpendLedger
+            from db.redis_state import SpendLedger
 
             self._spend_ledger = SpendLedger.for_settings(self.settings, self._state_redis())
         return self._spend_ledger
 
     def _state_redis(self) -> redis.Redis:
         if self._redis is None:
-            from db.state_redis import connect
+            from db.redis_state import connect
 
             self._redis = connect(self.settings.state_redis_url)
         return self._redis

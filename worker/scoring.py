@@ -32,7 +32,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from router.metrics import ALIGNMENT, MetricSet, resolve_metric_set
+from router.quality_metrics import ALIGNMENT, MetricSet, resolve_metric_set
 from router.types import QualityVector
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class ClipScorer:
         Raises:
             ScorerError: the metric set or the model cannot be loaded.
         """
-        from router.metrics import MetricSetError
+        from router.quality_metrics import MetricSetError
 
         if metric_set is None:
             try:

@@ -1,5 +1,5 @@
-"""Celery tasks: thin adapters from messages (the ids of one or more jobs each) to a :mod:`worker.pipeline`
-function.
+"""Celery tasks: thin adapters from messages (the ids of one or more jobs each) to a stage's function
+(:mod:`worker.routing`, :mod:`worker.generating`, :mod:`worker.recovery`).
 
 Each task runs on a batch of messages (:mod:`worker.batching`): every message waiting when a pool process
 becomes free, up to the queue's batch size in jobs, one message when the system is idle. Failures are settled
@@ -21,12 +21,15 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from core.settings import Settings
-from worker import batching, pipeline
-from worker.app import GENERATE_TASKS, ROUTE_TASK
+from db.redis_state import BudgetContention
+from worker import batching
 from worker.batching import BatchTask, Delivery
-from worker.budget_store import BudgetContention
 from worker.context import get_context
-from worker.generation import GenerationError
+from worker.generating import generate_jobs, generate_shadow
+from worker.generators import GenerationError
+from worker.recovery import fail_job, shadow_failed
+from worker.routing import route_jobs
+from worker.transport import GENERATE_TASKS, ROUTE_TASK
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +67,14 @@ def _settle(
                 log.warning("transient failure, retrying", extra={"job_id": job_id, "stage": stage, "error": str(exc)})
                 task.retry_delivery(delivery, countdown=backoff(delivery.retries), args=[job_id])
                 return
-            pipeline.fail_job(
-                ctx, job_id, f"{stage} failed: infrastructure unavailable: {exc}", stage=stage, dead_letter=True
-            )
+            fail_job(ctx, job_id, f"{stage} failed: infrastructure unavailable: {exc}", stage=stage, dead_letter=True)
         elif isinstance(exc, GenerationError):
             if exc.retryable and delivery.retries < generation_retries:
                 log.warning("generation failed, retrying", extra={"job_id": job_id, "error": str(exc)})
                 wait = max(backoff(delivery.retries), min(exc.retry_after or 0.0, RETRY_AFTER_CAP_S))
                 task.retry_delivery(delivery, countdown=wait, args=[job_id])
                 return
-            pipeline.fail_job(
+            fail_job(
                 ctx,
                 job_id,
                 f"{stage} failed: {exc}",
@@ -83,7 +84,7 @@ def _settle(
             )
         else:
             log.error("step failed", exc_info=exc, extra={"job_id": job_id, "stage": stage})
-            pipeline.fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)
+            fail_job(ctx, job_id, f"{stage} failed: {type(exc).__name__}: {exc}", stage=stage)
     except Exception:
         # Neither a retry nor the failure could be recorded (the broker or database is gone too): the job
         # stays unfinished in the database, where the reconciler finds it.
@@ -110,7 +111,7 @@ def route_batch(task: BatchTask, deliveries: Sequence[Delivery]) -> None:
     jobs = _jobs(deliveries)
     failed: list[tuple[str, Delivery, Exception]]
     try:
-        pipeline.route_jobs(ctx, [job_id for job_id, _ in jobs])
+        route_jobs(ctx, [job_id for job_id, _ in jobs])
         return
     except TRANSIENT as transient:
         failed = [(job_id, delivery, transient) for job_id, delivery in jobs]
@@ -122,7 +123,7 @@ def route_batch(task: BatchTask, deliveries: Sequence[Delivery]) -> None:
             failed = []
             for job_id, delivery in jobs:
                 try:
-                    pipeline.route_jobs(ctx, [job_id])
+                    route_jobs(ctx, [job_id])
                 except Exception as one:
                     failed.append((job_id, delivery, one))
     for job_id, delivery, error in failed:
@@ -140,7 +141,7 @@ def generate_batch(task: BatchTask, tier: str, deliveries: Sequence[Delivery], *
     if not primary:
         return
     try:
-        outcomes = pipeline.generate_jobs(ctx, [(job_id, delivery.id) for job_id, delivery in primary], tier)
+        outcomes = generate_jobs(ctx, [(job_id, delivery.id) for job_id, delivery in primary], tier)
     except Exception as exc:
         for job_id, delivery in primary:
             _settle(task, delivery, job_id, "generation", exc, generation_retries=generation_retries)
@@ -157,7 +158,7 @@ def _run_shadow(task: BatchTask, delivery: Delivery, job_id: str, tier: str, *, 
     the generator raised on every attempt, a cloud shadow's reservation goes back to the spend ledger."""
     ctx = get_context(task.app)
     try:
-        pipeline.generate_shadow(ctx, job_id, tier)
+        generate_shadow(ctx, job_id, tier)
     except TRANSIENT as exc:
         if delivery.retries < INFRA_MAX_RETRIES:
             task.retry_delivery(delivery, countdown=backoff(delivery.retries), args=[job_id])
@@ -166,7 +167,7 @@ def _run_shadow(task: BatchTask, delivery: Delivery, job_id: str, tier: str, *, 
     except GenerationError as exc:
         if exc.retryable and delivery.retries < generation_retries:
             task.retry_delivery(delivery, countdown=backoff(delivery.retries), args=[job_id])
-        elif not pipeline.shadow_failed(ctx, job_id, tier, str(exc)):
+        elif not shadow_failed(ctx, job_id, tier, str(exc)):
             log.warning("shadow generation failed", extra={"job_id": job_id, "tier": tier, "error": str(exc)})
     except Exception:
         log.exception("shadow generation failed", extra={"job_id": job_id, "tier": tier})

@@ -27,17 +27,15 @@ from typing import cast
 
 import httpx
 import redis
-from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli.bench import Measurement
 from cli.stack import StackError, check_redis, child_env, free_port
 from core.settings import Settings
-from db.models import Job, Tenant
 from db.session import make_engine, make_session_factory, transaction
 from db.stats import percentile
-from db.tenants import create_tenant, issue_api_key
-from worker.reconcile import job_ids_of
+from db.tenants import create_tenant, delete_tenant, issue_api_key
+from worker.transport import job_ids_of
 
 BODY = {"prompt": "a red bicycle leaning on a brick wall, morning light"}
 
@@ -195,12 +193,7 @@ def run(
 def _clean(settings: Settings, sessions: sessionmaker[Session], tenant_id: uuid.UUID) -> None:
     """Delete the benchmark's jobs and tenant, and its messages from the route queue."""
     with transaction(sessions) as session:
-        ids = {
-            str(i)
-            for i in session.scalars(Job.__table__.select().with_only_columns(Job.id).where(Job.tenant_id == tenant_id))
-        }
-        session.execute(delete(Job).where(Job.tenant_id == tenant_id))
-        session.execute(delete(Tenant).where(Tenant.id == tenant_id))
+        ids = {str(job_id) for job_id in delete_tenant(session, tenant_id)}
     client = redis.Redis.from_url(settings.broker_url)
     for raw in cast(list[bytes], client.lrange("route", 0, -1)):
         if set(job_ids_of(raw)) & ids:

@@ -26,14 +26,12 @@ from pathlib import Path
 from typing import cast
 
 import redis
-from sqlalchemy import select
 
 from cli.bench import BadParam, Measurement, cpu
 from cli.bench.echo import QUEUE, TASK, make_app
 from cli.load import LocalRun, local_run
 from cli.stack import StackError, check_redis, child_env
 from core.settings import Settings
-from db.models import Job
 from db.session import make_engine, make_session_factory
 from db.stats import percentile
 
@@ -103,7 +101,7 @@ def _latencies(run: LocalRun, n: int) -> dict[str, list[float]]:
     import httpx
 
     from api.schemas import timings
-    from db.jobs import list_events
+    from db.jobs import get_job, list_events
 
     engine = make_engine(run.settings.database_url)
     sessions = make_session_factory(engine)
@@ -114,8 +112,8 @@ def _latencies(run: LocalRun, n: int) -> dict[str, list[float]]:
             deadline = time.monotonic() + 30.0
             while True:
                 with sessions() as session:
-                    finished = session.scalar(select(Job.finished_at).where(Job.id == job_id))
-                if finished is not None:
+                    polled = get_job(session, job_id)
+                if polled is not None and polled.finished_at is not None:
                     break
                 if time.monotonic() > deadline:
                     raise StackError(f"job {job_id} did not finish in 30 s")
@@ -123,7 +121,8 @@ def _latencies(run: LocalRun, n: int) -> dict[str, list[float]]:
                 # taking the cores the job runs on.
                 time.sleep(POLL_S)
             with sessions() as session:
-                job = session.get_one(Job, job_id)
+                job = get_job(session, job_id)
+                assert job is not None
                 split = timings(job, list_events(session, job_id))
             for stage in times:
                 seconds = getattr(split, f"{stage}_s")

@@ -32,8 +32,7 @@ def queues(timeout: float, as_json: bool) -> None:
     import sqlalchemy.exc
 
     from db.session import make_engine, make_session_factory
-    from worker.app import create_celery
-    from worker.queues import broker_client, queue_status
+    from worker.transport import broker_client, create_celery, queue_status
 
     settings = load_settings()
     app = create_celery(settings)
@@ -75,7 +74,7 @@ def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
 
     Further Flower options pass through, e.g. ``routet2i flower -- --basic-auth=user:password``.
     """
-    from worker.app import create_celery
+    from worker.transport import create_celery
 
     settings = load_settings()
     app = create_celery(settings)

@@ -21,10 +21,10 @@ from cli.commands.common import echo_json, load_settings
 @click.option("--json", "as_json", is_flag=True, help="Print each pass's report as JSON.")
 def reconcile(once: bool, interval: float | None, as_json: bool) -> None:
     """Re-publish jobs whose queue message was lost; dead-letter jobs lost too often."""
+    from db.redis_state import connect
     from db.session import make_engine, make_session_factory
-    from db.state_redis import connect
-    from worker.app import create_celery
-    from worker.reconcile import reconcile as run_pass
+    from worker.recovery import reconcile as run_pass
+    from worker.transport import create_celery
 
     settings = load_settings()
     sessions = make_session_factory(make_engine(settings.database_url))
@@ -55,8 +55,8 @@ def dlq() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_(limit: int, as_json: bool) -> None:
     """List dead-lettered jobs, newest first."""
+    from db.jobs import list_dead_letters
     from db.session import make_engine, make_session_factory
-    from worker.reconcile import list_dead_letters
 
     sessions = make_session_factory(make_engine(load_settings().database_url))
     with sessions() as session:
@@ -86,8 +86,8 @@ def list_(limit: int, as_json: bool) -> None:
 def replay(job_ids: tuple[str, ...], tier: str | None) -> None:
     """Put dead-lettered JOB_IDS back into the pipeline."""
     from db.session import make_engine, make_session_factory
-    from worker.app import create_celery
-    from worker.reconcile import replay_dead_letters
+    from worker.recovery import replay_dead_letters
+    from worker.transport import create_celery
 
     ids = []
     for raw in job_ids:
@@ -98,8 +98,7 @@ def replay(job_ids: tuple[str, ...], tier: str | None) -> None:
     settings = load_settings()
     ledger = None
     if settings.cloud_spend_limit_usd is not None:
-        from db.state_redis import connect
-        from worker.budget_store import SpendLedger
+        from db.redis_state import SpendLedger, connect
 
         ledger = SpendLedger.for_settings(settings, connect(settings.state_redis_url))
     try:

@@ -30,7 +30,7 @@ def score(
     The model is ROUTET2I_SCORER__MODEL with ROUTET2I_SCORER__PRETRAINED weights; without pretrained
     weights it has fixed-seed random weights, and the numbers exercise the code but do not measure quality.
     """
-    from router.metrics import ALIGNMENT, MetricSetError, load_metric_set, resolve_metric_set
+    from router.quality_metrics import ALIGNMENT, MetricSetError, load_metric_set, resolve_metric_set
     from worker.scoring import ClipScorer, ImageReadError, ScorerError, load_image
 
     settings = load_settings()

@@ -61,12 +61,12 @@ def worker(
     queue: str, concurrency: int, pool: str, max_tasks_per_child: int, name: str | None, loglevel: str | None
 ) -> None:
     """Run a Celery worker for one queue. Start as many as you need, on as many machines."""
-    from worker.app import create_celery
     from worker.tasks import prefetch_multiplier
+    from worker.transport import create_celery
 
     settings = load_settings()
     if queue == "edge" and settings.escalation_rate > 0:
-        from router.metrics import MetricSetError, resolve_metric_set
+        from router.quality_metrics import MetricSetError, resolve_metric_set
 
         try:
             metric_set = resolve_metric_set(settings.scorer.metrics)

@@ -389,8 +389,3 @@ def create_generator(settings: TierSettings, *, cache_dir: Path) -> Generator:
     if settings.backend == "null":
         return NullGenerator(settings)
     raise ValueError(f"unknown generation backend {settings.backend!r}")
-
-
-def cost_usd(settings: TierSettings, gpu_s: float) -> float:
-    """Price of one image on a tier: a fixed price per image plus device time."""
-    return settings.price_per_image + settings.price_per_gpu_second * gpu_s

@@ -21,8 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from api.state import ApiState
+from core.settings import QUEUES
 from db.backlog import waiting_backlog
-from db.metrics import (
+from db.monitoring import (
     STAGES,
     cost_totals,
     decisions_by_router,
@@ -31,8 +32,7 @@ from db.metrics import (
     recent_cloud_fraction,
     stage_histograms,
 )
-from worker.app import QUEUES
-from worker.queues import queue_depths
+from worker.transport import queue_depths
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("metrics", __name__)

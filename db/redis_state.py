@@ -1,10 +1,19 @@
-"""The cloud budget in Redis, shared by every router worker process: the window of recent decisions and the
-money spent on cloud images in the current period.
+"""State that every API and worker process shares through Redis: the budget windows, the spend ledger and
+the rate limits, and the connections to it.
 
-A router's batch of decisions reads the window (and the period's spend), decides in order and appends to it
-(and adds what its cloud images reserved) as one optimistic transaction (``WATCH`` / ``MULTI``): if another
-router wrote in between, the transaction is retried with the fresh state, so two routers can never both take
-the last cloud slot or the last dollar.
+Commands are retried a few times on a dropped connection, so a Redis restart costs one slow call rather
+than an error in every process holding a pooled connection to the old server.
+
+**Budget windows and the spend ledger.** A router's batch of decisions reads the window (and the period's
+spend), decides in order and appends to it (and adds what its cloud images reserved) as one optimistic
+transaction (``WATCH`` / ``MULTI``): if another router wrote in between, the transaction is retried with the
+fresh state, so two routers can never both take the last cloud slot or the last dollar. The decision rule
+itself is pure and lives in :mod:`router.budget`.
+
+**Rate limits.** Per-tenant limits of job submissions with the generic cell rate algorithm (GCRA): each
+tenant has a theoretical arrival time (TAT) in Redis; a request is allowed when it would not push the TAT more
+than one burst ahead of now. One key per tenant, one atomic script call per request, time from the Redis
+server so API hosts need no synchronised clocks.
 """
 
 from __future__ import annotations
@@ -12,20 +21,36 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from core.settings import Settings
 from router.budget import BudgetState
 from router.types import BudgetVerdict
 
-if TYPE_CHECKING:
-    from db.models import Job
-
 log = logging.getLogger(__name__)
+
+RETRIES = 3
+
+
+def connect(url: str, *, timeout: float | None = None) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        health_check_interval=30,
+    )
+
+
+# --- budget windows and the spend ledger ---------------------------------------------------------------
 
 KEY_PREFIX = "routet2i:budget"
 SPEND_PREFIX = "routet2i:spend"
@@ -166,24 +191,6 @@ class RedisBudgetStore:
         self.client.delete(self.key)
 
 
-def hold_reservation(job: Job, period: str, usd: float) -> None:
-    """Record that ``job``'s cloud image (delivered, or its shadow when the job is on the edge) holds ``usd``
-    in the spend ledger's counter ``period``."""
-    job.reserved_usd = float(usd)
-    job.reserved_period = period
-
-
-def take_reservation(job: Job) -> tuple[str, float] | None:
-    """Clear the cloud reservation ``job`` holds; returns its ledger period and amount, or None if it holds
-    none. The caller gives it back (:func:`give_back`) once the change is committed."""
-    if job.reserved_usd <= 0 or job.reserved_period is None:
-        return None
-    released = (job.reserved_period, float(job.reserved_usd))
-    job.reserved_usd = 0.0
-    job.reserved_period = None
-    return released
-
-
 def give_back(ledger: SpendLedger | None, period: str, usd: float, *, job_id: str) -> None:
     """Give a cloud reservation back to the period that holds it.
 
@@ -200,3 +207,50 @@ def give_back(ledger: SpendLedger | None, period: str, usd: float, *, job_id: st
             "cloud reservation not given back: Redis unreachable",
             extra={"job_id": job_id, "usd": usd, "error": str(exc)},
         )
+
+
+# --- rate limits ---------------------------------------------------------------------------------------
+
+_GCRA = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local ahead = new_tat - now
+if ahead > burst then
+  return {0, ahead - burst}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(ahead))
+return {1, 0}
+"""
+
+
+def burst(limit_per_minute: int) -> int:
+    """The most submissions a tenant with this limit may make at once (a tenth of a minute's quota)."""
+    return max(1, limit_per_minute // 10)
+
+
+class RateLimiter:
+    """``limit`` requests per minute per tenant, allowing bursts of up to a tenth of a minute's quota."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(_GCRA)
+
+    def check(self, tenant_id: uuid.UUID, limit_per_minute: int, cost: int = 1) -> float | None:
+        """None when ``cost`` submissions are allowed now, else the seconds to wait. Fails open (allows) if
+        Redis cannot answer. ``cost`` must not exceed :func:`burst` (it could never be allowed)."""
+        if limit_per_minute <= 0:
+            return None
+        interval_ms = 60_000.0 / limit_per_minute
+        burst_ms = interval_ms * burst(limit_per_minute)
+        try:
+            allowed, wait_ms = self._script(
+                keys=[f"routet2i:ratelimit:{tenant_id}"], args=[interval_ms * cost, burst_ms]
+            )
+        except redis.exceptions.RedisError as exc:
+            log.warning("rate limiter unavailable, allowing", extra={"error": str(exc)})
+            return None
+        return None if allowed else max(1.0, math.ceil(float(wait_ms) / 1000.0))

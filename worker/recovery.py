@@ -1,8 +1,9 @@
-"""The reconciler: find jobs whose message was lost and publish them again, dead-letter the hopeless.
+"""Failures and recovery: end a job that failed, give back what it reserved, find jobs whose message was lost,
+and replay dead letters.
 
-Messages can vanish without the database knowing: the broker restarted without persistence, a publish
-failed after the commit, a worker host disappeared with the message unacknowledged. The database knows every
-job that is not finished, so a periodic pass compares it with the broker:
+**The reconciler.** Messages can vanish without the database knowing: the broker restarted without
+persistence, a publish failed after the commit, a worker host disappeared with the message unacknowledged. The
+database knows every job that is not finished, so a periodic pass compares it with the broker:
 
 * a ``queued`` or ``routing`` job untouched for ``reconcile_after_s`` (doubling with each re-publication)
   whose id is in neither its queue nor the broker's unacknowledged set is re-published to the step it needs;
@@ -16,8 +17,6 @@ job that is merely waiting in a long queue from being published twice.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import uuid
 from collections.abc import Iterable
@@ -27,24 +26,98 @@ from typing import Any
 
 import redis
 from celery import Celery
-from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings
-from db.jobs import transition
+from db import lifecycle
+from db.generations import get_generation
+from db.jobs import get_job, lock_stale_jobs
+from db.lifecycle import hold_reservation, is_done, take_reservation
 from db.models import Job, JobStatus, utcnow
 from db.pagination import as_utc
+from db.redis_state import SpendLedger, give_back
 from db.session import transaction
-from worker.app import GENERATE_TASKS, QUEUES, ROUTE_TASK, publish
-from worker.budget_store import SpendLedger, give_back, hold_reservation, take_reservation
+from worker.context import WorkerContext
+from worker.transport import GENERATE_TASKS, ROUTE_TASK, broker_job_ids, publish
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
-"""Jobs examined per pass; a backlog of stuck jobs is worked off over several passes."""
+"""Jobs examined per reconciler pass; a backlog of stuck jobs is worked off over several passes."""
 
-UNACKED_KEY = "unacked"
-"""Where kombu's Redis transport keeps delivered, unacknowledged messages (a hash: tag -> message)."""
+
+def fail_job(
+    ctx: WorkerContext,
+    job_id: str,
+    error: str,
+    *,
+    stage: str,
+    dead_letter: bool = False,
+    release_reservation: bool = False,
+) -> bool:
+    """Mark a job failed with a reason the user can read (an escalated job whose cloud generation fails
+    delivers its edge image instead). Returns False if it had already ended.
+
+    Args:
+        ctx: the worker process's resources.
+        job_id: the job.
+        error: what went wrong, for the user.
+        stage: ``routing`` or ``generation``.
+        dead_letter: the failure may pass (exhausted retries of a transient fault): keep the job replayable
+            with ``routet2i dlq replay``.
+        release_reservation: the tier's generator raised on every attempt, so no image was produced or
+            billed: the reservation of a job failing on the cloud goes back to the spend ledger. (Other
+            failures keep it: an image may have been billed before the failure. A job failing on the edge
+            keeps its shadow's reservation: the shadow is generated whatever becomes of the job.)
+    """
+    released: tuple[str, float] | None = None
+    with transaction(ctx.sessions) as session:
+        job = get_job(session, uuid.UUID(job_id), for_update=True)
+        if is_done(job):
+            return False
+        assert job is not None
+        detail: dict[str, Any] = {"stage": stage}
+        if release_reservation and job.tier == "cloud":
+            released = take_reservation(job)
+            if released is not None:
+                detail["released_usd"] = released[1]
+        delivered = stage == "generation" and lifecycle.deliver_replaced(session, job, error, detail)
+        if not delivered and dead_letter:
+            lifecycle.dead_letter(session, job, error, stage=stage, detail=detail)
+        elif not delivered:
+            lifecycle.fail(session, job, error, detail=detail)
+            log.warning("job failed", extra={"job_id": job_id, "stage": stage, "error": error})
+    if released is not None:
+        give_back(ctx.spend_ledger(), *released, job_id=job_id)
+    return True
+
+
+def shadow_failed(ctx: WorkerContext, job_id: str, tier: str, error: str) -> bool:
+    """A shadow generation's generator raised on every attempt: no image was produced or billed, so the
+    reservation the job holds for a cloud shadow goes back to the spend ledger (once: the job's reservation is
+    cleared in the same transaction). The job itself is left as it is.
+
+    Returns:
+        True when a reservation was given back.
+    """
+    if tier != "cloud":
+        return False
+    key = uuid.UUID(job_id)
+    with transaction(ctx.sessions) as session:
+        job = get_job(session, key, for_update=True)
+        # A job on the edge holding a reservation holds its cloud shadow's; a shadow image recorded (by an
+        # earlier delivery of the same message) was billed.
+        if job is None or job.tier != "edge" or get_generation(session, job_id=key, tier="cloud") is not None:
+            return False
+        released = take_reservation(job)
+    if released is None:
+        return False
+    log.warning("shadow generation failed for good", extra={"job_id": job_id, "tier": tier, "error": error})
+    give_back(ctx.spend_ledger(), *released, job_id=job_id)
+    return True
+
+
+# --- the reconciler -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -62,44 +135,6 @@ class ReconcileReport:
             "dead_lettered": self.dead_lettered,
             "still_queued": self.still_queued,
         }
-
-
-def job_ids_of(raw: bytes | str) -> list[str]:
-    """The job ids carried by a Celery message as kombu's Redis transport stores it (its arguments, read from
-    the body: the ``argsrepr`` header is cut short for a message carrying many ids)."""
-    try:
-        message = json.loads(raw)
-        if isinstance(message, list):  # the unacked hash stores [message, exchange, routing_key]
-            message = message[0]
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return [str(a) for a in args] if isinstance(args, list) else []
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return []
-
-
-def broker_job_ids(client: redis.Redis) -> set[str]:
-    """Ids of every job with a message waiting in a queue or delivered but not yet acknowledged."""
-    ids: set[str] = set()
-    for queue in QUEUES:
-        for raw in client.lrange(queue, 0, -1):
-            ids.update(job_ids_of(raw))
-    for raw in client.hvals(UNACKED_KEY):
-        ids.update(job_ids_of(raw))
-    return ids
-
-
-def _stale(settings: Settings, now: datetime) -> ColumnElement[bool]:
-    """SQL conditions of a job that may have lost its message."""
-    base = now - timedelta(seconds=settings.reconcile_after_s)
-    waiting = and_(
-        Job.status.in_((JobStatus.QUEUED, JobStatus.ROUTING)),
-        or_(Job.enqueued_at.is_(None), Job.enqueued_at < base),
-    )
-    orphaned = and_(Job.status == JobStatus.GENERATING, or_(Job.lease_until.is_(None), Job.lease_until < now))
-    return or_(waiting, orphaned)
 
 
 def _due(job: Job, settings: Settings, now: datetime) -> bool:
@@ -125,10 +160,7 @@ def reconcile(
     to_publish: list[tuple[str, str]] = []
 
     with transaction(sessions) as session:
-        query = select(Job).where(_stale(settings, now)).order_by(Job.created_at).limit(BATCH)
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        for job in session.scalars(query):
+        for job in lock_stale_jobs(session, now=now, reconcile_after_s=settings.reconcile_after_s, limit=BATCH):
             report.examined += 1
             if not _due(job, settings, now):
                 continue
@@ -139,24 +171,13 @@ def reconcile(
                     report.still_queued += 1
                     continue
             if job.redeliveries >= settings.max_redeliveries:
-                job.dead_lettered_at = now
-                job.lease_owner = job.lease_until = None
-                transition(
-                    session,
-                    job,
-                    JobStatus.FAILED,
-                    detail={"stage": "reconcile", "dead_lettered": True},
-                    error=f"dead-lettered: lost {job.redeliveries + 1} times (last seen {job.status})",
-                )
+                reason = f"lost {job.redeliveries + 1} times (last seen {job.status})"
+                lifecycle.dead_letter(session, job, reason, stage="reconcile", at=now)
                 report.dead_lettered.append(str(job.id))
                 continue
             # The job's tier, which an escalation may have changed since its decision.
             task = GENERATE_TASKS[job.tier] if job.tier is not None else ROUTE_TASK
-            was = job.status
-            job.redeliveries += 1
-            job.enqueued_at = now
-            job.lease_owner = job.lease_until = None
-            transition(session, job, JobStatus.QUEUED, detail={"stage": "reconciled", "was": was, "task": task})
+            lifecycle.requeue(session, job, task=task, now=now)
             to_publish.append((task, str(job.id)))
 
     for task, job_id in to_publish:  # after the commit, so a worker never sees the job before its new state
@@ -205,7 +226,7 @@ def replay_dead_letters(
     charges = 0.0
     with transaction(sessions) as session:
         for job_id in job_ids:
-            job = session.get(Job, job_id, with_for_update=True)
+            job = get_job(session, job_id, for_update=True)
             if job is None:
                 raise ValueError(f"no job with id {job_id}")
             if job.dead_lettered_at is None:
@@ -229,13 +250,7 @@ def replay_dead_letters(
                 hold_reservation(job, ledger.key(), cloud_price_usd)
                 charges += cloud_price_usd
                 detail["reserved_usd"] = cloud_price_usd
-            job.dead_lettered_at = None
-            job.error = None
-            job.finished_at = None
-            job.attempts = job.redeliveries = 0
-            job.lease_owner = job.lease_until = None
-            job.enqueued_at = utcnow()
-            transition(session, job, JobStatus.QUEUED, detail=detail)
+            lifecycle.replay(session, job, detail=detail)
             to_publish.append((str(job.id), task))
         if ledger is not None and charges:
             # Before the commit: if Redis refuses the charge, nothing is replayed; if the commit then fails,
@@ -246,11 +261,3 @@ def replay_dead_letters(
     for replayed, task in to_publish:
         publish(app, task, replayed)
     return to_publish
-
-
-def list_dead_letters(session: Session, *, limit: int = 100) -> list[Job]:
-    return list(
-        session.scalars(
-            select(Job).where(Job.dead_lettered_at.is_not(None)).order_by(Job.dead_lettered_at.desc()).limit(limit)
-        )
-    )

@@ -1,0 +1,259 @@
+"""A job's life cycle: its states, the transitions between them, and every change to its lease, dead letter,
+queue hand-off and cloud reservation.
+
+Every change of a job's status goes through :func:`transition`, which refuses a move the table
+:data:`TRANSITIONS` does not hold and appends the job's history (``job_events``). The other functions are the
+life cycle's steps, each a few field changes and one or two transitions in the caller's transaction (the caller
+commits, then publishes or touches Redis: a worker never sees a job before its new state is committed)::
+
+    queued ──▶ routing ──▶ queued (on its tier) ──▶ generating ──▶ succeeded
+       │          │              ▲        │               │
+       │          │              └────────┴── escalated, re-published
+       └──────────┴──────────────────────────────────────┴──▶ failed ──▶ queued (dead letter replayed)
+
+``queued`` covers both the route queue (no tier yet) and a tier's queue (``tier`` tells which).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db.decisions import record_decision
+from db.generations import replaced_generation
+from db.models import Job, JobEvent, JobStatus, utcnow
+from db.pagination import as_utc
+from router.types import RoutingDecision
+
+log = logging.getLogger(__name__)
+
+QUEUED, ROUTING, GENERATING = JobStatus.QUEUED, JobStatus.ROUTING, JobStatus.GENERATING
+SUCCEEDED, FAILED = JobStatus.SUCCEEDED, JobStatus.FAILED
+
+TRANSITIONS: dict[JobStatus, dict[JobStatus, str]] = {
+    QUEUED: {
+        ROUTING: "a router takes the job",
+        GENERATING: "a tier worker takes its generation lease",
+        QUEUED: "the reconciler publishes it again (its message was lost)",
+        SUCCEEDED: "a generation that outlived its lease is recorded, or an escalated job whose cloud attempts ran "
+        "out delivers its edge image",
+        FAILED: "it cannot be enqueued, routed or generated, or is dead-lettered",
+    },
+    ROUTING: {
+        QUEUED: "routed: handed to its tier's queue (or published again by the reconciler)",
+        FAILED: "routing failed",
+    },
+    GENERATING: {
+        GENERATING: "a redelivery of the lease holder's message, or any delivery after the lease ran out, takes over",
+        SUCCEEDED: "its image is recorded",
+        QUEUED: "escalated to the cloud, or published again after its lease ran out",
+        FAILED: "generation failed, or the job is dead-lettered",
+    },
+    SUCCEEDED: {},
+    FAILED: {
+        QUEUED: "a dead-lettered job is replayed (routet2i dlq replay)",
+    },
+}
+"""``TRANSITIONS[from][to]``: why a job may move from one status to another. Nothing else is allowed."""
+
+
+class IllegalTransition(RuntimeError):
+    """A status change the life cycle does not allow (a bug in the caller, never a user's error)."""
+
+
+def is_done(job: Job | None) -> bool:
+    """Whether there is nothing left to do for ``job`` (it ended, or no longer exists)."""
+    return job is None or JobStatus(job.status).terminal
+
+
+def check_transition(job: Job, status: JobStatus) -> None:
+    """Raise :class:`IllegalTransition` unless ``job`` may move to ``status`` now."""
+    current = JobStatus(job.status)
+    if status not in TRANSITIONS[current]:
+        allowed = ", ".join(TRANSITIONS[current]) or "none: it has ended"
+        raise IllegalTransition(f"job {job.id} cannot go from {current} to {status} (allowed: {allowed})")
+    if current == FAILED and job.dead_lettered_at is None:
+        raise IllegalTransition(f"job {job.id} failed for good; only a dead-lettered job is replayed")
+
+
+def transition(
+    session: Session,
+    job: Job,
+    status: JobStatus,
+    *,
+    detail: dict[str, Any] | None = None,
+    error: str | None = None,
+    at: datetime | None = None,
+) -> None:
+    """Move ``job`` to ``status``, stamping its timestamps and appending to its history (``at``: when it
+    happened, if not now).
+
+    Raises:
+        IllegalTransition: the table does not allow the move.
+    """
+    check_transition(job, status)
+    now = at or utcnow()
+    job.status = status
+    job.updated_at = now
+    if status == GENERATING:
+        job.started_at = now
+    if status.terminal:
+        job.finished_at = now
+    if error is not None:
+        job.error = error
+    session.add(JobEvent(job_id=job.id, status=status, at=now, detail=detail))
+
+
+# --- routing --------------------------------------------------------------------------------------------
+
+
+def mark_routed(session: Session, job: Job, decision: RoutingDecision, *, started: datetime) -> None:
+    """Record ``decision`` for ``job`` (routing since ``started``) and queue the job on its tier; a cloud image
+    the decision reserved from the spend limit (delivered, or a shadow) is held by the job."""
+    transition(session, job, ROUTING, at=started)
+    record_decision(session, job=job, decision=decision)
+    state = decision.budget_state
+    if state.get("spend_period") and state.get("reserved_usd"):
+        hold_reservation(job, str(state["spend_period"]), float(state["reserved_usd"]))
+    job.enqueued_at = utcnow()
+    transition(session, job, QUEUED, detail={"stage": "routed", "tier": decision.tier})
+
+
+# --- generation -----------------------------------------------------------------------------------------
+
+
+def claim_lease(session: Session, job: Job, *, tier: str, delivery: str, lease_s: float, batch: int) -> bool:
+    """Take the generation lease for ``delivery`` (a Celery task id; a redelivery keeps it) until ``lease_s``
+    from now; False when another delivery holds a live lease. ``batch``: how many jobs the worker took together
+    (recorded in the job's history)."""
+    now = utcnow()
+    if (
+        job.status == GENERATING
+        and job.lease_owner not in (None, delivery)
+        and job.lease_until is not None
+        and as_utc(job.lease_until) > now
+    ):
+        return False
+    job.attempts += 1
+    job.lease_owner = delivery
+    job.lease_until = now + timedelta(seconds=lease_s)
+    transition(session, job, GENERATING, detail={"tier": tier, "attempt": job.attempts, "batch": batch})
+    return True
+
+
+def release_lease(job: Job) -> None:
+    job.lease_owner = None
+    job.lease_until = None
+
+
+def succeed(session: Session, job: Job, *, detail: dict[str, Any]) -> None:
+    """The job's image was recorded: it is delivered."""
+    release_lease(job)
+    transition(session, job, SUCCEEDED, detail=detail)
+
+
+def escalate(session: Session, job: Job, *, tier: str, detail: dict[str, Any], reservation: dict[str, Any]) -> None:
+    """Queue ``job`` on ``tier`` again, from a fresh count of attempts: its image scored so badly that the user
+    receives that tier's image instead. ``reservation``: the escalation's verdict, with ``spend_period`` and
+    ``reserved_usd`` when the new image reserved its price."""
+    release_lease(job)
+    job.tier = tier
+    job.attempts = 0
+    job.enqueued_at = utcnow()
+    if reservation.get("spend_period"):
+        hold_reservation(job, str(reservation["spend_period"]), float(reservation["reserved_usd"]))
+    transition(session, job, QUEUED, detail={**detail, "stage": "escalated"})
+
+
+def deliver_replaced(session: Session, job: Job, error: str, detail: dict[str, Any]) -> bool:
+    """If ``job`` was escalated and its cloud generation failed for good, deliver the edge image the
+    escalation was to replace (the job succeeds on the edge, the failure in its history). Returns whether it
+    did; False for any other job, which fails."""
+    if job.tier != "cloud" or job.requested_tier is not None:
+        return False
+    replaced = replaced_generation(session, job_id=job.id)
+    if replaced is None:
+        return False
+    replaced.role = "primary"
+    job.tier = replaced.tier
+    release_lease(job)
+    transition(session, job, SUCCEEDED, detail={**detail, "stage": "escalation failed", "error": error})
+    log.warning("escalation failed; the edge image is delivered", extra={"job_id": str(job.id), "error": error})
+    return True
+
+
+# --- failure and recovery -------------------------------------------------------------------------------
+
+
+def fail(session: Session, job: Job, error: str, *, detail: dict[str, Any]) -> None:
+    """End ``job`` as failed, with a reason the user can read."""
+    release_lease(job)
+    transition(session, job, FAILED, detail=detail, error=error)
+
+
+def dead_letter(
+    session: Session,
+    job: Job,
+    reason: str,
+    *,
+    stage: str,
+    detail: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> None:
+    """Fail ``job`` as a dead letter: its failure may pass (retries or redeliveries ran out), so
+    ``routet2i dlq replay`` can revive it."""
+    job.dead_lettered_at = at or utcnow()
+    release_lease(job)
+    transition(
+        session,
+        job,
+        FAILED,
+        detail={"stage": stage, **(detail or {}), "dead_lettered": True},
+        error=f"dead-lettered: {reason}",
+        at=at,
+    )
+    log.error("job dead-lettered", extra={"job_id": str(job.id), "stage": stage, "reason": reason})
+
+
+def requeue(session: Session, job: Job, *, task: str, now: datetime) -> None:
+    """Count a re-publication of ``job``, whose message was lost (or whose lease ran out), to ``task``."""
+    was = job.status
+    job.redeliveries += 1
+    job.enqueued_at = now
+    release_lease(job)
+    transition(session, job, QUEUED, detail={"stage": "reconciled", "was": was, "task": task})
+
+
+def replay(session: Session, job: Job, *, detail: dict[str, Any]) -> None:
+    """Revive a dead-lettered ``job`` with fresh counters; the caller publishes it."""
+    transition(session, job, QUEUED, detail=detail)
+    job.dead_lettered_at = None
+    job.error = None
+    job.finished_at = None
+    job.attempts = job.redeliveries = 0
+    release_lease(job)
+    job.enqueued_at = utcnow()
+
+
+# --- cloud reservations ---------------------------------------------------------------------------------
+
+
+def hold_reservation(job: Job, period: str, usd: float) -> None:
+    """Record that ``job``'s cloud image (delivered, or its shadow when the job is on the edge) holds ``usd``
+    in the spend ledger's counter ``period``."""
+    job.reserved_usd = float(usd)
+    job.reserved_period = period
+
+
+def take_reservation(job: Job) -> tuple[str, float] | None:
+    """Clear the cloud reservation ``job`` holds; returns its ledger period and amount, or None if it holds
+    none. The caller gives it back (:func:`db.redis_state.give_back`) once the change is committed."""
+    if job.reserved_usd <= 0 or job.reserved_period is None:
+        return None
+    released = (job.reserved_period, float(job.reserved_usd))
+    job.reserved_usd = 0.0
+    job.reserved_period = None
+    return released
