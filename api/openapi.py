@@ -109,9 +109,44 @@ def _query_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+Operation = tuple[str, str, Doc, type[BaseModel] | None]
+"""(path, method, its documentation, its request body's model)."""
+
+Refs = dict[tuple[type[BaseModel], str], dict[str, str]]
+"""The ``$ref`` of each model's schema, by model and mode (``validation`` for requests, ``serialization``)."""
+
+
 def build_spec(app: Flask) -> dict[str, Any]:
+    operations, models = _documented(app)
+    keys, definitions = models_json_schema(cast(Any, list(models)), ref_template="#/components/schemas/{model}")
+    refs = cast(Refs, keys)
+    query_props = {
+        model: definitions["$defs"][refs[(model, "validation")]["$ref"].rsplit("/", 1)[1]]
+        for (model, mode) in models
+        if mode == "validation" and model is not None and any(doc.query is model for _, _, doc, _ in operations)
+    }
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, doc, body in sorted(operations, key=lambda o: (o[0], o[1])):
+        paths.setdefault(path, {})[method] = _operation(path, doc, body, refs, query_props)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "RouteT2I",
+            "version": __version__,
+            "description": "Route text-to-image requests between an edge and a cloud model under a cloud budget.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "A tenant's API key."}},
+        },
+    }
+
+
+def _documented(app: Flask) -> tuple[list[Operation], dict[tuple[type[BaseModel], str], None]]:
+    """Every documented route's operations, and every model their schemas need (in first-seen order)."""
     st: ApiState = app.extensions["routet2i"]
-    operations: list[tuple[str, str, Doc, type[BaseModel] | None]] = []
+    operations: list[Operation] = []
     models: dict[tuple[type[BaseModel], str], None] = {(ErrorBody, "serialization"): None}
     for rule in app.url_map.iter_rules():
         doc: Doc | None = getattr(app.view_functions[rule.endpoint], "__openapi__", None)
@@ -128,80 +163,56 @@ def build_spec(app: Flask) -> dict[str, Any]:
         models[(doc.error_model or ErrorBody, "serialization")] = None
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             operations.append((_path(rule.rule), method.lower(), doc, body))
+    return operations, models
 
-    keys, definitions = models_json_schema(cast(Any, list(models)), ref_template="#/components/schemas/{model}")
-    refs = {
-        (model, mode): ref
-        for (
-            model,
-            mode,
-        ), ref in keys.items()
-    }
-    query_props = {
-        model: definitions["$defs"][refs[(model, "validation")]["$ref"].rsplit("/", 1)[1]]
-        for (model, mode) in models
-        if mode == "validation" and model is not None and any(doc.query is model for _, _, doc, _ in operations)
-    }
 
-    paths: dict[str, dict[str, Any]] = {}
-    for path, method, doc, body in sorted(operations, key=lambda o: (o[0], o[1])):
-        operation: dict[str, Any] = {"summary": doc.summary, "tags": [doc.tag], "responses": {}}
-        parameters = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in re.findall(r"{([^}]+)}", path)
-        ]
-        if doc.query is not None:
-            schema = query_props[doc.query]
-            required = set(schema.get("required", []))
-            for name, prop in schema.get("properties", {}).items():
-                parameters.append(
-                    {"name": name, "in": "query", "required": name in required, "schema": _query_schema(prop)}
-                )
-        if parameters:
-            operation["parameters"] = parameters
-        if body is not None:
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": refs[(body, "validation")]}},
-            }
-        for status, (description, model) in sorted(doc.responses.items()):
-            response: dict[str, Any] = {"description": description}
-            if model == PNG:
-                response["content"] = {PNG: {"schema": {"type": "string", "format": "binary"}}}
-            elif isinstance(model, type):
-                response["content"] = {"application/json": {"schema": refs[(model, "serialization")]}}
-            operation["responses"][str(status)] = response
-        errors = set(doc.extra_errors) | {503}
-        if doc.secured:
-            errors |= {401}
-            operation["security"] = [{"bearer": []}]
-        if body is not None:
-            errors |= {400, 422}
-        if doc.query is not None:
-            errors |= {400}
-        if "{" in path:
-            errors |= {404}
-        error_schema = refs[(doc.error_model or ErrorBody, "serialization")]
-        for status in sorted(errors):
-            operation["responses"].setdefault(
-                str(status),
-                {"description": ERROR_TEXT[status], "content": {"application/json": {"schema": error_schema}}},
+def _operation(
+    path: str, doc: Doc, body: type[BaseModel] | None, refs: Refs, query_props: dict[type[BaseModel], Any]
+) -> dict[str, Any]:
+    """One operation's OpenAPI object: parameters, body, responses and the errors it may answer."""
+    operation: dict[str, Any] = {"summary": doc.summary, "tags": [doc.tag], "responses": {}}
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in re.findall(r"{([^}]+)}", path)
+    ]
+    if doc.query is not None:
+        schema = query_props[doc.query]
+        required = set(schema.get("required", []))
+        for name, prop in schema.get("properties", {}).items():
+            parameters.append(
+                {"name": name, "in": "query", "required": name in required, "schema": _query_schema(prop)}
             )
-        paths.setdefault(path, {})[method] = operation
-
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "RouteT2I",
-            "version": __version__,
-            "description": "Route text-to-image requests between an edge and a cloud model under a cloud budget.",
-        },
-        "paths": paths,
-        "components": {
-            "schemas": definitions.get("$defs", {}),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "A tenant's API key."}},
-        },
-    }
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[(body, "validation")]}},
+        }
+    for status, (description, model) in sorted(doc.responses.items()):
+        response: dict[str, Any] = {"description": description}
+        if model == PNG:
+            response["content"] = {PNG: {"schema": {"type": "string", "format": "binary"}}}
+        elif isinstance(model, type):
+            response["content"] = {"application/json": {"schema": refs[(model, "serialization")]}}
+        operation["responses"][str(status)] = response
+    errors = set(doc.extra_errors) | {503}
+    if doc.secured:
+        errors |= {401}
+        operation["security"] = [{"bearer": []}]
+    if body is not None:
+        errors |= {400, 422}
+    if doc.query is not None:
+        errors |= {400}
+    if "{" in path:
+        errors |= {404}
+    error_schema = refs[(doc.error_model or ErrorBody, "serialization")]
+    for status in sorted(errors):
+        operation["responses"].setdefault(
+            str(status),
+            {"description": ERROR_TEXT[status], "content": {"application/json": {"schema": error_schema}}},
+        )
+    return operation
 
 
 blueprint = Blueprint("openapi", __name__)

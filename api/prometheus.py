@@ -22,9 +22,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from api.state import ApiState
 from core.settings import QUEUES
-from db.backlog import waiting_backlog
+from db.backlog import Backlog, waiting_backlog
 from db.monitoring import (
     STAGES,
+    CostTotal,
+    Histogram,
     cost_totals,
     decisions_by_router,
     images_by_role,
@@ -86,88 +88,13 @@ class RouteT2ICollector:
             roles = images_by_role(session)
             histograms = [h for stage in STAGES for h in stage_histograms(session, stage)]
             backlog = waiting_backlog(session)
-
-        families: list[Metric] = []
-        gauge = GaugeMetricFamily(
-            "routet2i_jobs", "Jobs by status and tier (tier 'none': not routed).", labels=["status", "tier"]
-        )
-        for (status, tier), count in sorted(jobs.items()):
-            gauge.add_metric([status, tier], count)
-        families.append(gauge)
-
-        counter = CounterMetricFamily(
-            "routet2i_decisions", "Routing decisions by tier and router.", labels=["tier", "router", "router_version"]
-        )
-        for (tier, router, version), count in sorted(decisions.items()):
-            counter.add_metric([tier, router, version], count)
-        families.append(counter)
-
-        routed = sum(decisions.values())
-        cloud = sum(n for (tier, _, _), n in decisions.items() if tier == "cloud")
-        fraction = GaugeMetricFamily(
-            "routet2i_cloud_fraction",
-            "Share of decisions sent to the cloud: over all decisions, and over the budget window's last decisions.",
-            labels=["window"],
-        )
-        fraction.add_metric(["all"], cloud / routed if routed else 0.0)
-        fraction.add_metric(["recent"], recent if recent is not None else 0.0)
-        families.append(fraction)
-        families.append(
-            GaugeMetricFamily(
-                "routet2i_cloud_budget", "The cloud fraction the router may spend (rho).", value=settings.cloud_budget
-            )
-        )
-        families.append(
-            GaugeMetricFamily(
-                "routet2i_budget_window_decisions",
-                "Decisions in the recent window (at most the budget window).",
-                value=recent_n,
-            )
-        )
-
-        usd = CounterMetricFamily("routet2i_cost_usd", "US dollars billed, by tier.", labels=["tier"])
-        gpu = CounterMetricFamily("routet2i_gpu_seconds", "Device seconds spent generating, by tier.", labels=["tier"])
-        images = CounterMetricFamily("routet2i_images", "Images generated and billed, by tier.", labels=["tier"])
-        for tier, total in costs.items():
-            usd.add_metric([tier], total.usd)
-            gpu.add_metric([tier], total.gpu_s)
-            images.add_metric([tier], total.images)
-        families.extend([usd, gpu, images])
-        by_role = CounterMetricFamily(
-            "routet2i_images_by_role",
-            "Images stored by role: primary (delivered), shadow (labels), replaced (an edge image escalated).",
-            labels=["role"],
-        )
-        for role, count in sorted(roles.items()):
-            by_role.add_metric([role], count)
-        families.append(by_role)
-
-        latency = HistogramMetricFamily(
-            "routet2i_job_stage_seconds",
-            "Time jobs spent in each pipeline stage, from their timestamps, by tier.",
-            labels=["stage", "tier"],
-        )
-        for h in histograms:
-            buckets = [(_inf(bound), count) for bound, count in h.buckets] + [("+Inf", h.count)]
-            latency.add_metric([h.stage, h.tier], buckets, h.sum_s)
-        families.append(latency)
-
-        now = datetime.now(UTC)
-        waiting = GaugeMetricFamily(
-            "routet2i_queue_waiting_jobs", "Jobs the database says wait on each queue.", labels=["queue"]
-        )
-        age = GaugeMetricFamily(
-            "routet2i_queue_oldest_age_seconds",
-            "Age of the oldest job waiting on each queue (0 when none).",
-            labels=["queue"],
-        )
-        for queue in QUEUES:
-            entry = backlog[queue]
-            waiting.add_metric([queue], entry.waiting)
-            oldest = (now - entry.oldest_since).total_seconds() if entry.oldest_since is not None else 0.0
-            age.add_metric([queue], max(0.0, oldest))
-        families.extend([waiting, age])
-        return families
+        return [
+            *_job_families(jobs, decisions),
+            *_budget_families(decisions, recent, recent_n, settings.cloud_budget),
+            *_cost_families(costs, roles),
+            _latency_family(histograms),
+            *_backlog_families(backlog),
+        ]
 
     def _broker(self) -> list[Metric]:
         depths = queue_depths(self.st.celery, self.st.redis)
@@ -206,3 +133,88 @@ def init_app(app: Flask, st: ApiState) -> None:
 def metrics() -> Response:
     """Prometheus text format."""
     return Response(generate_latest(current_app.extensions[REGISTRY_KEY]), content_type=CONTENT_TYPE_LATEST)
+
+
+def _job_families(jobs: dict[tuple[str, str], int], decisions: dict[tuple[str, str, str], int]) -> list[Metric]:
+    gauge = GaugeMetricFamily(
+        "routet2i_jobs", "Jobs by status and tier (tier 'none': not routed).", labels=["status", "tier"]
+    )
+    for (status, tier), count in sorted(jobs.items()):
+        gauge.add_metric([status, tier], count)
+    counter = CounterMetricFamily(
+        "routet2i_decisions", "Routing decisions by tier and router.", labels=["tier", "router", "router_version"]
+    )
+    for (tier, router, version), count in sorted(decisions.items()):
+        counter.add_metric([tier, router, version], count)
+    return [gauge, counter]
+
+
+def _budget_families(
+    decisions: dict[tuple[str, str, str], int], recent: float | None, recent_n: int, rho: float
+) -> list[Metric]:
+    routed = sum(decisions.values())
+    cloud = sum(n for (tier, _, _), n in decisions.items() if tier == "cloud")
+    fraction = GaugeMetricFamily(
+        "routet2i_cloud_fraction",
+        "Share of decisions sent to the cloud: over all decisions, and over the budget window's last decisions.",
+        labels=["window"],
+    )
+    fraction.add_metric(["all"], cloud / routed if routed else 0.0)
+    fraction.add_metric(["recent"], recent if recent is not None else 0.0)
+    return [
+        fraction,
+        GaugeMetricFamily("routet2i_cloud_budget", "The cloud fraction the router may spend (rho).", value=rho),
+        GaugeMetricFamily(
+            "routet2i_budget_window_decisions",
+            "Decisions in the recent window (at most the budget window).",
+            value=recent_n,
+        ),
+    ]
+
+
+def _cost_families(costs: dict[str, CostTotal], roles: dict[str, int]) -> list[Metric]:
+    usd = CounterMetricFamily("routet2i_cost_usd", "US dollars billed, by tier.", labels=["tier"])
+    gpu = CounterMetricFamily("routet2i_gpu_seconds", "Device seconds spent generating, by tier.", labels=["tier"])
+    images = CounterMetricFamily("routet2i_images", "Images generated and billed, by tier.", labels=["tier"])
+    for tier, total in costs.items():
+        usd.add_metric([tier], total.usd)
+        gpu.add_metric([tier], total.gpu_s)
+        images.add_metric([tier], total.images)
+    by_role = CounterMetricFamily(
+        "routet2i_images_by_role",
+        "Images stored by role: primary (delivered), shadow (labels), replaced (an edge image escalated).",
+        labels=["role"],
+    )
+    for role, count in sorted(roles.items()):
+        by_role.add_metric([role], count)
+    return [usd, gpu, images, by_role]
+
+
+def _latency_family(histograms: list[Histogram]) -> Metric:
+    latency = HistogramMetricFamily(
+        "routet2i_job_stage_seconds",
+        "Time jobs spent in each pipeline stage, from their timestamps, by tier.",
+        labels=["stage", "tier"],
+    )
+    for h in histograms:
+        buckets = [(_inf(bound), count) for bound, count in h.buckets] + [("+Inf", h.count)]
+        latency.add_metric([h.stage, h.tier], buckets, h.sum_s)
+    return latency
+
+
+def _backlog_families(backlog: dict[str, Backlog]) -> list[Metric]:
+    now = datetime.now(UTC)
+    waiting = GaugeMetricFamily(
+        "routet2i_queue_waiting_jobs", "Jobs the database says wait on each queue.", labels=["queue"]
+    )
+    age = GaugeMetricFamily(
+        "routet2i_queue_oldest_age_seconds",
+        "Age of the oldest job waiting on each queue (0 when none).",
+        labels=["queue"],
+    )
+    for queue in QUEUES:
+        entry = backlog[queue]
+        waiting.add_metric([queue], entry.waiting)
+        oldest = (now - entry.oldest_since).total_seconds() if entry.oldest_since is not None else 0.0
+        age.add_metric([queue], max(0.0, oldest))
+    return [waiting, age]

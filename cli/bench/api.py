@@ -125,36 +125,11 @@ def run(
         tenant_id = tenant.id
 
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "api",
-            "--port",
-            str(port),
-            "--workers",
-            str(api_workers),
-            "--threads",
-            str(api_threads),
-        ],
-        env=child_env(**{**settings.to_env(), "ROUTET2I_LOG_LEVEL": "WARNING"}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = _start_api(settings, port, api_workers, api_threads)
     base = f"http://127.0.0.1:{port}"
     load = _wrk if shutil.which("wrk") else None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise StackError("the API did not start")
-            time.sleep(0.2)
+        _wait_ready(server, base)
 
         def measure(path: str, body: dict | None) -> tuple[float, float, int]:
             if load is not None:
@@ -188,6 +163,29 @@ def run(
             statistics.median(p for _, p, _ in health) * 1000,
         ),
     ]
+
+
+def _start_api(settings: Settings, port: int, workers: int, threads: int) -> subprocess.Popen[bytes]:
+    """``routet2i api`` on ``port`` in a child process, logging warnings only."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", "api", "--port", str(port), "--workers", str(workers), "--threads", str(threads)],
+        env=child_env(**{**settings.to_env(), "ROUTET2I_LOG_LEVEL": "WARNING"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_ready(server: subprocess.Popen[bytes], base: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise StackError("the API did not start")
+        time.sleep(0.2)
 
 
 def _clean(settings: Settings, sessions: sessionmaker[Session], tenant_id: uuid.UUID) -> None:

@@ -154,6 +154,23 @@ def run(
             "batch_submissions", f"at most {MAX_BATCH_JOBS} (the API's batch limit), got {batch_submissions}"
         )
     check_redis(settings.broker_url)
+    bare, bare_rates, bare_cpu_ms = _reference(settings, repeats, latency_jobs, burst_jobs)
+    concurrency = {"route": route_workers, "edge": tier_workers, "cloud": tier_workers}
+    bursts: dict[int, tuple[list[float], dict[str, float]]] = {}
+    with local_run(settings, concurrency=concurrency, log_dir=Path("var/bench-logs"), pool=pool) as local:
+        for _ in range(5):  # warm every process's connections and caches
+            local.submit(1, clients=1)
+        local.wait_finished(5, timeout=60, interval=0.05)
+        stages = _latencies(local, latency_jobs)
+        for per_request in sorted({1, batch_submissions}):
+            bursts[per_request] = _bursts(local, repeats, burst_jobs, clients, per_request)
+    return _measurements(stages, bare, bare_rates, bare_cpu_ms, bursts)
+
+
+def _reference(
+    settings: Settings, repeats: int, latency_jobs: int, burst_jobs: int
+) -> tuple[list[float], list[float], float]:
+    """The bare Celery+Redis reference: round trips (sorted), bursts' rates, and its CPU per round trip (ms)."""
     track = cpu.available()
     bare_cpu_ms = 0.0
     echo = EchoWorker(settings.broker_url)
@@ -169,37 +186,43 @@ def run(
             bare_cpu_ms = bare_cpu * 1000 / (repeats * burst_jobs)
     finally:
         echo.stop()
+    return bare, bare_rates, bare_cpu_ms
 
-    concurrency = {"route": route_workers, "edge": tier_workers, "cloud": tier_workers}
-    bursts: dict[int, tuple[list[float], dict[str, float]]] = {}
-    with local_run(settings, concurrency=concurrency, log_dir=Path("var/bench-logs"), pool=pool) as local:
-        for _ in range(5):  # warm every process's connections and caches
-            local.submit(1, clients=1)
-        local.wait_finished(5, timeout=60, interval=0.05)
-        stages = _latencies(local, latency_jobs)
-        done = local.finished()
-        for per_request in sorted({1, batch_submissions}):
-            rates = []
-            before, own = (cpu.snapshot(), cpu.own_cpu_s()) if track else ({}, 0.0)
-            for _ in range(repeats):
-                started = time.perf_counter()
-                local.submit(burst_jobs, clients=clients, first=done, per_request=per_request)
-                if not local.wait_finished(done + burst_jobs, timeout=600, interval=0.1):
-                    raise StackError("the burst did not finish in 10 minutes")
-                rates.append(burst_jobs / (time.perf_counter() - started))
-                done += burst_jobs
-            per_job_ms: dict[str, float] = {}
-            if track:
-                after = cpu.snapshot()
-                spent = {
-                    name: cpu.spent(before, after, cpu.tree(after, p.pid)) for name, p in local.stack.processes.items()
-                }
-                spent["postgres"] = cpu.spent(before, after, cpu.named(after, lambda name: name == "postgres"))
-                spent["redis"] = cpu.spent(before, after, cpu.named(after, _is_redis))
-                spent["load generator"] = cpu.own_cpu_s() - own
-                per_job_ms = {name: seconds * 1000 / (repeats * burst_jobs) for name, seconds in spent.items()}
-            bursts[per_request] = (rates, per_job_ms)
 
+def _bursts(
+    local: LocalRun, repeats: int, burst_jobs: int, clients: int, per_request: int
+) -> tuple[list[float], dict[str, float]]:
+    """``repeats`` bursts of ``burst_jobs`` jobs, ``per_request`` per request: their rates (jobs/s) and the CPU
+    each process spent per job (ms), when the machine lets it be read."""
+    track = cpu.available()
+    done = local.finished()
+    rates = []
+    before, own = (cpu.snapshot(), cpu.own_cpu_s()) if track else ({}, 0.0)
+    for _ in range(repeats):
+        started = time.perf_counter()
+        local.submit(burst_jobs, clients=clients, first=done, per_request=per_request)
+        if not local.wait_finished(done + burst_jobs, timeout=600, interval=0.1):
+            raise StackError("the burst did not finish in 10 minutes")
+        rates.append(burst_jobs / (time.perf_counter() - started))
+        done += burst_jobs
+    per_job_ms: dict[str, float] = {}
+    if track:
+        after = cpu.snapshot()
+        spent = {name: cpu.spent(before, after, cpu.tree(after, p.pid)) for name, p in local.stack.processes.items()}
+        spent["postgres"] = cpu.spent(before, after, cpu.named(after, lambda name: name == "postgres"))
+        spent["redis"] = cpu.spent(before, after, cpu.named(after, _is_redis))
+        spent["load generator"] = cpu.own_cpu_s() - own
+        per_job_ms = {name: seconds * 1000 / (repeats * burst_jobs) for name, seconds in spent.items()}
+    return rates, per_job_ms
+
+
+def _measurements(
+    stages: dict[str, list[float]],
+    bare: list[float],
+    bare_rates: list[float],
+    bare_cpu_ms: float,
+    bursts: dict[int, tuple[list[float], dict[str, float]]],
+) -> list[Measurement]:
     latencies = sorted(stages["total"])
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     bare50, bare99 = percentile(bare, 0.5), percentile(bare, 0.99)

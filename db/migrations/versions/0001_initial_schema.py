@@ -19,6 +19,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    _create_jobs()
+    _create_decisions()
+    _create_generations()
+    _create_job_events()
+    _create_cost_entries()
+
+
+def _create_jobs() -> None:
     op.create_table(
         "jobs",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -46,6 +54,8 @@ def upgrade() -> None:
         batch_op.create_index("ix_jobs_status_created", ["status", "created_at"], unique=False)
         batch_op.create_index("ix_jobs_tier_created", ["tier", "created_at"], unique=False)
 
+
+def _create_decisions() -> None:
     op.create_table(
         "decisions",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -73,6 +83,8 @@ def upgrade() -> None:
         batch_op.create_index("ix_decisions_router", ["router_name", "router_version"], unique=False)
         batch_op.create_index("ix_decisions_tier_created", ["tier", "created_at"], unique=False)
 
+
+def _create_generations() -> None:
     op.create_table(
         "generations",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -99,6 +111,8 @@ def upgrade() -> None:
     with op.batch_alter_table("generations", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_generations_job_id"), ["job_id"], unique=False)
 
+
+def _create_job_events() -> None:
     op.create_table(
         "job_events",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
@@ -112,6 +126,8 @@ def upgrade() -> None:
     with op.batch_alter_table("job_events", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_job_events_job_id"), ["job_id"], unique=False)
 
+
+def _create_cost_entries() -> None:
     op.create_table(
         "cost_entries",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
