@@ -55,6 +55,9 @@ class TierSettings(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=20)
     """Retries of a failed generation (transient errors only) before the job fails."""
+    service_time_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+    """``null`` backend only: seconds it spends on each image (it sleeps), to stand in for a model's generation
+    time in load tests, benchmarks and fault tests without using the CPU."""
     max_batch: int = Field(default=4, ge=1, le=256)
     """Most jobs one worker process takes at once when several are waiting (never waiting for more): a
     diffusers pipeline generates those of one size and step count in one call, a remote API gets them all in
@@ -186,8 +189,18 @@ class Settings(BaseSettings):
     """PostgreSQL: False lets the route and tier workers' commits return before the WAL flush, several
     milliseconds less per step. A database crash can then lose their last fraction of a second of state
     changes, which the reconciler redoes (the API's acceptance of a job always waits for the flush)."""
-    lease_s: float = Field(default=900.0, gt=0)
-    """How long a generation may run before the job is presumed orphaned; must exceed the slowest generation."""
+    lease_s: float = Field(default=120.0, gt=0)
+    """How long a generation's lease lasts unless renewed. The worker generating a job renews it every quarter of
+    this while it works, so a generation of any length keeps its lease while its worker lives; the job of a
+    worker that died is published again within this plus ``reconcile_interval_s``."""
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    """How often each worker records in Redis that it lives and which messages it holds."""
+    worker_dead_after_s: float = Field(default=60.0, gt=0)
+    """A worker whose last heartbeat is older than this is presumed dead: the messages it had taken (waiting in its
+    prefetch or running) are published again by the next reconciler pass."""
+    reconcile_in_workers: bool = True
+    """Workers run the reconciler themselves, one pass per ``reconcile_interval_s`` across the deployment
+    (whichever worker takes the turn), so no separate process is needed; ``routet2i reconcile`` also runs it."""
     reconcile_after_s: float = Field(default=120.0, gt=0)
     """A queued job untouched this long, and absent from its queue, is re-published by the reconciler."""
     reconcile_interval_s: float = Field(default=30.0, gt=0)
@@ -231,6 +244,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 "escalation judges the edge image's score, so it needs the scorer (ROUTET2I_SCORER__ENABLED=true)"
             )
+        return value
+
+    @field_validator("worker_dead_after_s")
+    @classmethod
+    def _dead_after_heartbeats(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("heartbeat_interval_s")
+        if interval is not None and value < 2 * interval:
+            raise ValueError(f"must be at least twice heartbeat_interval_s ({interval}), got {value}")
         return value
 
     @field_validator("encoder_model")

@@ -17,9 +17,12 @@ commits, then publishes or touches Redis: a worker never sees a job before its n
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
 from db.decisions import record_decision
@@ -142,6 +145,22 @@ def claim_lease(session: Session, job: Job, *, tier: str, delivery: str, lease_s
     job.lease_until = now + timedelta(seconds=lease_s)
     transition(session, job, GENERATING, detail={"tier": tier, "attempt": job.attempts, "batch": batch})
     return True
+
+
+def renew_leases(session: Session, leases: Sequence[tuple[uuid.UUID, str]], *, lease_s: float) -> int:
+    """Extend to ``lease_s`` from now the leases of jobs still generating under the given ``(job, delivery)``
+    pairs (the worker generating them is alive). Returns how many were renewed: a job whose lease another
+    delivery took over, or that ended, is left alone."""
+    until = utcnow() + timedelta(seconds=lease_s)
+    renewed = 0
+    for key, delivery in leases:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == key, Job.lease_owner == delivery, Job.status == GENERATING)
+            .values(lease_until=until)
+        )
+        renewed += cast(CursorResult[Any], result).rowcount
+    return renewed
 
 
 def release_lease(job: Job) -> None:

@@ -10,6 +10,10 @@ transaction (``WATCH`` / ``MULTI``): if another router wrote in between, the tra
 fresh state, so two routers can never both take the last cloud slot or the last dollar. The decision rule
 itself is pure and lives in :mod:`router.budget`.
 
+**Worker heartbeats.** Every worker records, every ``heartbeat_interval_s``, that it lives and which messages it
+holds (:class:`WorkerRegistry`): a message taken by a worker that stopped beating is published again by the
+reconciler (:func:`worker.transport.republish_orphans`).
+
 **Rate limits.** Per-tenant limits of job submissions with the generic cell rate algorithm (GCRA): each
 tenant has a theoretical arrival time (TAT) in Redis; a request is allowed when it would not push the TAT more
 than one burst ahead of now. One key per tenant, one atomic script call per request, time from the Redis
@@ -18,12 +22,13 @@ server so API hosts need no synchronised clocks.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import cast
 
 import redis
@@ -207,6 +212,73 @@ def give_back(ledger: SpendLedger | None, period: str, usd: float, *, job_id: st
             "cloud reservation not given back: Redis unreachable",
             extra={"job_id": job_id, "usd": usd, "error": str(exc)},
         )
+
+
+# --- worker heartbeats ----------------------------------------------------------------------------------
+
+WORKERS_KEY = "routet2i:workers"
+"""A hash: worker node name -> its last heartbeat (JSON)."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a worker last said of itself."""
+
+    node: str
+    at: float
+    """When, in the Redis server's clock (seconds since the epoch): hosts need no synchronised clocks."""
+    pid: int
+    queues: tuple[str, ...]
+    held: tuple[str, ...]
+    """Delivery tags of the messages it held: prefetched, waiting for an ETA, or running."""
+
+    def age(self, now: float) -> float:
+        return now - self.at
+
+
+class WorkerRegistry:
+    """The deployment's workers and the messages each holds, as of their last heartbeats."""
+
+    def __init__(self, client: redis.Redis, *, key: str = WORKERS_KEY) -> None:
+        self.client = client
+        self.key = key
+
+    def now(self) -> float:
+        """The Redis server's clock, in seconds since the epoch."""
+        seconds, micros = cast(tuple[int, int], self.client.time())
+        return seconds + micros / 1e6
+
+    def beat(self, node: str, *, pid: int, queues: Sequence[str], held: Iterable[str]) -> None:
+        record = {"at": self.now(), "pid": pid, "queues": list(queues), "held": sorted(held)}
+        self.client.hset(self.key, node, json.dumps(record))
+
+    def heartbeats(self) -> list[Heartbeat]:
+        found = []
+        for node, raw in cast(dict[bytes, bytes], self.client.hgetall(self.key)).items():
+            try:
+                record = json.loads(raw)
+                found.append(
+                    Heartbeat(
+                        node=node.decode(),
+                        at=float(record["at"]),
+                        pid=int(record["pid"]),
+                        queues=tuple(record["queues"]),
+                        held=tuple(record["held"]),
+                    )
+                )
+            except (ValueError, KeyError, TypeError):
+                log.warning("unreadable heartbeat ignored", extra={"node": node.decode(errors="replace")})
+        return found
+
+    def live(self, dead_after_s: float) -> list[Heartbeat]:
+        """Workers whose last heartbeat is at most ``dead_after_s`` old."""
+        now = self.now()
+        return [beat for beat in self.heartbeats() if beat.age(now) <= dead_after_s]
+
+    def forget(self, nodes: Iterable[str]) -> None:
+        names = list(nodes)
+        if names:
+            self.client.hdel(self.key, *names)
 
 
 # --- rate limits ---------------------------------------------------------------------------------------

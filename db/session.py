@@ -40,8 +40,9 @@ def make_engine(database_url: str, *, synchronous_commit: bool = True, **kwargs:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
+    if "poolclass" not in kwargs:  # a pool of connections kept open (NullPool: a connection per use)
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 20)
     kwargs.setdefault("connect_args", {"connect_timeout": 5})
     engine = create_engine(url, **kwargs)
     if not synchronous_commit and url.get_backend_name() == "postgresql":

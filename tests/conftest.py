@@ -100,6 +100,9 @@ def make_settings(
         "cloud": {"model": "offline:cloud", **tier},
         "budget_name": "test",
         "torch_threads": 1,
+        # Tests run their reconciler passes themselves (the session's workers would take the turns otherwise,
+        # with every test's jobs in the shared database); the fault tests of recovery switch it back on.
+        "reconcile_in_workers": False,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

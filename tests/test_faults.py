@@ -8,6 +8,7 @@ cost entry per job.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis as redis_lib
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from api.app import create_app
 from core.settings import Settings
@@ -257,3 +258,109 @@ def test_postgres_outage_answers_503_and_loses_nothing(settings_for, private_pg,
     assert [j["status"] for j in jobs] == ["succeeded"] * 20
     assert all(counts(settings, j)["generations"] == counts(settings, j)["costs"] == 1 for j in accepted)
     assert client.get("/readyz").status_code == 200
+
+
+# --- whole workers that die: recovered by the workers' own keepers, under the default recovery settings --------
+
+RECOVERY_DEADLINE_S = 300.0
+"""Every job of a dead worker must end within this of a fresh worker starting (heartbeats, leases and the
+reconciler at their defaults: docs/reliability.md says where the minutes go)."""
+
+
+def generated_lines(workers: WorkerPool, nodes: list[str]) -> dict[str, int]:
+    """How many times each job's image was generated and recorded, read from the workers' logs."""
+    found: dict[str, int] = {}
+    for node in nodes:
+        for job_id in re.findall(r"worker\.generating: generated\s+job_id=(\S+)", workers.log(node)):
+            found[job_id] = found.get(job_id, 0) + 1
+    return found
+
+
+def kill(workers: WorkerPool, node: str) -> None:
+    """SIGKILL the worker's main process and its pool at once: nothing is returned to the broker."""
+    for pid in reversed(workers.pids(node)):
+        os.kill(pid, signal.SIGKILL)
+    workers.stop(node)
+
+
+def test_a_dead_tier_worker_s_running_and_prefetched_jobs_end_within_minutes(settings_for, pool, tmp_path) -> None:
+    edge = {**NULL_TIERS["edge"], "service_time_s": 2.0}  # a batch of four takes eight seconds
+    settings = settings_for(edge=edge, reconcile_in_workers=True)
+    assert settings.edge.max_batch == 4 and (settings.lease_s, settings.worker_dead_after_s) == (120.0, 60.0)
+    workers = WorkerPool(settings, log_dir=tmp_path)
+    pool.append(workers)
+    workers.start("route")
+    first = workers.start("edge")
+    workers.wait_ready()
+    client = authorize(create_app(settings).test_client(), create_tenant_key(settings, forced_tiers=("edge",)))
+    batch = {"jobs": [{"prompt": f"a dead edge worker's job {i}", "tier": "edge"} for i in range(12)]}
+    ids = [item["id"] for item in client.post("/v1/jobs/batch", json=batch).get_json()["items"]]
+    broker = redis_lib.Redis.from_url(settings.broker_url)
+
+    def generating() -> list[str]:
+        return [j for j in ids if status_of(settings, j) == "generating"]
+
+    # The worker runs one message of four jobs and holds the next one prefetched; the third waits in the queue.
+    running = wait_until(lambda: len(g := generating()) == 4 and broker.hlen("unacked") == 2 and g, timeout=60)
+    kill(workers, first)
+    second = workers.start("edge")
+    workers.wait_ready([second])
+    started = time.monotonic()
+
+    jobs = [wait_for_job(client, j, timeout=RECOVERY_DEADLINE_S) for j in ids]
+    elapsed = time.monotonic() - started
+    assert [j["status"] for j in jobs] == ["succeeded"] * 12
+    assert elapsed < RECOVERY_DEADLINE_S
+    assert generated_lines(workers, [first, second]) == dict.fromkeys(ids, 1)  # never generated twice
+    for job_id in ids:
+        assert counts(settings, job_id) == {
+            "generations": 1,
+            "costs": 1,
+            "generating_events": 2 if job_id in running else 1,
+        }
+    assert any("jobs of dead workers published again" in workers.log(node) for node in workers.processes)
+
+
+def test_a_dead_router_s_running_and_prefetched_jobs_end_within_minutes(settings_for, pool, tmp_path) -> None:
+    settings = settings_for(**NULL_TIERS, router="prompt-complexity", reconcile_in_workers=True)
+    workers = WorkerPool(settings, log_dir=tmp_path)
+    pool.append(workers)
+    for queue in ("edge", "cloud"):
+        workers.start(queue)
+    workers.wait_ready()
+    client = authorize(create_app(settings).test_client(), create_tenant_key(settings, rate_limit_per_minute=0))
+    # 100 jobs in one request: four route messages (the router takes 32 jobs at once).
+    batch = {"jobs": [{"prompt": f"a dead router's job {i}"} for i in range(100)]}
+    ids = [item["id"] for item in client.post("/v1/jobs/batch", json=batch).get_json()["items"]]
+    broker = redis_lib.Redis.from_url(settings.broker_url)
+    assert broker.llen("route") == 4
+
+    engine = make_engine(settings.database_url)
+    with engine.connect() as locker:
+        # Hold the jobs' rows: the router's first batch blocks inside its transaction while it has taken
+        # every message (its prefetch is 64), then it dies there.
+        locker.execute(select(Job.id).where(Job.id.in_([uuid.UUID(j) for j in ids])).with_for_update())
+        first = workers.start("route")
+        workers.wait_ready([first])
+        wait_until(lambda: broker.llen("route") == 0 and broker.hlen("unacked") == 4, timeout=60, what="prefetch")
+        wait_until(lambda: _waiting_on_a_lock(engine), timeout=60, what="the router's batch to block")
+        kill(workers, first)
+        locker.rollback()
+    engine.dispose()
+    second = workers.start("route")
+    workers.wait_ready([second])
+    started = time.monotonic()
+
+    jobs = [wait_for_job(client, j, timeout=RECOVERY_DEADLINE_S) for j in ids]
+    assert time.monotonic() - started < RECOVERY_DEADLINE_S
+    assert [j["status"] for j in jobs] == ["succeeded"] * 100
+    assert all(counts(settings, j)["generations"] == 1 for j in ids)
+    assert any("jobs of dead workers published again" in workers.log(node) for node in workers.processes)
+
+
+def _waiting_on_a_lock(engine) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a session of the database waits for a row lock (the router's batch). Asked on a connection of
+    its own: a transaction sees one snapshot of the statistics views."""
+    with engine.connect() as connection:
+        waiting = connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"))
+        return bool(waiting.scalar())

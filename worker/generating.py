@@ -16,9 +16,11 @@ instead of being recorded twice.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,7 @@ from core.settings import TierSettings
 from db.generations import NewGeneration, get_generation, record_generations
 from db.images import StoredImage
 from db.jobs import get_job, lock_jobs, tenant_budgets_unless_shadowed
-from db.lifecycle import claim_lease, dead_letter, deliver_replaced, escalate, is_done, succeed
+from db.lifecycle import claim_lease, dead_letter, deliver_replaced, escalate, is_done, renew_leases, succeed
 from db.models import Job
 from db.session import transaction
 from router.budget import BudgetController
@@ -89,17 +91,21 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     """
     outcomes: dict[str, bool | Exception] = {job_id: False for job_id, _ in jobs}
     given = {uuid.UUID(job_id): job_id for job_id, _ in jobs}
-    claimed, routed = _claim(ctx, {uuid.UUID(job_id): delivery for job_id, delivery in jobs}, tier)
+    deliveries = {uuid.UUID(job_id): delivery for job_id, delivery in jobs}
+    claimed, routed = _claim(ctx, deliveries, tier)
     if not claimed:
         return outcomes
-    results = ctx.generator(tier).generate_batch([request for _, request in claimed])
-    made = [(key, request, result) for (key, request), result in zip(claimed, results, strict=True)]
-    for key, _, result in made:
-        if isinstance(result, Exception):
-            outcomes[given[key]] = result
-    images = [(key, request, result) for key, request, result in made if not isinstance(result, Exception)]
-    stored = [ctx.images.put(result.png) for _, _, result in images]
-    scored = score_images(ctx, [result.png for _, _, result in images], [request.prompt for _, request, _ in images])
+    leases = [(key, deliveries[key]) for key, _ in claimed]
+    with _renewing(ctx, leases):
+        results = ctx.generator(tier).generate_batch([request for _, request in claimed])
+        made = [(key, request, result) for (key, request), result in zip(claimed, results, strict=True)]
+        for key, _, result in made:
+            if isinstance(result, Exception):
+                outcomes[given[key]] = result
+        images = [(key, request, result) for key, request, result in made if not isinstance(result, Exception)]
+        stored = [ctx.images.put(result.png) for _, _, result in images]
+        prompts = [request.prompt for _, request, _ in images]
+        scored = score_images(ctx, [result.png for _, _, result in images], prompts)
     produced = [
         Produced(key, request, result, image, score)
         for (key, request, result), image, score in zip(images, stored, scored, strict=True)
@@ -123,6 +129,31 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     if escalated:
         _publish_escalated(ctx, tier, escalated)
     return outcomes
+
+
+@contextmanager
+def _renewing(ctx: WorkerContext, leases: Sequence[tuple[uuid.UUID, str]]) -> Iterator[None]:
+    """Renew the generation leases ``leases`` every quarter of ``lease_s`` while the block runs (a thread), so
+    that a long generation keeps its jobs while this worker lives: the reconciler takes a job back only when its
+    lease lapses, which happens within ``lease_s`` of its worker's death."""
+    stop = threading.Event()
+    every = ctx.settings.lease_s / 4
+
+    def renew() -> None:
+        while not stop.wait(every):
+            try:
+                with transaction(ctx.sessions) as session:
+                    renew_leases(session, leases, lease_s=ctx.settings.lease_s)
+            except Exception as exc:  # the next renewal tries again; the lease has three more quarters to run
+                log.warning("generation leases not renewed", extra={"error": str(exc), "jobs": len(leases)})
+
+    renewer = threading.Thread(target=renew, name="lease-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 def _claim(

@@ -351,18 +351,22 @@ class OpenAIGenerator:
 
 
 class NullGenerator:
-    """No model: a flat colour derived from the prompt and seed. Costs only what the settings say."""
+    """No model: a flat colour derived from the prompt and seed, after ``service_time_s`` of sleep. Costs only what
+    the settings say."""
 
     backend = "null"
 
     def __init__(self, settings: TierSettings) -> None:
         self.model_id = settings.model
         self.device = "none"
+        self.service_time_s = settings.service_time_s
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         from PIL import Image
 
         started = time.perf_counter()
+        if self.service_time_s:
+            time.sleep(self.service_time_s)
         digest = hashlib.sha256(f"{request.seed}:{request.prompt}".encode()).digest()
         image = Image.new("RGB", (request.width, request.height), tuple(digest[:3]))
         png = encode_png(image)

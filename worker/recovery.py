@@ -18,6 +18,7 @@ job that is merely waiting in a long queue from being published twice.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,10 +36,10 @@ from db.jobs import get_job, lock_stale_jobs
 from db.lifecycle import hold_reservation, is_done, take_reservation
 from db.models import Job, JobStatus, utcnow
 from db.pagination import as_utc
-from db.redis_state import SpendLedger, give_back
+from db.redis_state import SpendLedger, WorkerRegistry, connect, give_back
 from db.session import transaction
 from worker.context import WorkerContext
-from worker.transport import GENERATE_TASKS, ROUTE_TASK, broker_job_ids, publish
+from worker.transport import GENERATE_TASKS, ROUTE_TASK, broker_job_ids, publish, republish_orphans
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class ReconcileReport:
     dead_lettered: list[str] = field(default_factory=list)
     still_queued: int = 0
     """Stale jobs found in the broker (waiting in a long queue or being worked on), left alone."""
+    orphaned: list[str] = field(default_factory=list)
+    """Jobs whose messages a dead worker had taken, published again."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -134,7 +137,32 @@ class ReconcileReport:
             "republished": self.republished,
             "dead_lettered": self.dead_lettered,
             "still_queued": self.still_queued,
+            "orphaned": self.orphaned,
         }
+
+
+FORGET_DEAD_AFTER_S = 3600.0
+"""A dead worker's last heartbeat is kept this long (``routet2i queues`` shows it), then forgotten."""
+
+
+def sweep_dead_workers(client: redis.Redis, registry: WorkerRegistry, settings: Settings) -> list[str]:
+    """Publish again the messages that workers which stopped beating had taken (prefetched or running), and
+    forget workers dead for long. Returns the ids of the jobs those messages carry.
+
+    A message counts as a dead worker's when it was delivered more than ``worker_dead_after_s`` ago and no
+    live worker listed it in its last heartbeat (each lists every message it holds, every
+    ``heartbeat_interval_s``).
+    """
+    beats = registry.heartbeats()
+    now = registry.now()
+    held = {tag for beat in beats if beat.age(now) <= settings.worker_dead_after_s for tag in beat.held}
+    jobs = republish_orphans(client, held=held, delivered_before=time.time() - settings.worker_dead_after_s)
+    registry.forget(
+        beat.node for beat in beats if beat.age(now) > max(FORGET_DEAD_AFTER_S, settings.worker_dead_after_s)
+    )
+    if jobs:
+        log.warning("jobs of dead workers published again", extra={"jobs": jobs})
+    return jobs
 
 
 def _due(job: Job, settings: Settings, now: datetime) -> bool:
@@ -152,10 +180,17 @@ def reconcile(
     settings: Settings,
     *,
     now: datetime | None = None,
+    registry: WorkerRegistry | None = None,
 ) -> ReconcileReport:
-    """One reconciler pass; safe to run from several processes at once (rows are locked, skipping locked)."""
+    """One reconciler pass; safe to run from several processes at once (rows are locked, skipping locked).
+
+    It first publishes again what dead workers had taken (:func:`sweep_dead_workers`; ``registry``: the workers'
+    heartbeats, by default in the settings' state Redis), then compares the unfinished jobs with the broker.
+    """
     now = now or utcnow()
     report = ReconcileReport()
+    registry = registry or WorkerRegistry(connect(settings.state_redis_url))
+    report.orphaned = sweep_dead_workers(client, registry, settings)
     in_broker: set[str] | None = None
     to_publish: list[tuple[str, str]] = []
 
@@ -183,7 +218,7 @@ def reconcile(
     for task, job_id in to_publish:  # after the commit, so a worker never sees the job before its new state
         publish(app, task, job_id)
         report.republished.append(job_id)
-    if report.republished or report.dead_lettered:
+    if report.republished or report.dead_lettered or report.orphaned:
         log.warning("reconciled", extra=report.to_dict())
     return report
 

@@ -18,7 +18,7 @@ import kombu.exceptions
 import redis.exceptions
 import sqlalchemy.exc
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from core.settings import Settings
 from db.redis_state import BudgetContention
@@ -177,6 +177,23 @@ def register_tasks(app: Celery) -> None:
     """Register the route task and one generate task per tier on ``app`` (batching tasks: each call gets the
     messages waiting, up to the queue's batch size), and warm up pool children."""
     settings = app.conf.routet2i_settings
+
+    keepers = []
+
+    @worker_ready.connect(weak=False)
+    def _keep(sender: Any = None, **_: Any) -> None:
+        """The worker's heartbeats and its turns at the reconciler (:mod:`worker.keeper`)."""
+        from worker.keeper import start_keeper
+
+        try:
+            keepers.append(start_keeper(app, sender))
+        except Exception:  # Redis unreachable: the worker runs, unseen by the reconciler until it restarts
+            log.exception("keeper not started")
+
+    @worker_shutdown.connect(weak=False)
+    def _stop_keeping(**_: Any) -> None:
+        for keeper in keepers:
+            keeper.stop()
 
     @worker_process_init.connect(weak=False)
     def _warm_up(**_: Any) -> None:

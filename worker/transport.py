@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kombu.exceptions
 import redis
@@ -32,6 +34,8 @@ from sqlalchemy.orm import Session
 
 from core.settings import QUEUES, Settings
 from db.backlog import waiting_backlog
+
+log = logging.getLogger(__name__)
 
 ROUTE_TASK = "router.route"
 GENERATE_TASKS = {"edge": "edge.generate", "cloud": "cloud.generate"}
@@ -132,6 +136,20 @@ def chunks(items: Sequence[str], size: int) -> list[list[str]]:
 
 UNACKED_KEY = "unacked"
 """Where kombu's Redis transport keeps delivered, unacknowledged messages (a hash: tag -> message)."""
+
+UNACKED_INDEX_KEY = "unacked_index"
+"""When each of those messages was delivered (a sorted set: tag -> the consumer's clock, seconds)."""
+
+_REPUBLISH = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('RPUSH', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
+"""
+"""Move an unacknowledged message back to the head of its queue, as a new message: only if it is still
+unacknowledged (its worker may have acknowledged it meanwhile), all at once."""
 
 INSPECT_TIMEOUT_S = 1.0
 """How long ``routet2i queues`` waits for workers to answer the remote-control broadcast."""
@@ -261,3 +279,59 @@ def broker_job_ids(client: redis.Redis) -> set[str]:
     for raw in client.hvals(UNACKED_KEY):
         ids.update(job_ids_of(raw))
     return ids
+
+
+def held_delivery_tags() -> set[str]:
+    """Delivery tags of the messages this worker process holds: prefetched, waiting for an ETA, or running
+    (Celery's record of its requests; call it in a worker's main process)."""
+    from celery.worker import state as worker_state
+
+    for _ in range(5):  # the consumer changes the mapping while we read it
+        try:
+            requests = list(worker_state.requests.values())
+            break
+        except RuntimeError:
+            continue
+    else:
+        requests = []
+    return {str(tag) for request in requests if (tag := getattr(request.message, "delivery_tag", None))}
+
+
+def republish_orphans(client: redis.Redis, *, held: set[str], delivered_before: float) -> list[str]:
+    """Publish again the messages that workers took and will never acknowledge: unacknowledged messages
+    delivered before ``delivered_before`` (seconds since the epoch) that no live worker holds (``held``: the tags
+    every live worker listed in its last heartbeat). Each goes back to the head of its queue as a new message (a
+    new task id and delivery tag), so that the step it carries runs as a fresh delivery: a lease the dead worker
+    took is then honoured until it lapses, and a worker wrongly presumed dead keeps its running generation.
+
+    Kombu's Redis transport would redeliver these only after its visibility timeout (hours).
+
+    Returns:
+        The ids of the jobs the messages carry.
+    """
+    move = client.register_script(_REPUBLISH)
+    jobs: list[str] = []
+    for raw_tag in cast(list[bytes], client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", delivered_before)):
+        tag = raw_tag.decode()
+        if tag in held:
+            continue
+        raw = cast(bytes | None, client.hget(UNACKED_KEY, tag))
+        if raw is None:
+            continue
+        try:
+            message, _exchange, routing_key = json.loads(raw)
+            fresh = _as_new_message(message)
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable unacknowledged message left alone", extra={"delivery_tag": tag})
+            continue
+        if move(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, routing_key], args=[tag, json.dumps(fresh)]):
+            jobs += job_ids_of(raw)
+    return jobs
+
+
+def _as_new_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored message with a new task id and delivery tag (same task, arguments and retries)."""
+    task_id = str(uuid.uuid4())
+    headers = {**message["headers"], "id": task_id}
+    properties = {**message["properties"], "correlation_id": task_id, "delivery_tag": str(uuid.uuid4())}
+    return {**message, "headers": headers, "properties": properties}

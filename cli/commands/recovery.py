@@ -35,10 +35,11 @@ def reconcile(once: bool, interval: float | None, as_json: bool) -> None:
         report = run_pass(sessions, app, client, settings)
         if as_json:
             echo_json(report.to_dict())
-        elif once or report.republished or report.dead_lettered:
+        elif once or report.republished or report.dead_lettered or report.orphaned:
             click.echo(
                 f"examined {report.examined}, republished {len(report.republished)}, "
-                f"dead-lettered {len(report.dead_lettered)}, still queued {report.still_queued}"
+                f"dead-lettered {len(report.dead_lettered)}, still queued {report.still_queued}, "
+                f"published again from dead workers {len(report.orphaned)}"
             )
         if once:
             return
