@@ -13,13 +13,16 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from router.budget import sorted_quantile
 from router.log import LogRecord
 from router.types import Prediction, Tier
+
+if TYPE_CHECKING:
+    from router.embeddings import SentenceEncoder
 
 
 class RouterError(Exception):
@@ -41,6 +44,11 @@ class Router(ABC):
     score through :meth:`score_records` and can never route live traffic."""
     fixed_tier: ClassVar[Tier | None] = None
     """A tier the router always chooses whatever the budget (the all-edge and all-cloud references)."""
+    uses_encoder: ClassVar[bool] = False
+    """True for routers that embed prompts with a :class:`~router.embeddings.SentenceEncoder`: they take it as the
+    ``encoder`` argument of their constructor, :meth:`load` and :meth:`default_artifact` (None: one of their own,
+    built at first use), and the registry passes them the one it is given (:func:`create_router`,
+    :func:`load_router`), so that every router of a process or an evaluation can share one encoder and its caches."""
 
     def fit(self, records: Sequence[LogRecord], *, seed: int = 0) -> Router:
         """Learn from a replay log. Routers that learn nothing return themselves unchanged.
@@ -100,7 +108,8 @@ class Router(ABC):
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> Router:
+    def load(cls, directory: Path, *, encoder: SentenceEncoder | None = None) -> Router:
+        """The router saved in ``directory``; ``encoder``: see :attr:`uses_encoder` (the others ignore it)."""
         manifest = read_manifest(directory)
         return cls(**manifest.get("config", {}))
 
@@ -109,8 +118,9 @@ class Router(ABC):
         return {}
 
     @classmethod
-    def default_artifact(cls) -> Path | None:
-        """A trained artifact shipped with the package, used when a learned router is named without one."""
+    def default_artifact(cls, encoder: SentenceEncoder | None = None) -> Path | None:
+        """A trained artifact shipped with the package, used when a learned router is named without one; a router
+        that :attr:`uses_encoder` ships one per encoder, if any (None: the encoder it would build itself)."""
         return None
 
 
@@ -197,17 +207,24 @@ def router_class(name: str) -> type[Router]:
     return cls
 
 
-def create_router(name: str, **kwargs: Any) -> Router:
-    return router_class(name)(**kwargs)
+def create_router(name: str, *, encoder: SentenceEncoder | None = None, **kwargs: Any) -> Router:
+    """A new, unfitted router built with ``kwargs``; ``encoder`` goes to a router that :attr:`~Router.uses_encoder`
+    (None: it builds its own), the others ignore it."""
+    cls = router_class(name)
+    if cls.uses_encoder:
+        kwargs["encoder"] = encoder
+    return cls(**kwargs)
 
 
-def load_router(name: str, directory: Path | None) -> Router:
-    """A router ready to score: loaded from an artifact when one is given, else freshly built."""
+def load_router(name: str, directory: Path | None, *, encoder: SentenceEncoder | None = None) -> Router:
+    """A router ready to score: loaded from an artifact when one is given, else freshly built (a learned router:
+    from the artifact shipped for ``encoder``). ``encoder`` goes to a router that :attr:`~Router.uses_encoder`
+    (None: it builds its own), the others ignore it."""
     if directory is None:
         cls = router_class(name)
         if not cls.learned:
             return cls()
-        directory = cls.default_artifact()
+        directory = cls.default_artifact(encoder) if cls.uses_encoder else cls.default_artifact()
         if directory is None:
             raise RouterError(
                 f"router {name!r} has no shipped artifact for this encoder: train one (routet2i train) and give "
@@ -216,7 +233,8 @@ def load_router(name: str, directory: Path | None) -> Router:
     manifest = read_manifest(directory)
     if manifest.get("router") != name:
         raise RouterError(f"artifact {directory} holds router {manifest.get('router')!r}, not {name!r}")
-    return router_class(name).load(directory)
+    cls = router_class(name)
+    return cls.load(directory, encoder=encoder) if cls.uses_encoder else cls.load(directory)
 
 
 # Baselines every evaluation shows side by side (docs/evaluation.md describes each).

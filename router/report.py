@@ -1,4 +1,4 @@
-"""Human-readable views of an evaluation :class:`~router.evaluation.Report`: tables and a plot."""
+"""Human-readable views of an evaluation :class:`~router.results.Report`: tables and a plot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from router.pgr import CURVE_FRACTIONS
 
 if TYPE_CHECKING:
-    from router.evaluation import Report
+    from router.results import Report
 
 
 def _num(value: float, digits: int = 2) -> str:
@@ -62,7 +62,7 @@ def format_table(report: Report, *, markdown: bool = False, compare: Sequence[st
     """Aggregate table (APGR, PGR at every reported fraction, CPT(50%), CPT(80%), Pareto no-worse at 50%),
     then each router of ``compare`` against the best baseline, then, for multi-metric logs, a per-metric
     table."""
-    from router.evaluation import fkey
+    from router.results import fkey
 
     fractions = report.fractions
     header = ["router", "APGR", *(f"PGR@{round(f * 100)}%" for f in fractions), "CPT(50%)", "CPT(80%)"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +42,6 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture()
-def keep_default_encoder() -> Iterator[None]:
-    """The CLI installs a process-wide encoder; later tests must find the one they would have found."""
-    previous = embeddings._DEFAULT
-    yield
-    embeddings._DEFAULT = previous
-
-
 def test_another_encoder_model_runs_on_every_backend_under_its_own_key(tiny_bert: Path) -> None:
     prompts = ["a red bicycle leaning on a wall", "two owls", " ".join(["a very long prompt"] * 40)]
     reference = SentenceEncoder(tiny_bert, backend="torch", threads=1)
@@ -69,7 +60,7 @@ def test_another_encoder_model_runs_on_every_backend_under_its_own_key(tiny_bert
 
 
 def test_a_router_trained_on_another_encoder_loads_only_on_it(
-    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_default_encoder: None
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ROUTET2I_CACHE_DIR", str(tmp_path / "cache"))
     words = ["cat", "dog", "boat", "house", "tree", "bridge", "violin", "car", "lamp", "chair", "clock", "kite"]
@@ -105,7 +96,7 @@ def test_a_router_trained_on_another_encoder_loads_only_on_it(
     assert json.loads(replayed.stdout)["version"] == manifest["version"]
     # No shipped artifact fits this encoder: a process on it is told to train one rather than given MiniLM's.
     with pytest.raises(RouterError, match="no shipped artifact for this encoder"):
-        load_router("routet2i", None)
+        load_router("routet2i", None, encoder=SentenceEncoder(tiny_bert))
 
     on_minilm = runner.invoke(main, replay)  # the default encoder: the artifact is refused, naming both
     assert on_minilm.exit_code != 0

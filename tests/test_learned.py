@@ -10,7 +10,7 @@ import pytest
 
 from router.base import load_router
 from router.datasets import genai_bench
-from router.embeddings import SentenceEncoder, use_default_encoder
+from router.embeddings import SentenceEncoder
 from router.evaluation import evaluate
 from router.learned import CloudWinClassifierRouter, GapRegressorRouter, KNNRouter
 from router.log import LogRecord
@@ -25,9 +25,8 @@ PLACES = ["on a beach", "in a kitchen", "in the snow", "at night", "in a forest"
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory: pytest.TempPathFactory) -> SentenceEncoder:
-    encoder = SentenceEncoder(cache_dir=tmp_path_factory.mktemp("embeddings"), threads=1)
-    use_default_encoder(encoder)
-    return encoder
+    """The encoder the module's routers share (and its caches)."""
+    return SentenceEncoder(cache_dir=tmp_path_factory.mktemp("embeddings"), threads=1)
 
 
 def topic_log() -> list[LogRecord]:
@@ -176,7 +175,7 @@ def test_exported_graphs_are_kept_for_every_later_process_on_the_machine(tmp_pat
     import subprocess
     import sys
 
-    from router.embeddings import batched_graph, export_digest
+    from router.onnx_export import batched_graph, export_digest
 
     prompts = [f"a {thing} {place}" for thing in THINGS for place in PLACES[:2]]
     graphs = tmp_path / "encoders"
@@ -242,7 +241,7 @@ def test_the_batch_graph_refuses_a_graph_it_was_not_written_for() -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from router.embeddings import per_prompt_quantization
+    from router.onnx_export import per_prompt_quantization
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 2, 3])
@@ -263,13 +262,13 @@ def test_learned_routers_learn_a_topic_and_round_trip_as_artifacts(
     log = topic_log()
     train = [r for i, r in enumerate(log) if i % 6 != 0]
     held_out = [f"a picture of a {s} by the river" for s in ("dog", "cat", "lamp", "chair", "wolf", "hammer")]
-    router = cls().fit(train, seed=0)
+    router = cls(encoder).fit(train, seed=0)
     scores = router.score(held_out)
     # Animal prompts (dog, cat, wolf) must rank above object prompts (lamp, chair, hammer), unseen wording.
     assert min(scores[[0, 1, 4]]) > max(scores[[2, 3, 5]]), (router, scores)
 
     router.save(tmp_path / "artifact")
-    loaded = load_router(cls.name, tmp_path / "artifact")
+    loaded = load_router(cls.name, tmp_path / "artifact", encoder=encoder)
     assert (loaded.score(held_out) == scores).all()
     assert loaded.version == router.version != cls.name
     manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
@@ -278,17 +277,21 @@ def test_learned_routers_learn_a_topic_and_round_trip_as_artifacts(
 
 def test_hyper_parameters_come_from_the_training_fold_and_the_seed(encoder: SentenceEncoder) -> None:
     log = topic_log()
-    a = KNNRouter().fit(log, seed=1)
-    b = KNNRouter().fit(log, seed=1)
+    a = KNNRouter(encoder).fit(log, seed=1)
+    b = KNNRouter(encoder).fit(log, seed=1)
     assert a.version == b.version
-    c = GapRegressorRouter().fit(log[:60], seed=0)
-    d = GapRegressorRouter().fit(log, seed=0)
+    c = GapRegressorRouter(encoder).fit(log[:60], seed=0)
+    d = GapRegressorRouter(encoder).fit(log, seed=0)
     assert c.version != d.version
 
 
 def test_cross_validated_learned_routers_beat_random_on_a_learnable_log(encoder: SentenceEncoder) -> None:
     report = evaluate(
-        topic_log(), ["random", "cloud-win-classifier", "gap-regressor", "knn", "oracle"], folds=4, seeds=2
+        topic_log(),
+        ["random", "cloud-win-classifier", "gap-regressor", "knn", "oracle"],
+        folds=4,
+        seeds=2,
+        encoder=encoder,
     )
     random_apgr = report.routers["random"].mean["apgr"]
     for name in ("cloud-win-classifier", "gap-regressor", "knn"):
@@ -299,7 +302,9 @@ def test_cross_validated_learned_routers_beat_random_on_a_learnable_log(encoder:
 def test_baselines_on_real_ratings_are_where_earlier_studies_put_them(encoder: SentenceEncoder) -> None:
     """GenAI-Bench SDXL_Turbo -> DALLE_3, 5 folds x 1 seed: the ranking the published comparisons show."""
     report = evaluate(
-        genai_bench("SDXL_Turbo", "DALLE_3"), ["random", "longest-prompt-first", "gap-regressor", "oracle"]
+        genai_bench("SDXL_Turbo", "DALLE_3"),
+        ["random", "longest-prompt-first", "gap-regressor", "oracle"],
+        encoder=encoder,
     )
     pgr = {name: s.mean["pgr@0.5"] for name, s in report.routers.items()}
     assert 0.35 < pgr["random"] < 0.65
@@ -318,7 +323,7 @@ def test_a_learned_router_is_calibrated_on_scores_of_prompts_it_did_not_see(
 
     log = genai_bench("SDXL_Turbo", "DALLE_3")
     fold = split_folds([r.prompt for r in log], 5, 0)
-    router = cls().fit([r for r, f in zip(log, fold, strict=True) if f != 0], seed=0)
+    router = cls(encoder).fit([r for r, f in zip(log, fold, strict=True) if f != 0], seed=0)
     unseen = [r.prompt for r, f in zip(log, fold, strict=True) if f == 0]
     calibration = router.params["calibration"]
     assert len(calibration) == len(log) - len(unseen) and (np.diff(calibration) >= 0).all()
@@ -331,7 +336,7 @@ def test_a_learned_router_is_calibrated_on_scores_of_prompts_it_did_not_see(
         assert threshold is not None and abs(float((scores > threshold).mean()) - rho) < 0.15, (rho, threshold)
     # A live router's first decisions are taken on it, and an artifact keeps it.
     router.save(tmp_path / "artifact")
-    loaded = load_router(cls.name, tmp_path / "artifact")
+    loaded = load_router(cls.name, tmp_path / "artifact", encoder=encoder)
     assert loaded.calibrated_threshold(0.3) == router.calibrated_threshold(0.3)
     policy = RoutingPolicy(loaded, BudgetController(BudgetConfig(rho=0.3, window=500), MemoryBudgetStore(500)))
     first = [policy.decide(p) for p in unseen[:10]]

@@ -17,13 +17,12 @@ from router.routet2i import (
     PIECE_ROWS,
     RouteT2IConfig,
     RouteT2IRouter,
-    _Batch,
-    _pad,
     build_network,
     correction_share,
     fit_prior,
     prompt_statistics,
 )
+from router.routet2i.model import Batch, pad_batch
 from router.types import QualityVector
 
 SMALL = {"members": 2, "max_epochs": 40, "patience": 8, "threads": 1}
@@ -49,9 +48,15 @@ def _log() -> list[LogRecord]:
 
 
 @pytest.fixture(scope="module")
-def fitted() -> RouteT2IRouter:
+def encoder() -> SentenceEncoder:
+    """The encoder every router of this module shares (and its cache of token states)."""
+    return SentenceEncoder()
+
+
+@pytest.fixture(scope="module")
+def fitted(encoder: SentenceEncoder) -> RouteT2IRouter:
     log = _log()
-    router = RouteT2IRouter(**SMALL)
+    router = RouteT2IRouter(**SMALL, encoder=encoder)
     router.fit(log[: len(log) - 12], seed=0)
     return router
 
@@ -111,9 +116,9 @@ def test_it_learns_which_prompts_the_cloud_wins(fitted: RouteT2IRouter) -> None:
         assert (gap > 0.5) == (record.cloud["alignment"] > record.edge["alignment"])
 
 
-def test_calibration_sends_the_budget_share_of_training_prompts() -> None:
+def test_calibration_sends_the_budget_share_of_training_prompts(encoder: SentenceEncoder) -> None:
     train = _log()[:-12]
-    router = RouteT2IRouter(**SMALL, neighbour_share=0.0).fit(train, seed=0)
+    router = RouteT2IRouter(**SMALL, neighbour_share=0.0, encoder=encoder).fit(train, seed=0)
     scores = router.score([r.prompt for r in train])
     for rho in (0.2, 0.4):
         threshold = router.calibrated_threshold(rho)
@@ -136,11 +141,11 @@ def _distinct_log() -> list[LogRecord]:
     return records
 
 
-def test_neighbours_recall_what_the_most_similar_training_prompts_got() -> None:
+def test_neighbours_recall_what_the_most_similar_training_prompts_got(encoder: SentenceEncoder) -> None:
     """With the neighbours alone at a low temperature, a prompt seen in training is predicted as it was rated,
     and the explanation gives the neighbours' share of the gap."""
     log = _distinct_log()
-    router = RouteT2IRouter(**SMALL, neighbour_share=1.0, neighbour_temperature=0.002).fit(log, seed=0)
+    router = RouteT2IRouter(**SMALL, neighbour_share=1.0, neighbour_temperature=0.002, encoder=encoder).fit(log, seed=0)
     predictions = router.predict([r.prompt for r in log[:10]])
     for record, prediction in zip(log[:10], predictions, strict=True):
         assert prediction.edge is not None and prediction.cloud is not None
@@ -153,12 +158,13 @@ def test_neighbours_recall_what_the_most_similar_training_prompts_got() -> None:
             )
 
 
-def test_calibration_leaves_each_prompt_out_of_its_own_neighbours() -> None:
+def test_calibration_leaves_each_prompt_out_of_its_own_neighbours(encoder: SentenceEncoder) -> None:
     """The offline threshold is the PRS quantile a new prompt would see: a training prompt is calibrated on its
     neighbours' ratings, never on its own (which would make the calibration the training labels' quantiles)."""
     log = _distinct_log()
     share, temperature = 1.0, 0.05
-    router = RouteT2IRouter(**SMALL, neighbour_share=share, neighbour_temperature=temperature).fit(log, seed=0)
+    router = RouteT2IRouter(**SMALL, neighbour_share=share, neighbour_temperature=temperature, encoder=encoder)
+    router.fit(log, seed=0)
     keys = router.encoder.encode([r.prompt for r in log]).astype(np.float64)
     edge = np.array([[r.edge[m] for m in router.targets] for r in log])
     cloud = np.array([[r.cloud[m] for m in router.targets] for r in log])
@@ -173,10 +179,10 @@ def test_calibration_leaves_each_prompt_out_of_its_own_neighbours() -> None:
     assert np.abs(router.calibration - own).max() > 0.05
 
 
-def test_a_long_log_keeps_a_seeded_sample_of_its_prompts_as_neighbours() -> None:
+def test_a_long_log_keeps_a_seeded_sample_of_its_prompts_as_neighbours(encoder: SentenceEncoder) -> None:
     log = _distinct_log()
-    limited = RouteT2IRouter(**SMALL, neighbour_limit=10).fit(log, seed=0)
-    again = RouteT2IRouter(**SMALL, neighbour_limit=10).fit(log, seed=0)
+    limited = RouteT2IRouter(**SMALL, neighbour_limit=10, encoder=encoder).fit(log, seed=0)
+    again = RouteT2IRouter(**SMALL, neighbour_limit=10, encoder=encoder).fit(log, seed=0)
     assert limited.neighbour_keys.shape == (10, 384) and limited.version == again.version
     np.testing.assert_array_equal(limited.neighbour_keys, again.neighbour_keys)
     # The kept neighbours are training prompts with their own ratings.
@@ -186,7 +192,7 @@ def test_a_long_log_keeps_a_seeded_sample_of_its_prompts_as_neighbours() -> None
     edge = np.array([[log[i].edge[m] for m in limited.targets] for i in rows])
     np.testing.assert_allclose(limited.neighbour_values[..., 0] * limited.std + limited.mean, edge, atol=1e-4)
     assert np.isfinite(limited.calibration).all() and len(limited.calibration) == len(log)
-    unlimited = RouteT2IRouter(**SMALL).fit(log, seed=0)
+    unlimited = RouteT2IRouter(**SMALL, encoder=encoder).fit(log, seed=0)
     assert len(unlimited.neighbour_keys) == len(log) and unlimited.version != limited.version
     with pytest.raises(ValueError, match="neighbour_limit"):
         RouteT2IConfig(neighbour_limit=0)
@@ -204,14 +210,16 @@ def test_explanations_name_words_of_the_prompt(fitted: RouteT2IRouter) -> None:
     json.dumps(prediction.explanation)  # stored in a JSON column
 
 
-def test_artifact_round_trip_and_tamper_detection(fitted: RouteT2IRouter, tmp_path: Path) -> None:
+def test_artifact_round_trip_and_tamper_detection(
+    fitted: RouteT2IRouter, encoder: SentenceEncoder, tmp_path: Path
+) -> None:
     directory = fitted.save(tmp_path / "artifact")
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["version"] == fitted.version and manifest["version"].startswith("routet2i:")
     assert len(manifest["training"]["members"]) == SMALL["members"]
     with np.load(directory / "weights.npz") as weights:
         assert weights["neighbour_keys"].shape == (len(_log()) - 12, 384)
-    loaded = load_router("routet2i", directory)
+    loaded = load_router("routet2i", directory, encoder=encoder)
     prompts = [r.prompt for r in _log()[-12:]]
     np.testing.assert_allclose(loaded.score(prompts), fitted.score(prompts), atol=1e-6)
     assert loaded.version == fitted.version
@@ -220,33 +228,35 @@ def test_artifact_round_trip_and_tamper_detection(fitted: RouteT2IRouter, tmp_pa
     shutil.copytree(directory, tampered)
     (tampered / "weights.npz").write_bytes(b"not the weights")
     with pytest.raises(RouterError, match="corrupt"):
-        load_router("routet2i", tampered)
+        load_router("routet2i", tampered, encoder=encoder)
     with pytest.raises(RouterError, match="holds router"):
-        load_router("knn", directory)
+        load_router("knn", directory, encoder=encoder)
 
 
-def test_an_artifact_written_before_the_neighbour_settings_loads_unchanged(tmp_path: Path) -> None:
+def test_an_artifact_written_before_the_neighbour_settings_loads_unchanged(
+    encoder: SentenceEncoder, tmp_path: Path
+) -> None:
     """Artifacts trained before a setting existed keep loading, with the same version and the same scores."""
     log = _log()[:40]
-    router = RouteT2IRouter(**SMALL, neighbour_share=0.0).fit(log, seed=0)
+    router = RouteT2IRouter(**SMALL, neighbour_share=0.0, encoder=encoder).fit(log, seed=0)
     directory = router.save(tmp_path / "older")
     manifest = json.loads((directory / "manifest.json").read_text())
     for setting in ("neighbour_share", "neighbour_temperature", "neighbour_limit"):
         del manifest["config"][setting]
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    loaded = load_router("routet2i", directory)
+    loaded = load_router("routet2i", directory, encoder=encoder)
     assert loaded.version == router.version
     assert loaded.cfg.neighbour_share == 0.0
     prompts = [r.prompt for r in _log()[-12:]]
     np.testing.assert_allclose(loaded.score(prompts), router.score(prompts), atol=1e-6)
 
 
-def test_fixed_seed_gives_identical_artifacts() -> None:
+def test_fixed_seed_gives_identical_artifacts(encoder: SentenceEncoder) -> None:
     log = _log()[:40]
-    first = RouteT2IRouter(**SMALL).fit(log, seed=3)
-    second = RouteT2IRouter(**SMALL).fit(log, seed=3)
+    first = RouteT2IRouter(**SMALL, encoder=encoder).fit(log, seed=3)
+    second = RouteT2IRouter(**SMALL, encoder=encoder).fit(log, seed=3)
     assert first.version == second.version
-    assert RouteT2IRouter(**SMALL).fit(log, seed=4).version != first.version
+    assert RouteT2IRouter(**SMALL, encoder=encoder).fit(log, seed=4).version != first.version
 
 
 @pytest.mark.parametrize(
@@ -258,8 +268,8 @@ def test_fixed_seed_gives_identical_artifacts() -> None:
         ("routet2i-no-neighbours", "neighbour_share"),
     ],
 )
-def test_ablations_switch_off_their_component(name: str, setting: str) -> None:
-    router = create_router(name, **SMALL)
+def test_ablations_switch_off_their_component(name: str, setting: str, encoder: SentenceEncoder) -> None:
+    router = create_router(name, encoder=encoder, **SMALL)
     assert not getattr(router.cfg, setting)
     router.fit(_log()[:60], seed=0)
     targets = ("composite",) if setting == "multi_metric" else ("quality", "alignment")
@@ -268,8 +278,8 @@ def test_ablations_switch_off_their_component(name: str, setting: str) -> None:
     assert (len(router.neighbour_keys) > 0) == (setting != "neighbour_share")
 
 
-def test_the_shipped_artifact_loads_and_routes() -> None:
-    router = load_router("routet2i", None)
+def test_the_shipped_artifact_loads_and_routes(encoder: SentenceEncoder) -> None:
+    router = load_router("routet2i", None, encoder=encoder)
     assert router.version.startswith("routet2i:")
     (prediction,) = router.predict(["two dogs playing chess in a library, oil painting"])
     assert prediction.predicted_dict() is not None
@@ -307,7 +317,7 @@ def test_numpy_inference_is_the_torch_network(settings: dict[str, object]) -> No
     rng = np.random.default_rng(0)
     mask = np.arange(max(lengths))[None, :] < np.array(lengths)[:, None]
     states = (rng.standard_normal((len(lengths), max(lengths), d)) * mask[..., None]).astype(np.float32)
-    batch = _Batch(
+    batch = Batch(
         states,
         mask,
         rng.standard_normal((len(lengths), d)).astype(np.float32),
@@ -370,6 +380,7 @@ def test_a_batchs_pieces_run_on_the_encoders_threads_and_score_as_on_one_thread(
         seen.append(threading.current_thread().name)
         return forward(*args, **kwargs)
 
+    shared = fitted._encoder
     try:
         fitted._encoder = SentenceEncoder(threads=1)
         alone_scores, alone = fitted.score(prompts), fitted.predict(prompts)
@@ -377,7 +388,7 @@ def test_a_batchs_pieces_run_on_the_encoders_threads_and_score_as_on_one_thread(
         fitted._forward = spy  # type: ignore[method-assign]
         side_scores, side = fitted.score(prompts), fitted.predict(prompts)
     finally:
-        fitted._encoder = None
+        fitted._encoder = shared
         del fitted._forward
     pieces = -(-len(prompts) // PIECE_ROWS)
     assert len(seen) == 2 * pieces and all(name.startswith("routet2i-encoder") for name in seen)
@@ -449,12 +460,12 @@ def _with_auxiliary(records: list[LogRecord], seed: int) -> list[LogRecord]:
     ]
 
 
-def test_auxiliary_labels_are_used_in_training_only() -> None:
+def test_auxiliary_labels_are_used_in_training_only(encoder: SentenceEncoder) -> None:
     log = _log()[:48]
-    without = RouteT2IRouter(**SMALL, auxiliary=True).fit(log, seed=0)
-    with_labels = RouteT2IRouter(**SMALL, auxiliary=True).fit(_with_auxiliary(log, 0), seed=0)
-    other_labels = RouteT2IRouter(**SMALL, auxiliary=True).fit(_with_auxiliary(log, 1), seed=0)
-    default = RouteT2IRouter(**SMALL).fit(_with_auxiliary(log, 0), seed=0)
+    without = RouteT2IRouter(**SMALL, auxiliary=True, encoder=encoder).fit(log, seed=0)
+    with_labels = RouteT2IRouter(**SMALL, auxiliary=True, encoder=encoder).fit(_with_auxiliary(log, 0), seed=0)
+    other_labels = RouteT2IRouter(**SMALL, auxiliary=True, encoder=encoder).fit(_with_auxiliary(log, 1), seed=0)
+    default = RouteT2IRouter(**SMALL, encoder=encoder).fit(_with_auxiliary(log, 0), seed=0)
     assert len({without.version, with_labels.version, other_labels.version}) == 3  # the labels are learnt from
     assert default.cfg.auxiliary is False  # off by default: the log's labels are ignored ...
     np.testing.assert_array_equal(default.priors[0][0], without.priors[0][0])  # ... as if there were none
@@ -485,10 +496,10 @@ def test_the_correction_share_minimises_the_validation_loss() -> None:
     assert min(losses, key=losses.__getitem__) == share
 
 
-def test_members_record_their_correction_share(fitted: RouteT2IRouter) -> None:
+def test_members_record_their_correction_share(fitted: RouteT2IRouter, encoder: SentenceEncoder) -> None:
     assert "correction_share" not in fitted.training_report["members"][0]  # off by default
     log = _log()
-    shrunk = RouteT2IRouter(**SMALL, shrink_correction=True).fit(log[: len(log) - 12], seed=0)
+    shrunk = RouteT2IRouter(**SMALL, shrink_correction=True, encoder=encoder).fit(log[: len(log) - 12], seed=0)
     shares = [m["correction_share"] for m in shrunk.training_report["members"]]
     assert all(0.0 <= s <= 1.0 for s in shares)
     # The toy log's signal is in a few words the prior's sentence embedding blurs: the network helps there.
@@ -500,7 +511,7 @@ def test_members_record_their_correction_share(fitted: RouteT2IRouter) -> None:
 def test_prior_pushes_split_the_priors_embedding_gap_over_the_tokens(fitted: RouteT2IRouter) -> None:
     prompts = ['a violin at night next to a sign that says "open 99"', "a cat"]
     tokens = fitted.encoder.encode_tokens(prompts)
-    pushes = fitted._prior_pushes(_pad(tokens, np.zeros((len(tokens), 4))))
+    pushes = fitted._prior_pushes(pad_batch(tokens, np.zeros((len(tokens), 4))))
     d = tokens[0].sentence.shape[0]
     sentence = np.stack([t.sentence for t in tokens]).astype(np.float64)
     coef = np.mean([c for c, _ in fitted.priors], axis=0)[:d]

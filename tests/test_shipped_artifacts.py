@@ -17,7 +17,7 @@ import pytest
 from router.base import load_router
 from router.data import partiprompts
 from router.datasets import agiqa_3k, genai_bench
-from router.embeddings import SentenceEncoder, default_encoder, use_default_encoder
+from router.embeddings import SentenceEncoder
 
 FIXTURE = Path(__file__).parent / "data" / "shipped_scores.npz"
 
@@ -43,14 +43,10 @@ def test_the_shipped_artifact_scores_every_carried_prompt_unchanged(backend: str
     assert len(prompts) == 2459
     assert hashlib.sha256("\n".join(prompts).encode()).hexdigest() == str(expected["prompts_sha256"])
     key = backend.replace("-", "_")
-    previous = default_encoder()
-    use_default_encoder(SentenceEncoder(backend=backend, graph_dir=model_cache / "encoders"))
-    try:
-        router = load_router("routet2i", None)
-        assert router.version == str(expected[f"{key}_version"])
-        scores = router.score(prompts)
-    finally:
-        use_default_encoder(previous)
+    encoder = SentenceEncoder(backend=backend, graph_dir=model_cache / "encoders")
+    router = load_router("routet2i", None, encoder=encoder)
+    assert router.version == str(expected[f"{key}_version"])
+    scores = router.score(prompts)
     difference = np.abs(scores - expected[key])
     assert difference.max() < TOLERANCE, (
         f"{int((difference >= TOLERANCE).sum())} prompts moved, most by {difference.max()}"

@@ -86,11 +86,11 @@ class WorkerContext:
     def policy(self) -> RoutingPolicy:
         if self._policy is None:
             from router.base import load_router
-            from router.embeddings import SentenceEncoder, use_default_encoder
+            from router.embeddings import SentenceEncoder
             from router.policy import RoutingPolicy
 
-            use_default_encoder(SentenceEncoder.from_settings(self.settings))
-            router = load_router(self.settings.router, self.settings.router_model)
+            encoder = SentenceEncoder.from_settings(self.settings)
+            router = load_router(self.settings.router, self.settings.router_model, encoder=encoder)
             self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
         return self._policy
 

@@ -20,6 +20,7 @@ def run(
 ) -> list[Measurement]:
     from router.base import available_routers, create_router
     from router.datasets import genai_bench
+    from router.embeddings import SentenceEncoder
     from router.evaluation import evaluate
     from router.replay import replay
 
@@ -33,9 +34,10 @@ def run(
             "routers",
             f"unknown router {unknown[0]!r}; available: {', '.join(available_routers())}" if unknown else "no router",
         )
+    encoder = SentenceEncoder()  # one for every router and fold: each prompt is encoded once
     measurements = []
     for name in names:
-        router = create_router(name)
+        router = create_router(name, encoder=encoder)
         router.warm(prompts)
         router.fit(records, seed=0)
         times = interleaved_medians(
@@ -50,7 +52,7 @@ def run(
             Measurement.against(f"replay.{name}", len(records) / times["replay"], "prompts/s", score_rate)
         )
         started = time.perf_counter()
-        evaluate(records, [name], folds=folds, seeds=1)
+        evaluate(records, [name], folds=folds, seeds=1, encoder=encoder)
         scored = len(records)  # every prompt is scored once per seed, in its test fold
         measurements.append(
             Measurement.against(f"eval.{name}", scored / (time.perf_counter() - started), "prompts/s", score_rate)

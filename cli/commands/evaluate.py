@@ -14,8 +14,9 @@ from cli.commands.common import echo_json, load_settings
 
 if TYPE_CHECKING:
     from core.settings import Settings
-    from router.evaluation import Report
+    from router.embeddings import SentenceEncoder
     from router.log import LogRecord
+    from router.results import Report
 
 
 def _read_log(path: Path, param: str = "'--log'") -> list[LogRecord]:
@@ -47,15 +48,21 @@ def _router_names(value: str | None) -> list[str]:
     return names
 
 
-def _install_encoder(settings: Settings) -> None:
-    """Learned routers share one sentence encoder whose embeddings persist under the cache directory."""
-    from router.embeddings import SentenceEncoder, use_default_encoder
+def _encoder(settings: Settings) -> SentenceEncoder:
+    """The sentence encoder every router of the command shares, its embeddings kept under the cache directory."""
+    from router.embeddings import SentenceEncoder
 
-    use_default_encoder(SentenceEncoder.from_settings(settings, keep_embeddings=True, threads=settings.torch_threads))
+    return SentenceEncoder.from_settings(settings, keep_embeddings=True, threads=settings.torch_threads)
 
 
 def _run(
-    records: list[LogRecord], names: list[str], folds: int, seeds: int, progress: bool, info: dict[str, Any]
+    records: list[LogRecord],
+    names: list[str],
+    folds: int,
+    seeds: int,
+    progress: bool,
+    info: dict[str, Any],
+    encoder: SentenceEncoder,
 ) -> Report:
     from router.evaluation import evaluate
     from router.splits import group_ids
@@ -65,7 +72,7 @@ def _run(
         raise click.BadParameter(
             f"{folds} folds need at least {folds} distinct prompts; the log has {distinct}", param_hint="'--folds'"
         )
-    return evaluate(records, names, folds=folds, seeds=seeds, progress=progress, info=info)
+    return evaluate(records, names, folds=folds, seeds=seeds, progress=progress, info=info, encoder=encoder)
 
 
 @click.command(name="eval")
@@ -112,15 +119,14 @@ def evaluate_command(
     if suite is not None and plot is not None:
         raise click.BadParameter("--suite writes one plot per log into --out", param_hint="'--plot'")
     names = _router_names(routers)
-    settings = load_settings()
-    _install_encoder(settings)
+    encoder = _encoder(load_settings())
     show = sys.stderr.isatty() if progress is None else progress
     if suite is not None:
-        _run_suite(suite, names, folds, seeds, out_dir or Path("var/eval"), show)
+        _run_suite(suite, names, folds, seeds, out_dir or Path("var/eval"), show, encoder)
         return
     assert log_path is not None
     records = _read_log(log_path)
-    report = _run(records, names, folds, seeds, show, {"log": str(log_path)})
+    report = _run(records, names, folds, seeds, show, {"log": str(log_path)}, encoder)
     if plot is not None:
         from router.report import plot_report
 
@@ -133,7 +139,9 @@ def evaluate_command(
         click.echo(f"{timing}; plot: {plot}" if plot else timing)
 
 
-def _run_suite(name: str, routers: list[str], folds: int, seeds: int, out_dir: Path, progress: bool) -> None:
+def _run_suite(
+    name: str, routers: list[str], folds: int, seeds: int, out_dir: Path, progress: bool, encoder: SentenceEncoder
+) -> None:
     from router.base import available_routers
     from router.log import write_log
     from router.report import plot_report
@@ -156,6 +164,7 @@ def _run_suite(name: str, routers: list[str], folds: int, seeds: int, out_dir: P
             seeds,
             progress,
             {"suite": name, "log": entry.title, "import": f"{entry.command} -o {log_file}"},
+            encoder,
         )
         (out_dir / f"{entry.slug}.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         plot_report(report, out_dir / f"{entry.slug}.png", title=entry.title)
@@ -227,18 +236,18 @@ def replay(
     if model_dir is not None and train_log is not None:
         raise click.BadParameter("give --model or --train-log, not both", param_hint="'--train-log'")
     settings = load_settings()
-    _install_encoder(settings)
+    encoder = _encoder(settings)
     records = _read_log(log_path)
     try:
         if model_dir is not None:
-            router = load_router(router_name, model_dir)
+            router = load_router(router_name, model_dir, encoder=encoder)
         elif cls.learned and train_log is None:
             raise click.BadParameter(
                 f"router {router_name!r} learns from data: give a trained artifact, or --train-log to fit one",
                 param_hint="'--model'",
             )
         else:
-            router = create_router(router_name)
+            router = create_router(router_name, encoder=encoder)
             router.fit(_read_log(train_log, "'--train-log'") if train_log else records, seed=seed)
         result = run_replay(
             records,

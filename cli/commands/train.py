@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from cli.commands.common import echo_json, load_settings
-from cli.commands.evaluate import _install_encoder, _read_log
+from cli.commands.evaluate import _encoder, _read_log
 
 
 def _parse_settings(values: tuple[str, ...]) -> dict[str, Any]:
@@ -84,12 +84,12 @@ def train(
             f"router {router_name!r} learns nothing; it needs no training", param_hint="'--router'"
         )
     settings = _parse_settings(overrides)
+    encoder = _encoder(load_settings())
     try:
-        router = create_router(router_name, **settings)
+        router = create_router(router_name, encoder=encoder, **settings)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--set'") from exc
     records = _read_log(log_path)
-    _install_encoder(load_settings())
 
     from tqdm import tqdm
 

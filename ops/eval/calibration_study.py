@@ -24,7 +24,7 @@ import numpy as np
 from core.settings import Settings
 from router.budget import BudgetConfig, sorted_quantile
 from router.datasets import agiqa_3k, genai_bench
-from router.embeddings import SentenceEncoder, use_default_encoder
+from router.embeddings import SentenceEncoder
 from router.learned import CloudWinClassifierRouter, GapRegressorRouter, KNNRouter
 from router.replay import replay
 from router.splits import split_folds
@@ -34,7 +34,7 @@ RHOS = (0.1, 0.3, 0.5)
 
 
 def main() -> None:
-    use_default_encoder(SentenceEncoder())
+    encoder = SentenceEncoder()  # one for every router and fold: each prompt is encoded once
     logs = {
         "genai-bench SDXL_Turbo->DALLE_3": genai_bench("SDXL_Turbo", "DALLE_3"),
         "agiqa-3k sd1.5_normal->xl2.2_normal": agiqa_3k("sd1.5_normal", "xl2.2_normal"),
@@ -47,7 +47,7 @@ def main() -> None:
             for held in range(FOLDS):
                 train = [r for r, f in zip(log, fold, strict=True) if f != held]
                 unseen = [r.prompt for r, f in zip(log, fold, strict=True) if f == held]
-                router = cls().fit(train, seed=0)
+                router = cls(encoder).fit(train, seed=0)
                 scores = router.score(unseen)
                 own = np.sort(router.score([r.prompt for r in train]))
                 for rho in RHOS:
@@ -68,7 +68,7 @@ def main() -> None:
         orders[f"shuffle {seed}"] = shuffled
     print("\ntrained on AGIQA-3K, online on GenAI-Bench: PGR, cloud of the first 20, by minimum share")
     for cls in (CloudWinClassifierRouter, GapRegressorRouter, KNNRouter):
-        router = cls().fit(logs["agiqa-3k sd1.5_normal->xl2.2_normal"], seed=0)
+        router = cls(encoder).fit(logs["agiqa-3k sd1.5_normal->xl2.2_normal"], seed=0)
         calibration = router.params["calibration"]
         for order, records in orders.items():
             cells = []

@@ -29,16 +29,19 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from router.embeddings import SentenceEncoder, TokenStates, prompt_hash, use_default_encoder
+from router.embeddings import SentenceEncoder, TokenStates, prompt_hash
 from router.evaluation import evaluate
 from router.report import format_comparison, format_table
-from router.routet2i import RouteT2IRouter, _loss, _pad, build_network
+from router.routet2i import RouteT2IRouter, build_network, training
+from router.routet2i.model import pad_batch
+from router.routet2i.training import training_loss
 from router.suite import SUITES
 
 
@@ -102,11 +105,10 @@ def tuned(lower: LowerStates, encoder_lr: float, name: str) -> type[RouteT2IRout
 
         def fit(self, records: Any, *, seed: int = 0) -> RouteT2IRouter:
             self.layer_states, self._modules = [], None
-            return super().fit(records, seed=seed)
+            return training.fit(self, records, seed=seed, member=self._train_member)
 
-        def _fit_member(self, tokens, stats, y, train, valid, seed):  # type: ignore[no-untyped-def]
-            cfg = self.cfg
-            net = build_network(cfg, tokens[0].states.shape[1], len(self.targets))
+        def _train_member(self, cfg, n_targets, tokens, stats, y, train, valid, seed):  # type: ignore[no-untyped-def]
+            net = build_network(cfg, tokens[0].states.shape[1], n_targets)
             layers = copy.deepcopy(lower.top)
             groups = [{"params": list(net.parameters()), "lr": cfg.lr}]
             if encoder_lr > 0:
@@ -115,7 +117,7 @@ def tuned(lower: LowerStates, encoder_lr: float, name: str) -> type[RouteT2IRout
                 layers.requires_grad_(False)
             optimiser = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
             target = torch.from_numpy(y.astype(np.float32))
-            valid_batch = _pad([tokens[i] for i in valid], stats[valid])
+            valid_batch = pad_batch([tokens[i] for i in valid], stats[valid])
             rng = np.random.default_rng(seed)
 
             def forward(batch: Any) -> Any:
@@ -129,14 +131,15 @@ def tuned(lower: LowerStates, encoder_lr: float, name: str) -> type[RouteT2IRout
                 order = rng.permutation(train)
                 for start in range(0, len(order), cfg.batch_size):
                     idx = order[start : start + cfg.batch_size]
-                    loss = _loss(forward(_pad([tokens[i] for i in idx], stats[idx])), target[idx], cfg.gap_weight)
+                    batch = pad_batch([tokens[i] for i in idx], stats[idx])
+                    loss = training_loss(forward(batch), target[idx], cfg.gap_weight)
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
                 net.eval()
                 layers.eval()
                 with torch.inference_mode():
-                    valid_loss = float(_loss(forward(valid_batch), target[valid], cfg.gap_weight))
+                    valid_loss = float(training_loss(forward(valid_batch), target[valid], cfg.gap_weight))
                 if valid_loss < best - 1e-6:
                     best, best_epoch = valid_loss, epoch
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -207,13 +210,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     cache = Path(os.environ.get("ROUTET2I_CACHE_DIR", "var/cache")) / "embeddings"
-    base = use_default_encoder(SentenceEncoder(cache_dir=cache, backend="torch"))
+    base = SentenceEncoder(cache_dir=cache, backend="torch")
     logs = [log for log in SUITES["standard"] if "all" in args.logs or log.slug in args.logs]
     if not logs:
         parser.error(f"--logs: none of {args.logs} is a standard suite log")
     for log in logs:
         records = log.build()
-        routers: dict[str, Any] = {"routet2i": RouteT2IRouter}
+        routers: dict[str, Any] = {"routet2i": partial(RouteT2IRouter, encoder=base)}
         for n in args.layers:
             lower = LowerStates(base, n)
             print(
