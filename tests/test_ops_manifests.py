@@ -9,6 +9,7 @@ settings, KEDA's list names are the queues the Celery app declares, and names th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -372,29 +373,118 @@ def test_check_env_name_refuses_unknown_settings(name: str) -> None:
         check_env_name(name)
 
 
-# --- the operations guide ------------------------------------------------------------------------------
+# --- commands in the documentation ----------------------------------------------------------------------
+
+DOCUMENTED = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+"""Every page whose shell examples must run: the README and each page under docs/."""
+
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
-def documented_commands() -> list[list[str]]:
-    """``routet2i ...`` invocations in the shell blocks of docs/operations.md."""
-    text = (ROOT / "docs" / "operations.md").read_text()
+def shell_commands(text: str) -> Iterator[list[str]]:
+    """Each simple command of the ``sh`` and ``bash`` blocks of a Markdown ``text``, as the shell splits it:
+    continuation lines joined, comments dropped, and commands separated at ``;``, ``&``, ``&&``, ``|``, ``||``."""
+    for block in re.findall(r"```(?:sh|bash)\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            lexer = shlex.shlex(re.sub(r"(^|\s)#.*", "", line), posix=True, punctuation_chars=";&|")
+            lexer.whitespace_split, lexer.commenters = True, ""
+            command: list[str] = []
+            for word in [*lexer, ";"]:
+                if set(word) <= set(";&|"):
+                    if command:
+                        yield command
+                    command = []
+                else:
+                    command.append(word)
+
+
+def documented_commands(path: Path = ROOT / "docs" / "operations.md") -> list[list[str]]:
+    """``routet2i ...`` invocations in the ``sh`` and ``bash`` blocks of ``path``, without the ``NAME=value``
+    assignments in front of them (each ``ROUTET2I_*`` name among those must be a setting)."""
     commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
-            for part in re.split(r";|&&", line.split(" #")[0]):
-                words = shlex.split(part.strip().rstrip("&").strip())
-                if words and words[0] == "routet2i":
-                    commands.append(words)
+    for words in shell_commands(path.read_text(encoding="utf-8")):
+        while words and ASSIGNMENT.match(words[0]):
+            name = words.pop(0).split("=", 1)[0]
+            if name.startswith("ROUTET2I_"):
+                check_env_name(name)
+        if words and words[0] == "routet2i":
+            commands.append(words)
     return commands
+
+
+def create_inputs(argv: list[str], root: Path) -> None:
+    """Create under ``root`` the files and directories that ``argv``'s options must find while parsing (a replay
+    log an earlier example wrote, a prompts file), so that only the command's own usage is checked."""
+    command: click.Command | None = main
+    rest = list(argv[1:])
+    while isinstance(command, click.Group) and rest:
+        command = command.get_command(click.Context(command), rest.pop(0))
+    if command is None:
+        return  # not a command: parse_cli says so
+    wanted = {
+        opt: param.type
+        for param in command.params
+        if isinstance(param, click.Option)
+        and (
+            (isinstance(param.type, click.File) and "r" in param.type.mode)
+            or (isinstance(param.type, click.Path) and param.type.exists)
+        )
+        for opt in param.opts
+    }
+    for word, value in itertools.pairwise(rest):
+        kind = wanted.get(word)
+        if kind is None or value == "-":
+            continue
+        target = root / value
+        if isinstance(kind, click.Path) and not kind.file_okay:
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("a prompt\n")
+
+
+def check_commands(commands: list[list[str]], root: Path) -> None:
+    for argv in commands:
+        create_inputs(argv, root)
+        parse_cli(argv)
 
 
 def test_every_command_in_the_operations_guide_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands = documented_commands()
     assert len(commands) >= 10
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "prompts.txt").write_text("a prompt\n")  # --file opens its file while parsing
-    for argv in commands:
-        parse_cli(argv)
+    check_commands(commands, tmp_path)
+
+
+@pytest.mark.parametrize("page", DOCUMENTED, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_every_command_in_the_readme_and_the_docs_parses(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands = documented_commands(page)
+    monkeypatch.chdir(tmp_path)
+    check_commands(commands, tmp_path)
+
+
+def test_the_documentation_check_reads_what_the_shell_would_run(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```bash\n"
+        "ROUTET2I_CLOUD_BUDGET=0.5 routet2i worker --queue route &   # a comment's quote\n"
+        "ROUTET2I_DATABASE_URL=sqlite:///x.db \\\n  routet2i db upgrade && routet2i queues --json\n"
+        "curl -s localhost/metrics | grep -E 'routet2i_(cloud_|cost)'\n"
+        "```\n"
+        "```sh\nroutet2i reconcile --once; echo done\n```\n"
+        "```python\nroutet2i = 'not a shell block'\n```\n"
+    )
+    assert documented_commands(page) == [
+        ["routet2i", "worker", "--queue", "route"],
+        ["routet2i", "db", "upgrade"],
+        ["routet2i", "queues", "--json"],
+        ["routet2i", "reconcile", "--once"],
+    ]
+    page.write_text("```sh\nROUTET2I_CLOUD_BUDGT=0.5 routet2i queues\n```\n")
+    with pytest.raises(AssertionError, match="'cloud_budgt' is not a setting"):
+        documented_commands(page)
 
 
 @pytest.mark.parametrize(
