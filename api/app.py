@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
+from typing import Any
 
 import redis
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from api.auth import LOCAL_TENANT, KeyCache
 from api.errors import register_error_handlers
@@ -23,11 +26,25 @@ REDIS_PROBE_TIMEOUT_S = 1.0
 log = logging.getLogger(__name__)
 
 
+class JsonProvider(DefaultJSONProvider):
+    """Flask's JSON, keys in insertion order, and a document nested deeper than the parser's recursion limit is
+    invalid JSON (a ``ValueError``: a 400 naming the body) instead of a ``RecursionError`` (a 500)."""
+
+    sort_keys = False
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API for ``settings`` (read from the environment when omitted)."""
     settings = settings or Settings.from_env()
-    app = Flask("routet2i")
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app = Flask("routet2i", static_folder=None)  # no /static route: the dashboard serves its own files
+    app.json = JsonProvider(app)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # werkzeug answers 413 beyond it
     engine = make_engine(settings.database_url)
     client = connect_redis(settings.broker_url, timeout=REDIS_PROBE_TIMEOUT_S)
     app.extensions[EXTENSION] = ApiState(
@@ -42,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         key_cache=KeyCache(),
         rate_limiter=RateLimiter(client),
         spend_ledger=_spend_ledger(settings, client),
+        image_waits=threading.BoundedSemaphore(settings.images_waiters),
     )
     if settings.auth == "disabled":
         log.warning(
@@ -50,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             LOCAL_TENANT,
         )
 
+    from api.control import blueprint as control
     from api.decisions import blueprint as decisions
     from api.health import blueprint as health
     from api.jobs import blueprint as jobs
@@ -57,7 +76,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.openapi import blueprint as openapi
     from api.stats import blueprint as stats
 
-    for blueprint in (health, jobs, decisions, stats, openapi, openai_compat):
+    for blueprint in (health, jobs, control, decisions, stats, openapi, openai_compat):
         app.register_blueprint(blueprint)
     register_operations(app)
     register_error_handlers(app)

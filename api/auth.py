@@ -38,6 +38,8 @@ class Principal:
     cloud_budget: float | None
     rate_limit_per_minute: int | None
     forced_tiers: frozenset[str]
+    webhook_hosts: frozenset[str] = frozenset()
+    """Hosts (``host`` or ``host:port``, lower case) its jobs' webhooks may call."""
 
     @classmethod
     def of(cls, tenant: Tenant) -> Principal:
@@ -48,6 +50,7 @@ class Principal:
             cloud_budget=tenant.cloud_budget,
             rate_limit_per_minute=tenant.rate_limit_per_minute,
             forced_tiers=frozenset(t for t in tenant.forced_tiers.split(",") if t),
+            webhook_hosts=tenant.allowed_webhook_hosts,
         )
 
     def sees(self, tenant_id: uuid.UUID) -> bool:

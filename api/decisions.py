@@ -10,9 +10,10 @@ from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.jobs import job_url, parse_query
 from api.openapi import documented
-from api.schemas import DecisionListQuery, DecisionPage, decision_out
+from api.schemas import DecisionListQuery, DecisionPage
 from api.state import state
 from db.decisions import list_decisions
+from db.documents import decision_out
 from db.pagination import InvalidCursor
 
 blueprint = Blueprint("decisions", __name__)

@@ -6,9 +6,9 @@ import logging
 from typing import Any
 
 import sqlalchemy.exc
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ def from_validation_error(exc: ValidationError, *, status: int = 422) -> ApiErro
     )
 
 
+def too_large_message() -> str:
+    """What a 413 says: the body's limit (``MAX_CONTENT_LENGTH``, from ``ROUTET2I_MAX_REQUEST_BYTES``)."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    return f"the request body is larger than the {limit} bytes this API reads (ROUTET2I_MAX_REQUEST_BYTES)"
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Any:
@@ -80,6 +86,10 @@ def register_error_handlers(app: Flask) -> None:
                 headers={"Retry-After": "5"},
             )
         )
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> Any:
+        return _api_error(ApiError(413, "request_too_large", too_large_message(), field="body"))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:

@@ -6,12 +6,14 @@ import logging
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy.exc
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import authenticate, principal
 from api.errors import ApiError, from_validation_error
@@ -24,28 +26,24 @@ from api.schemas import (
     JobBatchItem,
     JobCreateBase,
     JobListQuery,
-    JobOut,
     JobPage,
-    decision_out,
-    job_out,
-    result_out,
 )
 from api.state import state
-from db.decisions import get_decision
-from db.generations import job_costs, primary_generation
+from db.documents import JobOut, job_document, job_out
+from db.generations import primary_generation
 from db.jobs import (
     NewJob,
     create_jobs,
     get_job,
     get_jobs_by_idempotency_keys,
-    list_events,
     list_jobs,
 )
-from db.lifecycle import fail, is_done
-from db.models import Job
-from db.pagination import InvalidCursor
-from db.redis_state import burst
+from db.lifecycle import expire_if_overdue, fail, is_done
+from db.models import Job, utcnow
+from db.pagination import InvalidCursor, as_utc
+from db.redis_state import burst, give_back
 from db.session import transaction
+from db.webhooks import webhook_host
 from worker.transport import BROKER_ERRORS, ROUTE_TASK, chunks, publish_many
 
 log = logging.getLogger(__name__)
@@ -69,8 +67,23 @@ def parse_query(model: type[Q]) -> Q:
         raise from_validation_error(exc, status=400) from exc
 
 
+def json_body() -> Any:
+    """The request's JSON body; None when it is missing or not JSON (nested too deeply included).
+
+    Raises:
+        RequestEntityTooLarge: for a body over ``MAX_CONTENT_LENGTH``, also one sent without a length (chunked),
+            which werkzeug would otherwise cut at the limit without a word.
+    """
+    data = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    unsized = request.content_length is None and limit is not None and len(data) >= limit
+    if unsized and request.environ["wsgi.input"].read(1):  # the server still holds more beyond the limit
+        raise RequestEntityTooLarge()
+    return request.get_json(silent=True)
+
+
 def parse_body(model: type[Q]) -> Q:
-    body = request.get_json(silent=True)
+    body = json_body()
     if body is None:
         raise ApiError(
             400,
@@ -97,21 +110,30 @@ def job_url(job_id: uuid.UUID) -> str:
     return url_for("jobs.get", job_id=str(job_id), _external=False)
 
 
-def load_job(session: Session, raw_id: str) -> Job:
+def load_job(session: Session, raw_id: str, *, for_update: bool = False) -> Job:
     """The caller's job; another tenant's job answers exactly like a missing one."""
-    job = get_job(session, parse_job_id(raw_id))
+    job = get_job(session, parse_job_id(raw_id), for_update=for_update)
     if job is None or not principal().sees(job.tenant_id):
         raise ApiError(404, "not_found", f"no job with id {raw_id!r}", field="job_id")
     return job
 
 
 def _same_request(job: Job, spec: JobCreateBase) -> bool:
-    return (job.prompt, job.steps, job.width, job.height) == (
-        spec.prompt,
-        spec.steps,
-        spec.width,
-        spec.height,
-    ) and (spec.seed is None or spec.seed == job.seed)
+    """Whether ``spec`` asks exactly for ``job``: every field alike (the forced tier, the webhook and the deadline
+    included); a replay that leaves the seed out matches the seed chosen for the job."""
+    return (
+        (job.prompt, job.steps, job.width, job.height, job.requested_tier, job.webhook_url)
+        == (spec.prompt, spec.steps, spec.width, spec.height, spec.tier, spec.webhook_url)
+        and (spec.seed is None or spec.seed == job.seed)
+        and _same_deadline(job, spec.deadline_s)
+    )
+
+
+def _same_deadline(job: Job, deadline_s: float | None) -> bool:
+    """Whether ``job`` was given ``deadline_s`` (to the second: the job keeps the instant, not the duration)."""
+    if job.deadline_at is None or deadline_s is None:
+        return job.deadline_at is None and deadline_s is None
+    return abs((as_utc(job.deadline_at) - as_utc(job.created_at)).total_seconds() - deadline_s) < 1.0
 
 
 def _accepted(job: Job, status_code: int) -> tuple[Response, int, dict[str, str]]:
@@ -136,7 +158,9 @@ def submit_job(spec: JobCreateBase) -> tuple[Job, bool]:
 def submit_jobs(specs: Sequence[JobCreateBase], *, field_prefix: str | None = None) -> list[tuple[Job, bool]]:
     """Create (or find, by idempotency key) the caller's jobs in one transaction and enqueue them for routing.
 
-    All or nothing: every job is checked (forced tier, idempotency key, rate limit) before any is written.
+    All or nothing: every job is checked (forced tier, idempotency key, rate limit) before any is written. An
+    exact replay (an idempotency key used before for the same request) is answered before the rate limit is
+    consulted, and only new jobs count against it: a retry never gets a 429 instead of its job.
 
     Args:
         specs: the jobs, validated.
@@ -178,35 +202,24 @@ def _check_submissions(
     specs: Sequence[JobCreateBase], field: Callable[[int, str], str], field_prefix: str | None
 ) -> dict[str, int]:
     """Refuse the submissions unless the caller may make every one of them (forced tiers, idempotency keys
-    unique within the request, the tenant's burst and rate limit). Returns each idempotency key's job index."""
+    unique within the request and not used before for another request, then for the new jobs only the
+    tenant's burst and rate limit). Returns each idempotency key's job index."""
     st = state()
     who = principal()
-    keys: dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        if spec.tier is not None and not (who.is_admin or spec.tier in who.forced_tiers):
-            raise ApiError(
-                403, "forbidden", f"tenant {who.tenant_name!r} may not force tier {spec.tier!r}", field=field(i, "tier")
-            )
-        if spec.idempotency_key is not None:
-            if spec.idempotency_key in keys:
-                name = field(i, "idempotency_key")
-                raise ApiError(
-                    422,
-                    "invalid_request",
-                    f"{name}: repeats {field(keys[spec.idempotency_key], 'idempotency_key')}",
-                    field=name,
-                )
-            keys[spec.idempotency_key] = i
+    keys = _check_tiers_and_keys(specs, field)
+    new = len(specs) - _count_replays(specs, keys, field)
+    if new == 0:
+        return keys  # every job is an exact replay: nothing is created, so nothing is charged
     limit = who.rate_limit_per_minute if who.rate_limit_per_minute is not None else st.settings.rate_limit_per_minute
-    if limit > 0 and len(specs) > burst(limit):
+    if limit > 0 and new > burst(limit):
         raise ApiError(
             422,
             "invalid_request",
-            f"at most {burst(limit)} jobs per request for tenant {who.tenant_name!r} "
+            f"at most {burst(limit)} new jobs per request for tenant {who.tenant_name!r} "
             f"(its limit of {limit} submissions per minute allows bursts of {burst(limit)})",
             field=field_prefix or "body",
         )
-    wait = st.rate_limiter.check(who.tenant_id, limit, cost=len(specs))
+    wait = st.rate_limiter.check(who.tenant_id, limit, cost=new)
     if wait is not None:
         raise ApiError(
             429,
@@ -217,11 +230,57 @@ def _check_submissions(
     return keys
 
 
+def _count_replays(specs: Sequence[JobCreateBase], keys: dict[str, int], field: Callable[[int, str], str]) -> int:
+    """How many of ``specs`` are exact replays of the caller's earlier jobs (409 for a key used before for
+    another request)."""
+    if not keys:
+        return 0
+    with state().sessions() as session:
+        earlier = get_jobs_by_idempotency_keys(session, tenant_id=principal().tenant_id, keys=list(keys))
+        for key, job in earlier.items():
+            _check_replay(job, specs[keys[key]], field=field(keys[key], "idempotency_key"))
+    return len(earlier)
+
+
+def _check_tiers_and_keys(specs: Sequence[JobCreateBase], field: Callable[[int, str], str]) -> dict[str, int]:
+    """Refuse a forced tier the caller may not use and an idempotency key repeated within the request.
+    Returns each idempotency key's job index."""
+    who = principal()
+    keys: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.tier is not None and not (who.is_admin or spec.tier in who.forced_tiers):
+            raise ApiError(
+                403, "forbidden", f"tenant {who.tenant_name!r} may not force tier {spec.tier!r}", field=field(i, "tier")
+            )
+        if spec.webhook_url is not None and (host := webhook_host(spec.webhook_url)) not in who.webhook_hosts:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"tenant {who.tenant_name!r} may not send webhooks to {host!r} "
+                "(an operator lists its hosts: routet2i tenant webhooks)",
+                field=field(i, "webhook_url"),
+            )
+        if spec.idempotency_key is not None:
+            name = field(i, "idempotency_key")
+            if "\x00" in spec.idempotency_key:  # an Idempotency-Key header (the body's field is validated)
+                raise ApiError(422, "invalid_request", f"{name}: must not contain NUL characters", field=name)
+            if spec.idempotency_key in keys:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"{name}: repeats {field(keys[spec.idempotency_key], 'idempotency_key')}",
+                    field=name,
+                )
+            keys[spec.idempotency_key] = i
+    return keys
+
+
 def _insert(
     specs: Sequence[JobCreateBase], keys: dict[str, int], field: Callable[[int, str], str]
 ) -> list[tuple[Job, bool]]:
     """Create the jobs whose idempotency key is new, in one transaction; the others are their earlier jobs."""
     who = principal()
+    now = utcnow()
     with transaction(state().sessions) as session:
         existing = get_jobs_by_idempotency_keys(session, tenant_id=who.tenant_id, keys=list(keys)) if keys else {}
         replays: dict[int, Job] = {}
@@ -242,6 +301,8 @@ def _insert(
                         height=spec.height,
                         idempotency_key=spec.idempotency_key,
                         requested_tier=spec.tier,
+                        deadline_at=now + timedelta(seconds=spec.deadline_s) if spec.deadline_s else None,
+                        webhook_url=spec.webhook_url,
                     )
                     for i, spec in enumerate(specs)
                     if i not in replays
@@ -357,25 +418,26 @@ def create_batch() -> Any:
     summary="A job with its history, decision, result and timings", tag="jobs", responses={200: ("The job.", JobOut)}
 )
 def get(job_id: str) -> Any:
-    """A job with its status history, routing decision, result and timings."""
-    with state().sessions() as session:
+    """A job with its status history, routing decision, result and timings. A job past its deadline that has
+    not ended is expired now, so the status never shows a deadline passed by."""
+    st = state()
+    with st.sessions() as session:
         job = load_job(session, job_id)
-        events = list_events(session, job.id)
-        url = job_url(job.id)
-        decision = get_decision(session, job_id=job.id)
-        generation = primary_generation(session, job_id=job.id)
-        result = None
-        if generation is not None:
-            cost = sum(float(c.usd) for c in job_costs(session, job_id=job.id) if c.tier == generation.tier)
-            result = result_out(generation, image_url=url + "/image", cost_usd=cost)
-        view = job_out(
-            job,
-            url=url,
-            events=events,
-            decision=decision_out(decision, job_url=url) if decision else None,
-            result=result,
-        )
-    return jsonify(view.model_dump(mode="json"))
+        overdue = job.deadline_at is not None and not is_done(job) and as_utc(job.deadline_at) <= utcnow()
+        if not overdue:
+            return jsonify(job_document(session, job).model_dump(mode="json"))
+    _expire_if_overdue(job.id)
+    with st.sessions() as session:
+        return jsonify(job_document(session, load_job(session, job_id)).model_dump(mode="json"))
+
+
+def _expire_if_overdue(job_id: uuid.UUID) -> None:
+    st = state()
+    with transaction(st.sessions) as session:
+        job = get_job(session, job_id, for_update=True)
+        held = expire_if_overdue(session, job) if job is not None else None
+    if held is not None:
+        give_back(st.spend_ledger, *held, job_id=str(job_id))
 
 
 @blueprint.get("/v1/jobs")

@@ -6,8 +6,16 @@ through the same jobs, decisions and cost accounting as ``POST /v1/jobs``. ``mod
 for its images up to ``images_wait_s``; the job ids and tiers come back in ``X-RouteT2I-Job`` and
 ``X-RouteT2I-Tier`` headers. Errors use OpenAI's shape and status codes.
 
+A waiting request holds a server thread, so each process holds at most ``images_waiters`` of them at once (one
+slot each, taken before any job is created) and answers 503 with Retry-After beyond; ``routet2i api`` gives
+each process that many threads on top of its others, so the waits never starve the other requests and the
+health probes. A wait looks at its jobs ever less often: every 50 ms at first, every second at most once it has
+waited ten seconds, so long waits cost the database little.
+
 Images asked for as ``url`` are served by ``GET /v1/images/<job_id>.png`` with an expiring HMAC signature in
-the query string, so (like OpenAI's URLs) they can be fetched without the API key.
+the query string, so (like OpenAI's URLs) they can be fetched without the API key. The signing key comes from
+``url_signing_key``, else is derived from ``secret_key``, else is a random key in ``cache_dir`` (mode 0600)
+that every API process sharing the folder reads; it is never stored in Redis.
 """
 
 from __future__ import annotations
@@ -15,24 +23,30 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
+import os
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, jsonify, request, url_for
-from pydantic import Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import authenticate
-from api.errors import ApiError
-from api.jobs import submit_jobs
+from api.errors import ApiError, too_large_message
+from api.jobs import json_body, submit_jobs
 from api.openapi import PNG, documented
 from api.schemas import SIZE_MULTIPLE, StrictModel
 from api.state import state
+from core.settings import Settings
 from db.generations import primary_generation
 from db.jobs import get_job
 from db.models import JobStatus
 
+log = logging.getLogger(__name__)
 blueprint = Blueprint("openai", __name__)
 
 MODELS = {"routet2i": None, "edge": "edge", "cloud": "cloud"}
@@ -40,13 +54,22 @@ MODELS = {"routet2i": None, "edge": "edge", "cloud": "cloud"}
 
 MAX_IMAGES = 10
 POLL_S = 0.05
-SIGNING_KEY = "routet2i:url-signing-key"
+"""First pause between two looks at the jobs of a waiting request."""
+MAX_POLL_S = 1.0
+"""Longest pause between two looks: the pause grows with the time waited (a tenth of it), up to this."""
+BUSY_RETRY_AFTER_S = 5
+"""Retry-After of the 503 answered when every waiter slot of the process is taken."""
+SIGNING_LABEL = b"routet2i/url-signing-key/v1"
+"""What the signing key is derived from under ``secret_key`` (HMAC-SHA256)."""
+KEY_FILE = "url-signing-key"
+"""The random signing key's file in ``cache_dir`` when no secret is configured."""
 
 ERROR_TYPES = {
     400: ("invalid_request_error", None),
     401: ("invalid_request_error", "invalid_api_key"),
     403: ("invalid_request_error", "permission_denied"),
     404: ("invalid_request_error", None),
+    413: ("invalid_request_error", "request_too_large"),
     429: ("requests", "rate_limit_exceeded"),
     500: ("server_error", None),
     503: ("server_error", "service_unavailable"),
@@ -95,6 +118,17 @@ class ImagesResponse(StrictModel):
     data: list[ImageData]
 
 
+class SignedImageQuery(BaseModel):
+    """The query string of a signed image URL (other parameters are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    expires: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}$")]
+    """Unix time after which the URL is refused."""
+    sig: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    """HMAC-SHA256 of ``<job_id>:<expires>`` under the deployment's signing key, in hex."""
+
+
 def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
     kind, default_code = ERROR_TYPES.get(status, ("invalid_request_error", None))
     error = ApiError(status, kind, message, field=param)
@@ -116,19 +150,62 @@ def _as_openai_error(exc: ApiError) -> Any:
     return response
 
 
+@blueprint.errorhandler(RequestEntityTooLarge)
+def _too_large(exc: RequestEntityTooLarge) -> Any:
+    return _as_openai_error(openai_error(413, too_large_message()))
+
+
 def signing_key() -> bytes:
-    """The deployment's URL-signing key: from settings, else a random one shared through Redis."""
+    """The deployment's URL-signing key, loaded once per process (see the module's docstring).
+
+    Raises:
+        ApiError: 503 when no secret is configured and the key's file can be neither read nor created.
+    """
     st = state()
-    if st.settings.url_signing_key is not None:
-        return st.settings.url_signing_key.get_secret_value().encode()
-    st.redis.set(SIGNING_KEY, secrets.token_hex(32), nx=True)
-    value = st.redis.get(SIGNING_KEY)
-    assert value is not None
-    return value if isinstance(value, bytes) else str(value).encode()
+    if st.url_signing_key is None:
+        try:
+            st.url_signing_key = derive_signing_key(st.settings)
+        except (OSError, ValueError) as exc:
+            log.error("no URL-signing key", extra={"error": str(exc)})
+            raise openai_error(
+                503,
+                "signed image URLs are unavailable: set ROUTET2I_SECRET_KEY, or let the API keep a key in "
+                f"{st.settings.cache_dir / KEY_FILE} ({exc})",
+            ) from exc
+    return st.url_signing_key
+
+
+def derive_signing_key(settings: Settings) -> bytes:
+    """``url_signing_key``; else an HMAC of a fixed label under ``secret_key``; else the key file's."""
+    if settings.url_signing_key is not None:
+        return settings.url_signing_key.get_secret_value().encode()
+    if settings.secret_key is not None:
+        return hmac.new(settings.secret_key.get_secret_value().encode(), SIGNING_LABEL, hashlib.sha256).digest()
+    return _key_file(settings.cache_dir / KEY_FILE)
+
+
+def _key_file(path: Path) -> bytes:
+    """A random 32-byte key shared through ``path``: created once, atomically, readable by its owner only."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(secrets.token_hex(32))
+        try:
+            os.link(draft, path)  # atomic, and refused when another process was first: all then read its key
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) < 32:
+        raise ValueError(f"{path} does not hold a key of 32 bytes or more")
+    return key
 
 
 def sign(job_id: str, expires: int) -> str:
-    return hmac.new(signing_key(), f"{job_id}:{expires}".encode(), hashlib.sha256).hexdigest()
+    message = f"{job_id}:{expires}".encode("utf-8", "surrogatepass")
+    return hmac.new(signing_key(), message, hashlib.sha256).hexdigest()
 
 
 def _parse(raw: Any) -> ImageRequest:
@@ -161,17 +238,33 @@ def _size(spec: ImageRequest) -> tuple[int | None, int | None]:
     return width, height
 
 
+def _job_spec(spec: ImageRequest) -> Any:
+    """The job each image of ``spec`` becomes, validated against the deployment's limits."""
+    width, height = _size(spec)
+    try:
+        return state().job_create_model.model_validate(
+            {"prompt": spec.prompt, "width": width, "height": height, "tier": MODELS[spec.model]}
+        )
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise openai_error(400, f"Invalid value for '{param}': {first['msg']}", param=param) from exc
+
+
 def _wait(job_ids: list[uuid.UUID], deadline: float) -> dict[uuid.UUID, Any]:
-    """Poll until every job is terminal or the deadline passes; returns the jobs as last seen."""
+    """Look at the jobs until every one is terminal or the deadline passes, ever less often (from ``POLL_S``,
+    a tenth of the time waited, up to ``MAX_POLL_S``); returns the jobs as last seen."""
     st = state()
+    started = time.monotonic()
+    jobs: dict[uuid.UUID, Any] = {}
     while True:
+        pending = [j for j in job_ids if j not in jobs or not JobStatus(jobs[j].status).terminal]
         with st.sessions() as session:
-            jobs = {job_id: get_job(session, job_id) for job_id in job_ids}
-        if all(job is not None and JobStatus(job.status).terminal for job in jobs.values()):
+            jobs.update({job_id: get_job(session, job_id) for job_id in pending})
+        now = time.monotonic()
+        if now >= deadline or all(JobStatus(job.status).terminal for job in jobs.values()):
             return jobs
-        if time.monotonic() > deadline:
-            return jobs
-        time.sleep(POLL_S)
+        time.sleep(min(MAX_POLL_S, max(POLL_S, (now - started) / 10), deadline - now))
 
 
 @blueprint.post("/v1/images/generations")
@@ -186,22 +279,34 @@ def _wait(job_ids: list[uuid.UUID], deadline: float) -> dict[uuid.UUID, Any]:
 def generations() -> Any:
     authenticate()
     st = state()
-    spec = _parse(request.get_json(silent=True))
-    width, height = _size(spec)
-    try:
-        job_spec = st.job_create_model.model_validate(
-            {"prompt": spec.prompt, "width": width, "height": height, "tier": MODELS[spec.model]}
+    spec = _parse(json_body())
+    job_spec = _job_spec(spec)
+    if spec.response_format == "url":
+        signing_key()  # refuse before any job exists if the URLs could not be signed
+    if not st.image_waits.acquire(blocking=False):
+        error = openai_error(
+            503,
+            f"this server already holds {st.settings.images_waiters} image requests waiting for their images; "
+            "retry later",
         )
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = str(first["loc"][0]) if first["loc"] else None
-        raise openai_error(400, f"Invalid value for '{param}': {first['msg']}", param=param) from exc
+        error.headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
+        raise error
+    try:
+        return _generate(spec, job_spec)
+    finally:
+        st.image_waits.release()
 
+
+def _generate(spec: ImageRequest, job_spec: Any) -> Any:
+    """Submit ``spec.n`` jobs, wait for them, and answer their images (or why there are none)."""
+    st = state()
     deadline = time.monotonic() + st.settings.images_wait_s
     try:
         job_ids = [job.id for job, _ in submit_jobs([job_spec] * spec.n)]
     except ApiError as exc:
-        raise openai_error(exc.status, exc.message, param=exc.field if exc.field == "tier" else None) from exc
+        error = openai_error(exc.status, exc.message, param=exc.field if exc.field == "tier" else None)
+        error.headers.update(exc.headers)  # Retry-After of a 429 or a 503
+        raise error from exc
     jobs = _wait(job_ids, deadline)
 
     headers = {
@@ -209,20 +314,28 @@ def generations() -> Any:
         "X-RouteT2I-Tier": ",".join(str(jobs[j].tier or "") for j in job_ids),
     }
     unfinished = [j for j in job_ids if not JobStatus(jobs[j].status).terminal]
-    if unfinished:
-        error = openai_error(
-            504,
-            f"the images were not ready within {st.settings.images_wait_s:.0f}s; the jobs continue: "
-            + ", ".join(f"/v1/jobs/{j}" for j in unfinished),
+    # Failed, or cancelled or expired through the jobs API meanwhile: no image to answer with.
+    failed = [jobs[j] for j in job_ids if JobStatus(jobs[j].status).terminal and jobs[j].status != JobStatus.SUCCEEDED]
+    if unfinished or failed:
+        error = (
+            openai_error(
+                504,
+                f"the images were not ready within {st.settings.images_wait_s:.0f}s; the jobs continue: "
+                + ", ".join(f"/v1/jobs/{j}" for j in unfinished),
+            )
+            if unfinished
+            else openai_error(500, f"image generation failed: {failed[0].error}")
         )
         error.headers.update(headers)
         raise error
-    failed = [jobs[j] for j in job_ids if jobs[j].status == JobStatus.FAILED]
-    if failed:
-        error = openai_error(500, f"image generation failed: {failed[0].error}")
-        error.headers.update(headers)
-        raise error
+    response = jsonify({"created": int(time.time()), "data": _image_data(spec, job_ids)})
+    response.headers.update(headers)
+    return response
 
+
+def _image_data(spec: ImageRequest, job_ids: list[uuid.UUID]) -> list[dict[str, str]]:
+    """Each job's image, as base64 or as a signed URL."""
+    st = state()
     data = []
     with st.sessions() as session:
         for job_id in job_ids:
@@ -240,9 +353,7 @@ def generations() -> Any:
                     _external=True,
                 )
                 data.append({"url": url})
-    response = jsonify({"created": int(time.time()), "data": data})
-    response.headers.update(headers)
-    return response
+    return data
 
 
 @blueprint.get("/v1/images/<job_id>.png")
@@ -250,16 +361,21 @@ def generations() -> Any:
     summary="An image behind a signed, expiring URL (no API key needed)",
     tag="openai",
     secured=False,
+    query=SignedImageQuery,
     responses={200: ("The PNG.", PNG)},
-    extra_errors=(403,),
+    extra_errors=(403, 410),
     error_model=OpenAIErrorBody,
 )
 def signed_image(job_id: str) -> Any:
     st = state()
-    expires, signature = request.args.get("expires", ""), request.args.get("sig", "")
-    if not expires.isdigit() or not hmac.compare_digest(signature, sign(job_id, int(expires))):
+    try:
+        query = SignedImageQuery.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        param = str(exc.errors(include_url=False)[0]["loc"][0])
+        raise openai_error(403, f"invalid image URL: {param} is missing or malformed", param=param) from exc
+    if not hmac.compare_digest(query.sig.encode(), sign(job_id, int(query.expires)).encode()):
         raise openai_error(403, "invalid image signature", param="sig")
-    if int(expires) < time.time():
+    if int(query.expires) < time.time():
         raise openai_error(403, "the image URL has expired", param="expires")
     try:
         key = uuid.UUID(job_id)
@@ -270,4 +386,8 @@ def signed_image(job_id: str) -> Any:
         if generation is None:
             raise openai_error(404, "no such image")
         path = generation.image_path
-    return Response(st.images.read(path), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    try:
+        data = st.images.read(path)
+    except FileNotFoundError:
+        raise openai_error(410, "the image is no longer stored") from None
+    return Response(data, mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -1,8 +1,8 @@
 """The OpenAPI 3.1 document, built from the same pydantic models that validate requests.
 
 Each view declares what it takes and answers with :func:`documented`; :func:`build_spec` walks the URL map,
-so a route without documentation is simply absent from the document and a documented one cannot drift from
-the validation it performs (both read the same model classes).
+so a documented route cannot drift from the validation it performs (both read the same model classes). Every
+route is documented except those listed in :data:`UNDOCUMENTED`, each with its reason (a test holds both).
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ from core import __version__
 F = TypeVar("F", bound=Callable[..., Any])
 
 PNG = "image/png"
+PROMETHEUS_TEXT = "text/plain"
+"""Media types a response may be documented with instead of a model (its body is then a string)."""
+
+UNDOCUMENTED = {
+    "openapi.spec": "the document itself",
+    "dashboard.page": "the dashboard's static HTML page; its data comes from the documented /v1 endpoints",
+    "dashboard.static": "the dashboard's static scripts and style sheets",
+}
+"""The endpoints left out of the document, by Flask endpoint name, with the reason."""
 
 ModelRef = type[BaseModel] | Callable[[ApiState], type[BaseModel]]
 
@@ -33,7 +42,8 @@ class Doc:
     Attributes:
         summary: one line for humans.
         tag: the group the operation is listed under.
-        responses: status code -> (description, response model, or ``PNG``, or None for no body).
+        responses: status code -> (description, response model, a media type such as ``PNG``, or None for
+            no body).
         body: the JSON request model (or a function of the app's state returning it, for settings-dependent limits).
         query: the model of the query string.
         secured: needs ``Authorization: Bearer``.
@@ -85,10 +95,11 @@ ERROR_TEXT = {
     404: "No such resource for this tenant.",
     409: "Conflicts with the resource's state.",
     410: "The resource existed but is gone.",
+    413: "The request body is larger than the API reads (ROUTET2I_MAX_REQUEST_BYTES).",
     422: "The body does not validate; the field is named.",
     429: "Over the tenant's rate limit; see Retry-After.",
     500: "The work failed; the message says why.",
-    503: "The database or the broker is unavailable; see Retry-After.",
+    503: "The database or the broker is unavailable, or the server is busy; see Retry-After.",
     504: "The result was not ready in time; the work continues.",
 }
 
@@ -191,8 +202,9 @@ def _operation(
         }
     for status, (description, model) in sorted(doc.responses.items()):
         response: dict[str, Any] = {"description": description}
-        if model == PNG:
-            response["content"] = {PNG: {"schema": {"type": "string", "format": "binary"}}}
+        if isinstance(model, str):
+            schema = {"type": "string", "format": "binary"} if model == PNG else {"type": "string"}
+            response["content"] = {model: {"schema": schema}}
         elif isinstance(model, type):
             response["content"] = {"application/json": {"schema": refs[(model, "serialization")]}}
         operation["responses"][str(status)] = response
@@ -201,7 +213,7 @@ def _operation(
         errors |= {401}
         operation["security"] = [{"bearer": []}]
     if body is not None:
-        errors |= {400, 422}
+        errors |= {400, 413, 422}
     if doc.query is not None:
         errors |= {400}
     if "{" in path:
@@ -213,6 +225,15 @@ def _operation(
             {"description": ERROR_TEXT[status], "content": {"application/json": {"schema": error_schema}}},
         )
     return operation
+
+
+def undocumented(app: Flask) -> list[str]:
+    """The app's endpoints that are neither documented nor listed in :data:`UNDOCUMENTED` (should be none)."""
+    return sorted(
+        rule.endpoint
+        for rule in app.url_map.iter_rules()
+        if not hasattr(app.view_functions[rule.endpoint], "__openapi__") and rule.endpoint not in UNDOCUMENTED
+    )
 
 
 blueprint = Blueprint("openapi", __name__)

@@ -5,10 +5,15 @@ gunicorn processes and the work happens in Celery workers, so in-process counter
 (prometheus_client's multiprocess mode merges files per process but cannot see the workers). Reading the
 shared state (PostgreSQL tables, Redis lists) at scrape time gives every API process the same answer.
 Worker-level figures (workers online, task run times) come from Flower's own ``/metrics``.
+
+The figures are the whole deployment's (spend, queue depths, routing), so the endpoint wants credentials:
+``Authorization: Bearer`` with ``ROUTET2I_METRICS_TOKEN`` (what Prometheus is given) or an admin's API key. It
+is open only when the whole API is (``ROUTET2I_AUTH=disabled``).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +21,14 @@ from datetime import UTC, datetime
 
 import redis
 import sqlalchemy.exc
-from flask import Blueprint, Flask, Response, current_app
+from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from api.state import ApiState
+from api.auth import authenticate, principal
+from api.errors import ApiError
+from api.openapi import PROMETHEUS_TEXT, documented
+from api.state import ApiState, state
 from core.settings import QUEUES
 from db.backlog import Backlog, waiting_backlog
 from db.monitoring import (
@@ -129,9 +137,36 @@ def init_app(app: Flask, st: ApiState) -> None:
     app.register_blueprint(blueprint)
 
 
+def _authorize() -> None:
+    """Let the metrics token or an admin key through (everyone when authentication is disabled)."""
+    settings = state().settings
+    if settings.auth == "disabled":
+        return
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    token = settings.metrics_token
+    if (
+        token is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(credentials.strip().encode(), token.get_secret_value().encode())
+    ):
+        return
+    authenticate()  # 401 for a missing or unknown key
+    if not principal().is_admin:
+        raise ApiError(
+            403, "forbidden", "metrics cover the whole deployment: they need the metrics token or an admin key"
+        )
+
+
 @blueprint.get("/metrics")
+@documented(
+    summary="Prometheus metrics (the metrics token or an admin key)",
+    tag="operations",
+    responses={200: ("The Prometheus text exposition.", PROMETHEUS_TEXT)},
+    extra_errors=(403,),
+)
 def metrics() -> Response:
     """Prometheus text format."""
+    _authorize()
     return Response(generate_latest(current_app.extensions[REGISTRY_KEY]), content_type=CONTENT_TYPE_LATEST)
 
 

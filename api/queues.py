@@ -7,11 +7,12 @@ from typing import Any
 
 import redis
 from flask import Blueprint, jsonify
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.jobs import parse_query
+from api.openapi import documented
 from api.state import state
 from worker.transport import queue_status
 
@@ -29,7 +30,28 @@ class QueuesQuery(BaseModel):
     """Also ask the workers which queues they consume (adds up to half a second)."""
 
 
+class QueueOut(BaseModel):
+    name: str
+    depth: int = Field(description="Messages waiting in the broker, not yet taken by any worker.")
+    waiting_jobs: int = Field(description="Jobs the database says wait on this queue.")
+    oldest_job_id: str | None
+    oldest_age_s: float | None = Field(description="Seconds the oldest waiting job has been on this queue.")
+    workers: list[str] = Field(description="Workers consuming this queue that answered (with ?workers=true).")
+
+
+class QueuesOut(BaseModel):
+    items: list[QueueOut]
+    workers_included: bool
+
+
 @blueprint.get("/v1/queues")
+@documented(
+    summary="Depth and backlog of each queue (admin keys only)",
+    tag="operations",
+    query=QueuesQuery,
+    responses={200: ("Every queue: route, then one per tier.", QueuesOut)},
+    extra_errors=(403,),
+)
 def index() -> Any:
     """Every queue's depth and backlog (the whole deployment's: admin keys only)."""
     if not principal().is_admin:

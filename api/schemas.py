@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
 
 from core.settings import Settings
-from db.models import Decision, Generation, Job, JobEvent, JobStatus
+from db.documents import (
+    DecisionOut,
+    JobOut,
+    StatusName,
+    TierName,
+)
 from db.pagination import MAX_PAGE_SIZE, as_utc
+from db.webhooks import webhook_host
 
 SIZE_MULTIPLE = 8
 """Width and height must be multiples of this (the VAE's downsampling factor)."""
@@ -28,8 +34,9 @@ EARLIEST, LATEST = 1970, 9999
 Cursor = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9_-]+$")]
 """An opaque ``next_cursor`` from an earlier page."""
 
-StatusName = Literal["queued", "routing", "generating", "succeeded", "failed"]
-TierName = Literal["edge", "cloud"]
+
+MAX_DEADLINE_S = 7 * 86_400.0
+"""The longest deadline a job may ask for."""
 
 
 class StrictModel(BaseModel):
@@ -47,6 +54,17 @@ class JobCreateBase(StrictModel):
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
     tier: Literal["edge", "cloud"] | None = None
     """Force a tier instead of routing (only for tenants allowed to)."""
+    deadline_s: Annotated[float, Field(gt=0, le=MAX_DEADLINE_S)] | None = None
+    """The job ends ``expired`` if it has not ended this many seconds after submission (never generated after)."""
+    webhook_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    """Each terminal state of the job is posted there, signed: an http(s) URL on a host the tenant may call."""
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            webhook_host(value)
+        return value
 
     @field_validator("prompt", "idempotency_key")
     @classmethod
@@ -150,83 +168,6 @@ class DecisionListQuery(StrictModel):
 # --- responses ------------------------------------------------------------------------------------------
 
 
-class EventOut(BaseModel):
-    status: StatusName
-    at: datetime
-    detail: dict[str, Any] | None = None
-
-
-class DecisionOut(BaseModel):
-    id: uuid.UUID
-    job_id: uuid.UUID
-    job_url: str
-    tier: TierName
-    router: str
-    router_version: str
-    score: float
-    threshold: float | None
-    budget: float
-    budget_state: dict[str, Any]
-    reason: str
-    inputs: dict[str, Any]
-    predicted: dict[str, Any] | None
-    explanation: dict[str, Any] | None
-    shadow: bool
-    latency_ms: float
-    created_at: datetime
-
-
-class ResultOut(BaseModel):
-    tier: TierName
-    image_url: str
-    image_sha256: str
-    backend: str
-    model_id: str
-    device: str
-    seed: int
-    steps: int
-    width: int
-    height: int
-    wall_s: float
-    gpu_s: float
-    cost_usd: float | None
-    quality: dict[str, Any] | None
-
-
-class TimingsOut(BaseModel):
-    route_wait_s: float | None = Field(description="Submission to the start of routing.")
-    routing_s: float | None = Field(description="Routing decision, including the budget transaction.")
-    tier_wait_s: float | None = Field(description="Waiting on the tier queue for a generation worker.")
-    generating_s: float | None = Field(description="Generation, scoring and storage.")
-    total_s: float | None = Field(description="Submission to the terminal state.")
-
-
-class JobOut(BaseModel):
-    id: uuid.UUID
-    url: str
-    tenant_id: uuid.UUID
-    status: StatusName
-    tier: TierName | None
-    requested_tier: TierName | None
-    prompt: str
-    seed: int
-    steps: int | None
-    width: int | None
-    height: int | None
-    idempotency_key: str | None
-    attempts: int
-    redeliveries: int
-    dead_lettered: bool
-    error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    timings: TimingsOut
-    decision: DecisionOut | None = None
-    result: ResultOut | None = None
-    events: list[EventOut] | None = None
-
-
 class JobAccepted(BaseModel):
     id: uuid.UUID
     url: str
@@ -310,98 +251,3 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str]
-
-
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return round((as_utc(end) - as_utc(start)).total_seconds(), 6)
-
-
-def timings(job: Job, events: list[JobEvent] | None) -> TimingsOut:
-    routing_started = next((e.at for e in events or [] if e.status == JobStatus.ROUTING), None)
-    return TimingsOut(
-        route_wait_s=_seconds(job.created_at, routing_started),
-        routing_s=_seconds(routing_started, job.routed_at),
-        tier_wait_s=_seconds(job.routed_at, job.started_at),
-        generating_s=_seconds(job.started_at, job.finished_at) if job.status == JobStatus.SUCCEEDED else None,
-        total_s=_seconds(job.created_at, job.finished_at),
-    )
-
-
-def decision_out(row: Decision, *, job_url: str) -> DecisionOut:
-    return DecisionOut(
-        id=row.id,
-        job_id=row.job_id,
-        job_url=job_url,
-        tier=row.tier,  # type: ignore[arg-type]
-        router=row.router_name,
-        router_version=row.router_version,
-        score=row.score,
-        threshold=row.threshold,
-        budget=row.budget,
-        budget_state=row.budget_state,
-        reason=row.reason,
-        inputs=row.inputs,
-        predicted=row.predicted,
-        explanation=row.explanation,
-        shadow=row.shadow,
-        latency_ms=row.latency_ms,
-        created_at=as_utc(row.created_at),
-    )
-
-
-def result_out(row: Generation, *, image_url: str, cost_usd: float | None) -> ResultOut:
-    return ResultOut(
-        tier=row.tier,  # type: ignore[arg-type]
-        image_url=image_url,
-        image_sha256=row.image_sha256,
-        backend=row.backend,
-        model_id=row.model_id,
-        device=row.device,
-        seed=row.seed,
-        steps=row.steps,
-        width=row.width,
-        height=row.height,
-        wall_s=row.wall_s,
-        gpu_s=row.gpu_s,
-        cost_usd=cost_usd,
-        quality=row.quality,
-    )
-
-
-def job_out(
-    job: Job,
-    *,
-    url: str,
-    events: list[JobEvent] | None = None,
-    decision: DecisionOut | None = None,
-    result: ResultOut | None = None,
-) -> JobOut:
-    return JobOut(
-        id=job.id,
-        url=url,
-        tenant_id=job.tenant_id,
-        status=job.status,  # type: ignore[arg-type]
-        tier=job.tier,  # type: ignore[arg-type]
-        requested_tier=job.requested_tier,  # type: ignore[arg-type]
-        prompt=job.prompt,
-        seed=job.seed,
-        steps=job.steps,
-        width=job.width,
-        height=job.height,
-        idempotency_key=job.idempotency_key,
-        attempts=job.attempts,
-        redeliveries=job.redeliveries,
-        dead_lettered=job.dead_lettered_at is not None,
-        error=job.error,
-        created_at=as_utc(job.created_at),
-        updated_at=as_utc(job.updated_at),
-        finished_at=as_utc(job.finished_at) if job.finished_at else None,
-        timings=timings(job, events),
-        decision=decision,
-        result=result,
-        events=[EventOut(status=e.status, at=as_utc(e.at), detail=e.detail) for e in events]  # type: ignore[arg-type]
-        if events is not None
-        else None,
-    )

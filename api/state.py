@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,6 +37,10 @@ class ApiState:
     rate_limiter: RateLimiter
     spend_ledger: SpendLedger | None = field(default=None)
     """The deployment's cloud spend per period, when a spend limit is set."""
+    image_waits: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(16))
+    """One slot per ``POST /v1/images/generations`` this process may hold while it waits (``images_waiters``)."""
+    url_signing_key: bytes | None = field(default=None)
+    """The signed image URLs' key, once loaded (``api.openai_compat.signing_key``)."""
     local_principal: Principal | None = field(default=None)
     openapi: dict[str, Any] | None = field(default=None)
 

@@ -6,10 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from flask import Blueprint, jsonify
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.auth import authenticate, principal
 from api.jobs import parse_query
+from api.openapi import documented
 from api.state import state
 from db.pagination import as_utc
 from db.timeseries import BUCKET_SECONDS, timeseries
@@ -20,6 +21,11 @@ blueprint.before_request(authenticate)
 MAX_BUCKETS = 1440
 """At most a day of minutes (or two months of hours) per request."""
 
+EARLIEST_UNTIL = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_UNTIL = datetime(9999, 1, 1, tzinfo=UTC)
+"""``until`` lies in [EARLIEST_UNTIL, LATEST_UNTIL): the series' edges (``until`` rounded up to a bucket, less
+``buckets`` of them) stay within the dates Python and both databases represent."""
+
 
 class TimeseriesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -29,8 +35,58 @@ class TimeseriesQuery(BaseModel):
     until: datetime | None = None
     """The series ends with the bucket containing this instant (default: now)."""
 
+    @field_validator("until", mode="before")
+    @classmethod
+    def _bounded_iso_8601(cls, value: object) -> object:
+        # pydantic would read "0.5" as a Unix timestamp; the documented format is an ISO 8601 date-time.
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z") from None
+        try:
+            utc = as_utc(parsed)
+        except OverflowError:  # before the year 1 once moved to UTC
+            utc = None
+        if utc is None or not EARLIEST_UNTIL <= utc < LATEST_UNTIL:
+            raise ValueError(f"must be from {EARLIEST_UNTIL:%Y-%m-%d} to before {LATEST_UNTIL:%Y-%m-%d} (UTC)")
+        return utc
+
+
+class BucketOut(BaseModel):
+    start: datetime
+    routed: dict[str, int] = Field(description="Decisions per tier.")
+    cloud_fraction: float | None = Field(description="Share of the bucket's decisions sent to the cloud.")
+    spend_usd: dict[str, float]
+    gpu_s: dict[str, float]
+    submitted: int
+    finished: dict[str, int] = Field(description="Jobs that ended, per outcome.")
+
+
+class SeriesBudget(BaseModel):
+    cloud_fraction: float
+    window: int
+
+
+class TimeseriesOut(BaseModel):
+    bucket: Literal["minute", "hour", "day"]
+    bucket_s: int
+    start: datetime
+    end: datetime
+    budget: SeriesBudget
+    spend_before_usd: float = Field(description="Spend before the first bucket.")
+    scope: str = Field(description="'all tenants' for an admin, else the tenant's name.")
+    items: list[BucketOut]
+
 
 @blueprint.get("/v1/stats/timeseries")
+@documented(
+    summary="Routing, cloud share, spend and outcomes per time bucket",
+    tag="stats",
+    query=TimeseriesQuery,
+    responses={200: ("The series, oldest bucket first (every tenant's for an admin).", TimeseriesOut)},
+)
 def index() -> Any:
     """Per bucket: decisions per tier, cloud fraction, spend and GPU-seconds per tier, submissions, outcomes."""
     query = parse_query(TimeseriesQuery)

@@ -9,12 +9,12 @@ from cli.commands.data import data
 from cli.commands.db import db
 from cli.commands.demo import demo
 from cli.commands.evaluate import evaluate_command, replay
-from cli.commands.jobs import stats, status, submit
+from cli.commands.jobs import cancel, deliveries, stats, status, submit
 from cli.commands.load import loadtest
 from cli.commands.ops import flower, queues
 from cli.commands.recovery import dlq, reconcile
 from cli.commands.score import score
-from cli.commands.serve import api, worker
+from cli.commands.serve import api, webhooks, worker
 from cli.commands.tenants import tenant
 from cli.commands.train import train
 from core import __version__
@@ -29,8 +29,11 @@ def main() -> None:
 for command in (
     api,
     worker,
+    webhooks,
     submit,
     status,
+    cancel,
+    deliveries,
     stats,
     queues,
     flower,

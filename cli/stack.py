@@ -91,7 +91,8 @@ def start_stack(
     concurrency: dict[str, int] | None = None,
     pool: str = "prefork",
 ) -> Stack:
-    """Start the API and one worker process per queue (with ``concurrency[queue]`` pool children)."""
+    """Start the API, one worker process per queue (with ``concurrency[queue]`` pool children) and the webhook
+    dispatcher."""
     concurrency = {"route": 1, "edge": 1, "cloud": 1, **(concurrency or {})}
     command = [sys.executable, "-m", "cli"]
     port = free_port()
@@ -100,6 +101,7 @@ def start_stack(
     }
     for queue, size in concurrency.items():
         specs[queue] = [*command, "worker", "--queue", queue, "--concurrency", str(size), "--pool", pool]
+    specs["webhooks"] = [*command, "webhooks"]
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(api_url=f"http://127.0.0.1:{port}", log_dir=log_dir)
     for name, argv in specs.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,13 @@ class TierSettings(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=20)
     """Retries of a failed generation (transient errors only) before the job fails."""
+    image_hosts: str = ""
+    """``openai`` backend: hosts (comma-separated, ``host`` or ``host:port``) whose image URLs it may fetch when
+    the API answers a ``url`` instead of ``b64_json``; over HTTPS only, unless an entry names its scheme
+    (``http://host:port``). The API's own origin is always allowed. The API key is sent to that origin only."""
+    max_image_bytes: int = Field(default=20_000_000, ge=1024)
+    """Largest answer the ``http`` and ``openai`` backends read (a PNG, a JSON body, a fetched image URL);
+    a larger one fails the job instead of filling the worker's memory."""
     service_time_s: float = Field(default=0.0, ge=0.0, le=3600.0)
     """``null`` backend only: seconds it spends on each image (it sleeps), to stand in for a model's generation
     time in load tests, benchmarks and fault tests without using the CPU."""
@@ -69,6 +77,35 @@ class TierSettings(BaseModel):
         if self.backend in ("http", "openai") and not self.url:
             raise ValueError(f"backend {self.backend!r} needs a url (ROUTET2I_<TIER>__URL)")
         return self
+
+    @field_validator("image_hosts")
+    @classmethod
+    def _image_origins(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",")):
+            if entry and url_origin(entry if "://" in entry else f"https://{entry}", strict=True) is None:
+                raise ValueError(f"{entry!r} is not a host, host:port or http(s)://host:port")
+        return value
+
+    def image_origins(self) -> frozenset[tuple[str, str, int]]:
+        """``image_hosts`` as (scheme, host, port) origins."""
+        entries = (e.strip() for e in self.image_hosts.split(","))
+        origins = (url_origin(e if "://" in e else f"https://{e}", strict=True) for e in entries if e)
+        return frozenset(o for o in origins if o is not None)
+
+
+def url_origin(url: str, *, strict: bool = False) -> tuple[str, str, int] | None:
+    """The (scheme, lower-case host, port) of an http(s) URL; None if it is not one (``strict``: nor a bare
+    origin, with no path, query or credentials)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    if port is None or not parts.hostname or parts.scheme not in ("http", "https"):
+        return None
+    if strict and (parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
+        return None
+    return parts.scheme, parts.hostname.lower(), port
 
 
 class EdgeSettings(TierSettings):
@@ -210,6 +247,17 @@ class Settings(BaseSettings):
     max_redeliveries: int = Field(default=5, ge=0)
     """Reconciler re-publications of one job before it is dead-lettered."""
 
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    """How long a webhook receiver has to answer one delivery attempt."""
+    webhook_max_attempts: int = Field(default=12, ge=1, le=100)
+    """Attempts of one webhook delivery before it is given up (``failed``)."""
+    webhook_retry_s: float = Field(default=2.0, gt=0)
+    """Wait before the second attempt; it doubles with each attempt (12 attempts span about an hour)."""
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
+    """The longest wait between two attempts."""
+    webhook_poll_s: float = Field(default=1.0, gt=0, le=60)
+    """How often ``routet2i webhooks`` looks for deliveries due when it has none in flight."""
+
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_steps: int = Field(default=150, ge=1)
     min_size: int = Field(default=64, ge=8)
@@ -224,8 +272,21 @@ class Settings(BaseSettings):
 
     images_wait_s: float = Field(default=120.0, gt=0)
     """How long ``POST /v1/images/generations`` waits for its images before answering 504 (the jobs go on)."""
+    images_waiters: int = Field(default=16, ge=1, le=1024)
+    """Most ``POST /v1/images/generations`` requests one API process holds while they wait for their images;
+    more are answered 503 with Retry-After. ``routet2i api`` gives each process this many threads on top of
+    ``--threads``, so waits never take the threads of other requests and the health probes."""
     url_signing_key: SecretStr | None = None
-    """Key of the signed image URLs the OpenAI-compatible endpoint returns; None: a random key kept in Redis."""
+    """Key of the signed image URLs the OpenAI-compatible endpoint returns. None: derived from ``secret_key``,
+    else a random key kept in ``cache_dir/url-signing-key`` (mode 0600; API processes must share the folder)."""
+    secret_key: SecretStr | None = None
+    """The deployment's secret, from which keys such as the image URLs' signing key are derived (HMAC)."""
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest request body the API reads (413 beyond). 4 MiB holds a batch of 100 jobs with 2,000-character
+    prompts even when every character is written as a 12-byte JSON escape (``\\ud83d\\ude00``)."""
+    metrics_token: SecretStr | None = None
+    """``GET /metrics`` answers ``Authorization: Bearer <this token>`` (Prometheus' scrape credentials) or an
+    admin's API key. None: admin API keys only (open when ``auth`` is ``disabled``)."""
     image_url_ttl_s: int = Field(default=3600, ge=60)
     """How long a signed image URL stays valid."""
 

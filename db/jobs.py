@@ -29,6 +29,8 @@ class NewJob:
     height: int | None = None
     idempotency_key: str | None = None
     requested_tier: str | None = None
+    deadline_at: datetime | None = None
+    webhook_url: str | None = None
 
 
 def create_job(
@@ -42,12 +44,14 @@ def create_job(
     height: int | None = None,
     idempotency_key: str | None = None,
     requested_tier: str | None = None,
+    deadline_at: datetime | None = None,
+    webhook_url: str | None = None,
 ) -> Job:
     """Insert a queued job and its first event in ``session``'s transaction (the caller commits)."""
     (job,) = create_jobs(
         session,
         tenant_id=tenant_id,
-        jobs=[NewJob(prompt, seed, steps, width, height, idempotency_key, requested_tier)],
+        jobs=[NewJob(prompt, seed, steps, width, height, idempotency_key, requested_tier, deadline_at, webhook_url)],
     )
     return job
 
@@ -85,6 +89,8 @@ def create_jobs(session: Session, *, tenant_id: uuid.UUID, jobs: Sequence[NewJob
             "lease_owner": None,
             "lease_until": None,
             "dead_lettered_at": None,
+            "deadline_at": job.deadline_at,
+            "webhook_url": job.webhook_url,
         }
         for job in jobs
     ]
@@ -193,6 +199,21 @@ def lock_stale_jobs(session: Session, *, now: datetime, reconcile_after_s: float
     and untouched for ``reconcile_after_s``, or generating past their lease. On PostgreSQL their rows are locked,
     skipping rows another pass holds."""
     query = select(Job).where(_stale(now, reconcile_after_s)).order_by(Job.created_at).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def lock_overdue_jobs(session: Session, *, now: datetime, limit: int) -> list[Job]:
+    """Up to ``limit`` unfinished jobs whose deadline has passed, their rows locked (on PostgreSQL, skipping rows
+    another transaction holds)."""
+    unfinished = (JobStatus.QUEUED, JobStatus.ROUTING, JobStatus.GENERATING)
+    query = (
+        select(Job)
+        .where(Job.deadline_at.is_not(None), Job.deadline_at < now, Job.status.in_(unfinished))
+        .order_by(Job.deadline_at)
+        .limit(limit)
+    )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     return list(session.scalars(query))

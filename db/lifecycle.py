@@ -29,12 +29,19 @@ from db.decisions import record_decision
 from db.generations import replaced_generation
 from db.models import Job, JobEvent, JobStatus, utcnow
 from db.pagination import as_utc
+from db.webhooks import enqueue_delivery
 from router.types import RoutingDecision
 
 log = logging.getLogger(__name__)
 
 QUEUED, ROUTING, GENERATING = JobStatus.QUEUED, JobStatus.ROUTING, JobStatus.GENERATING
 SUCCEEDED, FAILED = JobStatus.SUCCEEDED, JobStatus.FAILED
+CANCELLED, EXPIRED = JobStatus.CANCELLED, JobStatus.EXPIRED
+
+_STOPPED = {
+    CANCELLED: "the client cancels it",
+    EXPIRED: "its deadline passes",
+}
 
 TRANSITIONS: dict[JobStatus, dict[JobStatus, str]] = {
     QUEUED: {
@@ -44,21 +51,27 @@ TRANSITIONS: dict[JobStatus, dict[JobStatus, str]] = {
         SUCCEEDED: "a generation that outlived its lease is recorded, or an escalated job whose cloud attempts ran "
         "out delivers its edge image",
         FAILED: "it cannot be enqueued, routed or generated, or is dead-lettered",
+        **_STOPPED,
     },
     ROUTING: {
         QUEUED: "routed: handed to its tier's queue (or published again by the reconciler)",
         FAILED: "routing failed",
+        **_STOPPED,
     },
     GENERATING: {
         GENERATING: "a redelivery of the lease holder's message, or any delivery after the lease ran out, takes over",
         SUCCEEDED: "its image is recorded",
         QUEUED: "escalated to the cloud, or published again after its lease ran out",
         FAILED: "generation failed, or the job is dead-lettered",
+        CANCELLED: "the client cancels it (the image being generated is discarded)",
+        EXPIRED: "its deadline passes (the image being generated is discarded)",
     },
     SUCCEEDED: {},
     FAILED: {
         QUEUED: "a dead-lettered job is replayed (routet2i dlq replay)",
     },
+    CANCELLED: {},
+    EXPIRED: {},
 }
 """``TRANSITIONS[from][to]``: why a job may move from one status to another. Nothing else is allowed."""
 
@@ -108,6 +121,8 @@ def transition(
     if error is not None:
         job.error = error
     session.add(JobEvent(job_id=job.id, status=status, at=now, detail=detail))
+    if status.terminal and job.webhook_url is not None:
+        enqueue_delivery(session, job, status)
 
 
 # --- routing --------------------------------------------------------------------------------------------
@@ -255,6 +270,48 @@ def replay(session: Session, job: Job, *, detail: dict[str, Any]) -> None:
     job.attempts = job.redeliveries = 0
     release_lease(job)
     job.enqueued_at = utcnow()
+
+
+# --- job control ----------------------------------------------------------------------------------------
+
+
+def stop(session: Session, job: Job, status: JobStatus, reason: str) -> tuple[str, float] | None:
+    """End an unfinished ``job`` as cancelled or expired, with ``reason`` for the user.
+
+    A job not generating yet never will: the reservation of its cloud image is taken (the caller gives it back
+    once this is committed) and returned. A generating job keeps its lease and reservation: the worker
+    generating it discards the image when it is done, and settles the reservation (:func:`discard`).
+    An edge job's reservation is its cloud shadow's, which is generated whatever becomes of the job: it stays.
+    """
+    assert status in _STOPPED
+    released = take_reservation(job) if job.status != GENERATING and job.tier == "cloud" else None
+    detail: dict[str, Any] = {"stage": str(status), "was": job.status}
+    if released is not None:
+        detail["released_usd"] = released[1]
+    transition(session, job, status, detail=detail, error=reason)
+    return released
+
+
+def expire_if_overdue(session: Session, job: Job, *, now: datetime | None = None) -> tuple[str, float] | None:
+    """Expire ``job`` if its deadline has passed and it has not ended (:func:`stop`); returns the reservation
+    to give back. A job with no deadline, ended, or not overdue is left alone (None)."""
+    now = now or utcnow()
+    if job.deadline_at is None or is_done(job) or as_utc(job.deadline_at) > now:
+        return None
+    return stop(session, job, EXPIRED, f"expired: its deadline passed at {as_utc(job.deadline_at).isoformat()}")
+
+
+def is_stopped(job: Job) -> bool:
+    """Whether the job was cancelled or expired (its running generation, if any, is to be discarded)."""
+    return job.status in _STOPPED
+
+
+def discard(job: Job, *, billed: bool) -> tuple[str, float] | None:
+    """A generation finished for a job cancelled or expired meanwhile: its image is not delivered. When it was
+    not ``billed`` (no money spent on it), the job's cloud reservation is taken and returned for the caller to give
+    back after the commit; when it was, the reservation stays spent."""
+    release_lease(job)
+    return None if billed or job.tier != "cloud" else take_reservation(job)
 
 
 # --- cloud reservations ---------------------------------------------------------------------------------

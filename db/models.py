@@ -43,17 +43,26 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(enum.StrEnum):
-    """The states a user sees. ``queued`` covers both the route queue and a tier queue (``tier`` tells)."""
+    """The states a user sees. ``queued`` covers both the route queue and a tier queue (``tier`` tells);
+    db/lifecycle.py holds the moves between them."""
 
     QUEUED = "queued"
     ROUTING = "routing"
     GENERATING = "generating"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    """The client cancelled it before it ended."""
+    EXPIRED = "expired"
+    """Its deadline passed before it ended."""
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+"""States a job never leaves (but a dead-lettered failure, which ``routet2i dlq replay`` revives)."""
 
 
 class Tier(enum.StrEnum):
@@ -76,12 +85,20 @@ class Tenant(Base):
     """Job submissions allowed per minute; None: the deployment's default."""
     forced_tiers: Mapped[str] = mapped_column(String(32), default="")
     """Comma-separated tiers the tenant may force instead of routing (e.g. ``"edge,cloud"``)."""
+    webhook_hosts: Mapped[str] = mapped_column(String(1024), default="")
+    """Comma-separated hosts (``host`` or ``host:port``) the tenant's job webhooks may call; empty: none."""
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
+    """The key its webhooks are signed with (HMAC-SHA256); the tenant verifies signatures with it."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
     def may_force(self, tier: str) -> bool:
         return tier in {t for t in self.forced_tiers.split(",") if t}
+
+    @property
+    def allowed_webhook_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip())
 
 
 class ApiKey(Base):
@@ -135,6 +152,10 @@ class Job(Base):
     delivers when its tier is the cloud, its shadow image when its tier is the edge."""
     reserved_period: Mapped[str | None] = mapped_column(String(128))
     """The spend ledger's counter (the period) that holds ``reserved_usd``."""
+    deadline_at: Mapped[datetime | None]
+    """The job ends ``expired`` if it has not ended by then, and never starts generating after it."""
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    """Where each terminal state of the job is posted (``webhook_deliveries``)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     routed_at: Mapped[datetime | None]
@@ -154,6 +175,7 @@ class Job(Base):
         Index("ix_jobs_dead_lettered", "dead_lettered_at"),
         Index("ix_jobs_tier_created", "tier", "created_at"),
         Index("ix_jobs_created", "created_at"),
+        Index("ix_jobs_deadline", "deadline_at"),
     )
 
 
@@ -219,7 +241,8 @@ class Generation(Base):
     tier: Mapped[str] = mapped_column(String(8))
     role: Mapped[str] = mapped_column(String(8), default="primary")
     """``primary`` is what the user receives; ``shadow`` is the other tier's image, kept for training;
-    ``replaced`` is an edge image that scored so badly the job was escalated to the cloud."""
+    ``replaced`` is an edge image that scored so badly the job was escalated to the cloud; ``wasted`` is an image
+    a paid API made for a job cancelled (or expired) meanwhile: billed, never delivered."""
     backend: Mapped[str] = mapped_column(String(32))
     model_id: Mapped[str] = mapped_column(String(512))
     device: Mapped[str] = mapped_column(String(32))
@@ -261,3 +284,43 @@ class CostEntry(Base):
         UniqueConstraint("job_id", "tier", name="uq_cost_entries_job_tier"),
         Index("ix_cost_entries_created", "created_at"),
     )
+
+
+class WebhookDelivery(Base):
+    """One terminal state of a job to post to its webhook: the outbox row, written in the same transaction as
+    the state, so no delivery is ever lost; the dispatcher sends it until the receiver answers 2xx."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    """The job's terminal state the delivery announces."""
+    url: Mapped[str] = mapped_column(String(2048))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    """``pending`` (to send, at ``next_attempt_at``), ``delivered`` (a 2xx answer), ``failed`` (attempts ran out)."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    attempt_log: Mapped[list[WebhookAttempt]] = relationship(
+        order_by="WebhookAttempt.attempt", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+
+class WebhookAttempt(Base):
+    """One attempt to send a webhook delivery, and what the receiver answered."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    """The receiver's HTTP status; None when it could not be reached."""
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)

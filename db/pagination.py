@@ -42,7 +42,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, row_id = base64.urlsafe_b64decode(padded.encode()).decode().split("|")
         return as_utc(datetime.fromisoformat(created)), uuid.UUID(row_id)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (
+        ValueError,
+        UnicodeDecodeError,
+        OverflowError,
+    ) as exc:  # OverflowError: a time near year 1 shifted by its offset
         raise InvalidCursor("cursor is not valid") from exc
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import CostEntry, Decision, Generation, Job, JobStatus
+from db.models import TERMINAL, CostEntry, Decision, Generation, Job, JobStatus
 from db.pagination import as_utc
 
 LATENCY_SAMPLE = 10_000
@@ -142,6 +142,6 @@ def tenant_audit(session: Session, tenant_id: uuid.UUID) -> dict[str, Any]:
 
 def finished_jobs(session: Session, tenant_id: uuid.UUID) -> int:
     """How many of the tenant's jobs have ended."""
-    ended = (JobStatus.SUCCEEDED, JobStatus.FAILED)
+    ended = sorted(TERMINAL)
     query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ended))
     return int(session.scalar(query) or 0)

@@ -41,6 +41,19 @@ def create_tenant(
     return tenant
 
 
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def set_webhooks(tenant: Tenant, *, hosts: tuple[str, ...], rotate_secret: bool = False) -> str | None:
+    """Let ``tenant``'s jobs post webhooks to ``hosts`` (``host`` or ``host:port``; none: no webhooks). A tenant
+    gets its webhook secret the first time (or a new one with ``rotate_secret``), returned then only."""
+    tenant.webhook_hosts = ",".join(sorted({h.strip().lower() for h in hosts if h.strip()}))
+    if tenant.webhook_secret is None or rotate_secret:
+        tenant.webhook_secret = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+        return tenant.webhook_secret
+    return None
+
+
 def issue_api_key(session: Session, *, tenant: Tenant) -> str:
     """Create a key for ``tenant``; the plain key is returned once and only its hash is stored."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)

@@ -13,7 +13,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.expression import ColumnElement
 
-from db.models import CostEntry, Decision, Job, JobStatus
+from db.models import TERMINAL, CostEntry, Decision, Job
 from db.sqltime import bucket_index
 
 BUCKET_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
@@ -29,7 +29,7 @@ class Bucket:
     spend_usd: dict[str, float] = field(default_factory=lambda: {"edge": 0.0, "cloud": 0.0})
     gpu_s: dict[str, float] = field(default_factory=lambda: {"edge": 0.0, "cloud": 0.0})
     submitted: int = 0
-    finished: dict[str, int] = field(default_factory=lambda: {"succeeded": 0, "failed": 0})
+    finished: dict[str, int] = field(default_factory=lambda: {str(status): 0 for status in sorted(TERMINAL)})
 
     @property
     def cloud_fraction(self) -> float | None:
@@ -126,7 +126,7 @@ def timeseries(
         window,
         keys=[Job.status],
         values=[func.count()],
-        where=[Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED])],
+        where=[Job.status.in_(sorted(TERMINAL))],
     ):
         at(index).finished[status] += int(n)
 

@@ -27,3 +27,13 @@ def beyond_reservation_usd(tier: TierSettings, gpu_seconds: Iterable[float]) -> 
     """What images of ``tier`` that took ``gpu_seconds`` of device time cost beyond what their decisions
     reserved (:func:`reserved_usd`)."""
     return tier.price_per_gpu_second * sum(gpu_seconds)
+
+
+PAID_PER_CALL = ("http", "openai")
+"""Backends that are remote APIs: they charge for an image once called, whatever becomes of it."""
+
+
+def wasted_when_discarded(tier: TierSettings) -> bool:
+    """Whether an image of ``tier`` generated for a job cancelled (or expired) meanwhile still cost money: a
+    remote API was paid for it, so it is billed as wasted; a tier's own GPU's image is not billed."""
+    return tier.backend in PAID_PER_CALL

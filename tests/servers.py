@@ -2,6 +2,7 @@
 
 Each is started exactly as an operator would start it (``routet2i api``, ``routet2i flower``,
 ``ops/run-local.sh``) on a free loopback port, and stopped (with its process group) at the end.
+:func:`serve_wsgi` serves a test's own WSGI app (a fake upstream API) from a thread instead.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -78,3 +82,17 @@ class ApiServer(Process):
         argv = [sys.executable, "-m", "cli", "api", "--port", str(self.port), "--workers", str(workers)]
         super().__init__(argv, env=cli_env(settings, **extra_env), log_path=log_path)
         wait_http(f"{self.url}/readyz", self)
+
+
+@contextmanager
+def serve_wsgi(app: Any) -> Iterator[str]:
+    """``app`` on a real threaded HTTP server on a free loopback port; yields its base URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()

@@ -134,7 +134,7 @@ def wait_for_job(client: Any, job_id: str, *, timeout: float = 120.0) -> dict[st
 
     def terminal() -> dict[str, Any] | None:
         body = client.get(f"/v1/jobs/{job_id}").get_json()
-        return body if body["status"] in ("succeeded", "failed") else None
+        return body if body["status"] in ("succeeded", "failed", "cancelled", "expired") else None
 
     result: dict[str, Any] = wait_until(terminal, timeout=timeout, what=f"job {job_id} to finish")
     return result

@@ -362,3 +362,74 @@ def test_concurrent_batches_with_the_same_keys_make_each_job_once(app, key, pg_s
     assert sorted(code for code, _ in results).count(202) == 1
     assert job_count(pg_settings) == before + 3
     assert sorted(route_queue_jobs(redis_client)) == sorted(results[0][1])
+
+
+# --- idempotency against every field and before the rate limit ------------------------------------------
+
+
+def test_a_key_replayed_with_another_tier_is_409(app, pg_settings, redis_client) -> None:
+    client = authorize(app.test_client(), create_tenant_key(pg_settings, forced_tiers=("edge", "cloud")))
+    first = client.post("/v1/jobs", json={"prompt": "a cat", "tier": "edge", "idempotency_key": "tiered-1"})
+    assert first.status_code == 202
+    for other in ({"tier": "cloud"}, {}):  # another tier, or the router's choice instead of a forced tier
+        response = client.post("/v1/jobs", json={"prompt": "a cat", "idempotency_key": "tiered-1", **other})
+        assert response.status_code == 409, other
+        assert response.get_json()["error"]["field"] == "idempotency_key"
+        assert response.get_json()["error"]["job_id"] == first.get_json()["id"]
+    same = client.post("/v1/jobs", json={"prompt": "a cat", "tier": "edge", "idempotency_key": "tiered-1"})
+    assert same.status_code == 200 and same.get_json()["id"] == first.get_json()["id"]
+    batch = client.post("/v1/jobs/batch", json={"jobs": [{"prompt": "a cat", "idempotency_key": "tiered-1"}]})
+    assert batch.status_code == 409 and batch.get_json()["error"]["field"] == "jobs.0.idempotency_key"
+    assert route_queue_length(redis_client) == 1
+
+
+def test_an_exact_replay_is_answered_before_the_rate_limit(app, pg_settings, redis_client) -> None:
+    client = authorize(app.test_client(), create_tenant_key(pg_settings, rate_limit_per_minute=60))  # bursts of 6
+    jobs = [{"prompt": f"kite {i}", "idempotency_key": f"kite-{i}"} for i in range(5)]
+    accepted = client.post("/v1/jobs/batch", json={"jobs": jobs})
+    single = client.post("/v1/jobs", json={"prompt": "kite 5", "idempotency_key": "kite-5"})
+    assert (accepted.status_code, single.status_code) == (202, 202)
+    assert client.post("/v1/jobs", json={"prompt": "kite 6"}).status_code == 429  # the burst is spent
+
+    again = client.post("/v1/jobs", json={"prompt": "kite 5", "idempotency_key": "kite-5"})
+    assert again.status_code == 200 and again.get_json()["id"] == single.get_json()["id"]
+    header = client.post("/v1/jobs", json={"prompt": "kite 5"}, headers={"Idempotency-Key": "kite-5"})
+    assert header.status_code == 200 and header.get_json()["id"] == single.get_json()["id"]
+    batch = client.post("/v1/jobs/batch", json={"jobs": [*jobs, {"prompt": "kite 5", "idempotency_key": "kite-5"}]})
+    assert batch.status_code == 200
+    assert [i["id"] for i in batch.get_json()["items"]] == [
+        *(i["id"] for i in accepted.get_json()["items"]),
+        single.get_json()["id"],
+    ]
+    # A batch with one new job still counts that job, and is refused whole.
+    mixed = client.post("/v1/jobs/batch", json={"jobs": [jobs[0], {"prompt": "kite 7", "idempotency_key": "kite-7"}]})
+    assert mixed.status_code == 429 and "Retry-After" in mixed.headers
+    # A conflicting replay is still a conflict, not a rate-limit refusal.
+    conflict = client.post("/v1/jobs", json={"prompt": "another kite", "idempotency_key": "kite-5"})
+    assert conflict.status_code == 409
+    assert len(route_queue_jobs(redis_client)) == 6
+
+
+def test_a_key_replayed_with_another_deadline_or_webhook_is_409(app, pg_settings, redis_client) -> None:
+    from db.session import transaction
+    from db.tenants import create_tenant, issue_api_key, set_webhooks
+
+    with transaction(make_session_factory(make_engine(pg_settings.database_url))) as session:
+        tenant = create_tenant(session, name=f"hooks-{uuid.uuid4().hex[:8]}")
+        set_webhooks(tenant, hosts=("hooks.example.com",))
+        key = issue_api_key(session, tenant=tenant)
+    client = authorize(app.test_client(), key)
+    body = {
+        "prompt": "a cat",
+        "idempotency_key": "hooked-1",
+        "deadline_s": 60,
+        "webhook_url": "https://hooks.example.com/a",
+    }
+    first = client.post("/v1/jobs", json=body)
+    assert first.status_code == 202, first.get_json()
+    for change in ({"deadline_s": 120}, {"deadline_s": None}, {"webhook_url": "https://hooks.example.com/b"}):
+        response = client.post("/v1/jobs", json={**body, **change})
+        assert response.status_code == 409, change
+    again = client.post("/v1/jobs", json=body)
+    assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
+    assert route_queue_length(redis_client) == 1

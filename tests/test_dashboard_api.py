@@ -124,10 +124,10 @@ def test_timeseries_counts_routing_spend_and_outcomes_per_bucket(session: Sessio
     assert first.routed == {"edge": 1, "cloud": 1} and first.cloud_fraction == 0.5
     assert first.spend_usd == pytest.approx({"edge": 0.009, "cloud": 0.065})
     assert first.gpu_s == pytest.approx({"edge": 1.5, "cloud": 1.5})
-    assert first.submitted == 2 and first.finished == {"succeeded": 2, "failed": 0}
+    assert first.submitted == 2 and first.finished == {"succeeded": 2, "failed": 0, "cancelled": 0, "expired": 0}
     assert empty.routed == {"edge": 0, "cloud": 0} and empty.cloud_fraction is None and empty.submitted == 0
     assert last.routed == {"edge": 0, "cloud": 1} and last.cloud_fraction == 1.0
-    assert last.finished == {"succeeded": 0, "failed": 1}
+    assert last.finished == {"succeeded": 0, "failed": 1, "cancelled": 0, "expired": 0}
     assert series.spend_before_usd - spent_before == pytest.approx(1.0)
 
 
@@ -235,13 +235,16 @@ def test_queues_endpoint_reports_depth_and_backlog(client: FlaskClient) -> None:
     assert client.get("/v1/queues?workers=maybe").status_code == 400
 
 
-def test_queues_need_an_admin_key_and_reports_a_key(settings: Settings) -> None:
+def test_queues_and_reports_need_an_admin_key(settings: Settings) -> None:
     app = create_app(settings)
     tenant = authorize(app.test_client(), create_tenant_key(settings))
-    forbidden = tenant.get("/v1/queues")
-    assert forbidden.status_code == 403 and forbidden.get_json()["error"]["code"] == "forbidden"
-    assert tenant.get("/v1/reports").status_code == 200
+    settings.reports_dir.mkdir()
+    (settings.reports_dir / "pgr.png").write_bytes(png_bytes((255, 0, 0)))
+    for path in ("/v1/queues", "/v1/reports", "/v1/reports/pgr.png"):  # every tenant's figures and evaluation
+        forbidden = tenant.get(path)
+        assert forbidden.status_code == 403 and forbidden.get_json()["error"]["code"] == "forbidden", path
     assert app.test_client().get("/v1/reports").status_code == 401
+    assert app.test_client().get("/v1/reports/pgr.png").status_code == 401
     assert app.test_client().get("/v1/queues").status_code == 401
     assert app.test_client().get("/dashboard").status_code == 200  # the page holds no data
 

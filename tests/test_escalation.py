@@ -65,7 +65,8 @@ def escalation_stack(pg_url: str, tmp_path_factory, model_cache) -> Iterator[Set
 
 def replaced_images(settings: Settings) -> float:
     """``routet2i_images_by_role_total{role="replaced"}`` as the API's ``/metrics`` exposes it."""
-    exposition = create_app(settings).test_client().get("/metrics").get_data(as_text=True)
+    admin = authorize(create_app(settings).test_client(), create_tenant_key(settings, is_admin=True))
+    exposition = admin.get("/metrics").get_data(as_text=True)
     values = {
         (s.name, s.labels.get("role")): s.value for f in text_string_to_metric_families(exposition) for s in f.samples
     }

@@ -13,6 +13,7 @@ from db.jobs import create_job, list_events
 from db.lifecycle import TRANSITIONS, IllegalTransition, transition
 from db.models import JobEvent, JobStatus, utcnow
 from db.tenants import create_tenant
+from db.webhooks import list_deliveries
 
 PAIRS = list(itertools.product(JobStatus, JobStatus))
 
@@ -73,3 +74,28 @@ def test_a_job_that_failed_for_good_is_not_replayed(db_session: Session) -> None
     assert job.status == JobStatus.FAILED
     queued = db_session.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.status == "queued"))
     assert len(queued.all()) == 1  # its submission's, nothing more
+
+
+@pytest.mark.parametrize("status", [s for s in JobStatus if s.terminal])
+def test_a_terminal_state_of_a_job_with_a_webhook_writes_its_delivery_in_the_same_transaction(
+    db_session: Session, status: JobStatus
+) -> None:
+    job = new_job(db_session, JobStatus.GENERATING)
+    job.webhook_url = "https://hooks.example/routet2i"
+    transition(db_session, job, status)
+    db_session.flush()
+    (delivery,) = list_deliveries(db_session, job_id=job.id)
+    assert (delivery.event, delivery.url, delivery.state, delivery.attempts) == (
+        status,
+        "https://hooks.example/routet2i",
+        "pending",
+        0,
+    )
+
+
+def test_an_unfinished_state_writes_no_delivery(db_session: Session) -> None:
+    job = new_job(db_session, JobStatus.QUEUED)
+    job.webhook_url = "https://hooks.example/routet2i"
+    transition(db_session, job, JobStatus.ROUTING)
+    db_session.flush()
+    assert list_deliveries(db_session, job_id=job.id) == []

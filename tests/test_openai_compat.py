@@ -6,20 +6,26 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 from werkzeug.serving import make_server
 
 from api.app import create_app
 from core.settings import Settings
 from db.migrate import upgrade
+from db.models import Job
+from db.session import make_engine, make_session_factory
+from db.tenants import tenant_for_key
 from tests.conftest import create_tenant_key, make_settings
+from tests.servers import ApiServer
 from tests.support import PrivateRedis, WorkerPool, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -213,3 +219,98 @@ def test_cloud_tier_served_by_another_instance_is_accounted_on_both(two_instance
     jobs_b = httpx.get(f"{b}/v1/jobs", headers=headers_b).json()["items"]
     assert [j["prompt"] for j in jobs_b] == ["a harbour at dawn"]
     assert jobs_b[0]["requested_tier"] == "edge"
+
+
+# --- waiting requests and the server's threads ---------------------------------------------------------------
+
+WAITING = 16
+
+
+@pytest.fixture(scope="module")
+def idle_broker(tmp_path_factory) -> Iterator[PrivateRedis]:
+    """A broker no worker consumes: jobs submitted through it stay queued, and their requests wait."""
+    server = PrivateRedis(tmp_path_factory.mktemp("idle-broker"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def idle_settings(pg_settings: Settings, idle_broker: PrivateRedis) -> Settings:
+    return pg_settings.model_copy(update={"broker_url": idle_broker.url, "images_wait_s": 10.0})
+
+
+@pytest.fixture(scope="module")
+def gunicorn_api(idle_settings: Settings, tmp_path_factory) -> Iterator[ApiServer]:
+    """``routet2i api`` as an operator starts it, with its default workers and threads."""
+    server = ApiServer(idle_settings, log_path=tmp_path_factory.mktemp("api") / "api.log")
+    yield server
+    server.stop()
+
+
+def jobs_of(settings: Settings, key: str) -> int:
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            tenant = tenant_for_key(session, key)
+            assert tenant is not None
+            return session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id)) or 0
+    finally:
+        engine.dispose()
+
+
+def test_waiting_image_requests_leave_the_health_probes_their_threads(
+    gunicorn_api: ApiServer, idle_settings: Settings
+) -> None:
+    key = create_tenant_key(idle_settings, rate_limit_per_minute=0)
+
+    def ask(i: int) -> httpx.Response:
+        body = {"prompt": f"a lighthouse that never comes {i}", "size": "64x64", "response_format": "b64_json"}
+        url = f"{gunicorn_api.url}/v1/images/generations"
+        return httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    with ThreadPoolExecutor(WAITING) as pool:
+        answers = [pool.submit(ask, i) for i in range(WAITING)]
+        deadline = time.monotonic() + 5
+        while jobs_of(idle_settings, key) < WAITING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        probes = []
+        for path in ("/healthz", "/readyz") * 5:
+            started = time.perf_counter()
+            status = httpx.get(f"{gunicorn_api.url}{path}", timeout=30).status_code
+            probes.append((path, status, round(time.perf_counter() - started, 3)))
+        in_flight, waiting = jobs_of(idle_settings, key), sum(not a.done() for a in answers)
+        results = [a.result() for a in answers]
+    assert all(status == 200 and seconds < 1.0 for _, status, seconds in probes), probes
+    assert (in_flight, waiting) == (WAITING, WAITING)  # each request had submitted its job and still waited
+    assert [r.status_code for r in results] == [504] * WAITING
+    assert {r.json()["error"]["code"] for r in results} == {"timeout"}
+
+
+def test_a_streamed_body_over_the_limit_is_413(gunicorn_api: ApiServer, idle_settings: Settings) -> None:
+    key = create_tenant_key(idle_settings)
+    chunks = (b" " * 65536 for _ in range(idle_settings.max_request_bytes // 65536 + 16))  # no Content-Length
+    response = httpx.post(
+        f"{gunicorn_api.url}/v1/jobs",
+        content=chunks,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 413 and response.json()["error"]["field"] == "body"
+
+
+def test_a_process_holding_its_most_waiting_requests_answers_503(idle_settings: Settings) -> None:
+    settings = idle_settings.model_copy(update={"images_wait_s": 3.0, "images_waiters": 1})
+    key = create_tenant_key(settings, rate_limit_per_minute=0)
+    with serve(settings) as url, ThreadPoolExecutor(1) as pool:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+        first = pool.submit(client.images.generate, prompt="the first waits", size="64x64")
+        wait_until(lambda: jobs_of(settings, key) == 1, timeout=10, what="the first request's job")
+        with pytest.raises(openai.InternalServerError) as busy:
+            client.images.generate(prompt="the second finds no slot", size="64x64")
+        assert busy.value.status_code == 503 and busy.value.response.headers["Retry-After"] == "5"
+        assert busy.value.code == "service_unavailable"
+        assert jobs_of(settings, key) == 1  # refused before it submitted anything
+        with pytest.raises(openai.APIStatusError) as timeout:
+            first.result()
+        assert timeout.value.status_code == 504

@@ -143,7 +143,7 @@ def routet2i_services(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
 def test_compose_services_run_valid_commands_with_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     doc = compose("compose.yaml")
     services = dict(routet2i_services(doc))
-    assert set(services) == {"migrate", "api", "router", "edge", "cloud", "flower"}
+    assert set(services) == {"migrate", "api", "router", "edge", "cloud", "webhooks", "flower"}
     assert {"postgres", "redis", "prometheus"} <= set(doc["services"])
 
     consumed = {}
@@ -196,6 +196,27 @@ def test_prometheus_scrapes_ports_and_paths_that_exist(api_routes: set[str]) -> 
         _, params = parse_cli(["routet2i", *services[service]["command"]])
         assert params["port"] == int(port)
     assert targets["routet2i-api"][0] in api_routes
+
+
+def test_prometheus_presents_the_metrics_token_the_compose_api_wants(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    services = compose("compose.yaml")["services"]
+    config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "routet2i-api"]
+    assert job["authorization"]["type"] == "Bearer"
+    env = {k: str(v) for k, v in services["api"]["environment"].items()}
+    settings = settings_from(env, monkeypatch)
+    assert settings.metrics_token is not None
+    assert settings.metrics_token.get_secret_value() == job["authorization"]["credentials"]
+    app = create_app(
+        settings.model_copy(
+            update={"database_url": f"sqlite:///{tmp_path / 'm.db'}", "broker_url": "redis://127.0.0.1:1/0"}
+        )
+    )
+    headers = {"Authorization": f"Bearer {job['authorization']['credentials']}"}
+    assert app.test_client().get(job["metrics_path"], headers=headers).status_code == 200
+    assert app.test_client().get(job["metrics_path"]).status_code == 401
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------
@@ -260,7 +281,7 @@ def test_every_container_runs_a_valid_command_with_valid_settings(
                 if path is not None and "flower" not in container["args"]:
                     assert path in api_routes, f"{workload['metadata']['name']}: no route {path}"
             checked += 1
-    assert checked == 6  # migrate, api, three workers, flower
+    assert checked == 7  # migrate, api, three workers, the webhook dispatcher, flower
 
 
 def test_one_worker_deployment_per_queue_with_gpus_on_the_tiers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,6 +38,7 @@ from db.monitoring import (
 )
 from db.session import make_engine, make_session_factory, transaction
 from db.tenants import create_tenant, get_tenant_by_name
+from tests.conftest import create_tenant_key
 from tests.servers import ApiServer
 from tests.support import PrivateRedis, free_port
 from worker.transport import create_celery
@@ -217,7 +218,7 @@ def test_job_decision_cost_and_cloud_fraction_aggregates(session: Session) -> No
     jobs_after = jobs_by_status_and_tier(session)
     delta = {k: jobs_after[k] - jobs_before[k] for k in jobs_after if jobs_after[k] != jobs_before[k]}
     assert delta == {("succeeded", "cloud"): 3, ("succeeded", "edge"): 1, ("queued", "none"): 1}
-    assert len(jobs_after) == 15  # every status x (none, edge, cloud), zeros included
+    assert len(jobs_after) == len(JobStatus) * 3  # every status x (none, edge, cloud), zeros included
 
     decisions = decisions_by_router(session)
     assert decisions[("cloud", "metrics-test", version)] == 3
@@ -248,7 +249,18 @@ def sqlite_settings(tmp_path: Path, private_redis: PrivateRedis) -> Settings:
     url = f"sqlite:///{tmp_path / 'exposition.db'}"
     upgrade(url)
     redis_lib.Redis.from_url(private_redis.url).flushdb()
-    return Settings(database_url=url, broker_url=private_redis.url, image_dir=tmp_path / "images", cloud_budget=0.25)
+    return Settings(
+        database_url=url,
+        broker_url=private_redis.url,
+        image_dir=tmp_path / "images",
+        cloud_budget=0.25,
+        metrics_token=TOKEN,
+    )
+
+
+TOKEN = "scrape-token-0123"
+SCRAPER = {"Authorization": f"Bearer {TOKEN}"}
+"""What Prometheus sends (the API's ROUTET2I_METRICS_TOKEN)."""
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -299,7 +311,7 @@ def test_metrics_endpoint_exposes_every_family(sqlite_settings: Settings) -> Non
         app.send_task("edge.generate", args=[str(uuid.uuid4())], queue="edge")
     app.close()
 
-    response = create_app(sqlite_settings).test_client().get("/metrics")
+    response = create_app(sqlite_settings).test_client().get("/metrics", headers=SCRAPER)
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain")
     parsed = samples(response.get_data(as_text=True))
@@ -325,9 +337,35 @@ def test_metrics_endpoint_exposes_every_family(sqlite_settings: Settings) -> Non
     assert value(parsed, "routet2i_metrics_source_up", source="broker") == 1
 
 
+def test_metrics_need_the_token_or_an_admin_key(sqlite_settings: Settings) -> None:
+    client = create_app(sqlite_settings).test_client()
+    tenant = create_tenant_key(sqlite_settings)
+    admin = create_tenant_key(sqlite_settings, is_admin=True)
+    answers = {
+        "no credentials": client.get("/metrics"),
+        "a wrong token": client.get("/metrics", headers={"Authorization": "Bearer scrape-token-0124"}),
+        "a tenant's key": client.get("/metrics", headers={"Authorization": f"Bearer {tenant}"}),
+        "the token": client.get("/metrics", headers=SCRAPER),
+        "an admin's key": client.get("/metrics", headers={"Authorization": f"Bearer {admin}"}),
+    }
+    assert {k: r.status_code for k, r in answers.items()} == {
+        "no credentials": 401,
+        "a wrong token": 401,
+        "a tenant's key": 403,
+        "the token": 200,
+        "an admin's key": 200,
+    }
+    assert answers["no credentials"].get_json()["error"]["field"] == "Authorization"
+    without_token = create_app(sqlite_settings.model_copy(update={"metrics_token": None})).test_client()
+    assert without_token.get("/metrics", headers=SCRAPER).status_code == 401
+    assert without_token.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+    open_api = create_app(sqlite_settings.model_copy(update={"metrics_token": None, "auth": "disabled"}))
+    assert open_api.test_client().get("/metrics").status_code == 200  # the whole API is open: so is this
+
+
 def test_an_unreachable_broker_is_reported_not_fatal(sqlite_settings: Settings) -> None:
     down = sqlite_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
-    response = create_app(down).test_client().get("/metrics")
+    response = create_app(down).test_client().get("/metrics", headers=SCRAPER)
     assert response.status_code == 200
     parsed = samples(response.get_data(as_text=True))
     assert value(parsed, "routet2i_metrics_source_up", source="broker") == 0
@@ -342,7 +380,7 @@ def test_every_gunicorn_worker_answers_with_the_shared_state(sqlite_settings: Se
     try:
 
         def scrape() -> dict:
-            parsed = samples(httpx.get(f"{server.url}/metrics", timeout=10).text)
+            parsed = samples(httpx.get(f"{server.url}/metrics", headers=SCRAPER, timeout=10).text)
             return {k: v for k, v in parsed.items() if k[0] != "routet2i_metrics_scrape_seconds"}
 
         first = [scrape() for _ in range(9)]
@@ -367,7 +405,10 @@ def test_every_gunicorn_worker_answers_with_the_shared_state(sqlite_settings: Se
 
 def test_alert_rules_use_metrics_the_api_exports(sqlite_settings: Settings) -> None:
     exported = {
-        name for name, _ in samples(create_app(sqlite_settings).test_client().get("/metrics").get_data(as_text=True))
+        name
+        for name, _ in samples(
+            create_app(sqlite_settings).test_client().get("/metrics", headers=SCRAPER).get_data(as_text=True)
+        )
     }
     rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
     used = {

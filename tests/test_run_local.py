@@ -64,7 +64,11 @@ def test_run_local_serves_jobs_and_stops_every_process(tmp_path: Path, model_cac
         wait_http(f"http://127.0.0.1:{flower_port}/healthcheck", script, timeout=STARTUP_S)
         # The operator's first step once the database exists: a tenant and its key.
         created = subprocess.run(
-            [str(shim), "tenant", "create", "ops", "--json"], env=env, capture_output=True, text=True, check=True
+            [str(shim), "tenant", "create", "ops", "--admin", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         headers = {"Authorization": f"Bearer {json.loads(created.stdout)['api_key']}"}
         job_id = httpx.post(
@@ -77,7 +81,8 @@ def test_run_local_serves_jobs_and_stops_every_process(tmp_path: Path, model_cac
 
         job = wait_until(finished, timeout=STARTUP_S, interval=0.5, what="the job")
         assert job["status"] == "succeeded", job["error"]
-        assert f'routet2i_jobs{{status="succeeded",tier="{job["tier"]}"}} 1.0' in httpx.get(f"{api}/metrics").text
+        metrics = httpx.get(f"{api}/metrics", headers=headers).text  # an admin's key (or the metrics token)
+        assert f'routet2i_jobs{{status="succeeded",tier="{job["tier"]}"}} 1.0' in metrics
     finally:
         # SIGTERM to the script alone: it must stop its children itself.
         if script.popen.poll() is None:
@@ -96,5 +101,5 @@ def test_run_local_serves_jobs_and_stops_every_process(tmp_path: Path, model_cac
     assert code == 143, script.log()
     assert not leftover, "processes of the stack outlived the script"
     logs = {p.name for p in (tmp_path / "logs").iterdir()}
-    assert logs == {"api.log", "route.log", "edge.log", "cloud.log", "flower.log"}
+    assert logs == {"api.log", "route.log", "edge.log", "cloud.log", "webhooks.log", "flower.log"}
     assert "starting api:" in script.log()

@@ -142,7 +142,8 @@ def test_cloud_images_stop_at_the_spend_limit_and_the_ledger_matches_the_bill(
     assert budget["spend_period_s"] == PERIOD_S
     assert budget["spent_this_period_usd"] == pytest.approx(float(billed), abs=1e-5)
 
-    exposition = app.test_client().get("/metrics").get_data(as_text=True)
+    admin = authorize(app.test_client(), create_tenant_key(spend_stack, is_admin=True))  # /metrics needs an admin
+    exposition = admin.get("/metrics").get_data(as_text=True)
     values = {s.name: s.value for f in text_string_to_metric_families(exposition) for s in f.samples}
     assert values["routet2i_cloud_spend_limit_usd"] == pytest.approx(LIMIT)
     assert values["routet2i_cloud_spend_period_usd"] == pytest.approx(float(billed), abs=1e-5)

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.exceptions
@@ -32,11 +32,23 @@ from core.settings import TierSettings
 from db.generations import NewGeneration, get_generation, record_generations
 from db.images import StoredImage
 from db.jobs import get_job, lock_jobs, tenant_budgets_unless_shadowed
-from db.lifecycle import claim_lease, dead_letter, deliver_replaced, escalate, is_done, renew_leases, succeed
+from db.lifecycle import (
+    claim_lease,
+    dead_letter,
+    deliver_replaced,
+    discard,
+    escalate,
+    expire_if_overdue,
+    is_done,
+    is_stopped,
+    renew_leases,
+    succeed,
+)
 from db.models import Job
+from db.redis_state import give_back
 from db.session import transaction
 from router.budget import BudgetController
-from router.cost import beyond_reservation_usd, image_cost_usd
+from router.cost import beyond_reservation_usd, image_cost_usd, wasted_when_discarded
 from router.escalation import decide_escalations
 from worker.context import ScorerUnavailable, WorkerContext
 from worker.generators import GenerationRequest, GenerationResult
@@ -111,9 +123,11 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
         for (key, request, result), image, score in zip(images, stored, scored, strict=True)
     ]
     escalations = _escalations(ctx, tier, [item.key for item in produced], [item.scored for item in produced], routed)
-    recorded = _record_all(ctx, tier, produced, escalations)
+    outcome = _record_all(ctx, tier, produced, escalations, deliveries)
+    recorded = outcome.delivered
     if tier == "cloud":
-        _count_spend_beyond_reservation(ctx, [produced[i].result.gpu_s for i in recorded if produced[i].key in routed])
+        billed = [produced[i] for i in recorded + outcome.wasted if produced[i].key in routed]
+        _count_spend_beyond_reservation(ctx, [item.result.gpu_s for item in billed])
     for i in recorded:
         outcomes[given[produced[i].key]] = True
         log.info(
@@ -168,11 +182,15 @@ def _claim(
     tier_settings = ctx.settings.tier(tier)
     claimed: list[tuple[uuid.UUID, GenerationRequest]] = []
     routed: set[uuid.UUID] = set()
+    released: list[tuple[str, tuple[str, float]]] = []
     with transaction(ctx.sessions) as session:
         for job in lock_jobs(session, sorted(deliveries)):
             if is_done(job):
                 continue
             job_id = str(job.id)
+            if (held := expire_if_overdue(session, job)) or is_done(job):  # never generated after its deadline
+                released += [(job_id, held)] if held else []
+                continue
             if job.tier != tier:
                 # A stale message: the job was (re)routed elsewhere, or its routing was not recorded. The message
                 # of its current step, or the reconciler, takes it from here.
@@ -193,29 +211,52 @@ def _claim(
             claimed.append((job.id, generation_request(job, tier_settings)))
             if job.requested_tier is None:
                 routed.add(job.id)
+    for job_id, held in released:
+        give_back(ctx.spend_ledger(), *held, job_id=job_id)
     return claimed, routed
 
 
+@dataclass
+class Recorded:
+    """What a batch's record step did: images delivered (or escalated), images of jobs stopped meanwhile that were
+    billed anyway (a remote API was called), and reservations to give back once committed."""
+
+    delivered: list[int] = field(default_factory=list)
+    wasted: list[int] = field(default_factory=list)
+    released: list[tuple[str, tuple[str, float]]] = field(default_factory=list)
+
+    def add(self, other: Recorded) -> None:
+        self.delivered += other.delivered
+        self.wasted += other.wasted
+        self.released += other.released
+
+
 def _record_all(
-    ctx: WorkerContext, tier: str, produced: Sequence[Produced], escalations: dict[int, dict[str, Any]]
-) -> list[int]:
+    ctx: WorkerContext,
+    tier: str,
+    produced: Sequence[Produced],
+    escalations: dict[int, dict[str, Any]],
+    deliveries: dict[uuid.UUID, str],
+) -> Recorded:
     """Record the produced images in one transaction; if one of them was recorded by a concurrent delivery,
-    record the others one by one. Returns the indices (into ``produced``) this call recorded."""
+    record the others one by one. Reservations that stopped jobs no longer need are given back."""
+    outcome = Recorded()
     try:
         with transaction(ctx.sessions) as session:
-            return _record(session, ctx, tier, produced, escalations, range(len(produced)))
+            outcome = _record(session, ctx, tier, produced, escalations, deliveries, range(len(produced)))
     except IntegrityError:
         if len(produced) == 1:
             log.warning("duplicate generation discarded", extra={"job_id": str(produced[0].key), "tier": tier})
-            return []
-    recorded: list[int] = []
-    for i in range(len(produced)):
-        try:
-            with transaction(ctx.sessions) as session:
-                recorded += _record(session, ctx, tier, produced, escalations, [i])
-        except IntegrityError:
-            log.warning("duplicate generation discarded", extra={"job_id": str(produced[i].key), "tier": tier})
-    return recorded
+        else:
+            for i in range(len(produced)):
+                try:
+                    with transaction(ctx.sessions) as session:
+                        outcome.add(_record(session, ctx, tier, produced, escalations, deliveries, [i]))
+                except IntegrityError:
+                    log.warning("duplicate generation discarded", extra={"job_id": str(produced[i].key), "tier": tier})
+    for job_id, held in outcome.released:
+        give_back(ctx.spend_ledger(), *held, job_id=job_id)
+    return outcome
 
 
 def _record(
@@ -224,24 +265,40 @@ def _record(
     tier: str,
     produced: Sequence[Produced],
     escalations: dict[int, dict[str, Any]],
+    deliveries: dict[uuid.UUID, str],
     items: Sequence[int],
-) -> list[int]:
+) -> Recorded:
     """Record the produced images ``items`` with their costs and their jobs' next states (delivered, or queued
-    on the cloud when escalated). Returns the items recorded: a job that ended or moved meanwhile is skipped."""
+    on the cloud when escalated). A job that ended or moved meanwhile is skipped; one cancelled or expired while
+    this delivery generated it gets no image, and its image is recorded (as ``wasted``, billed) only when
+    money was spent on it."""
+    tier_settings = ctx.settings.tier(tier)
     jobs_by_id = {job.id: job for job in lock_jobs(session, sorted(produced[i].key for i in items))}
-    recorded = [
-        i for i in items if not is_done(job := jobs_by_id.get(produced[i].key)) and job is not None and job.tier == tier
-    ]
+    outcome = Recorded()
     images = []
-    for i in recorded:
+    for i in items:
         item = produced[i]
-        job = jobs_by_id[item.key]
+        job = jobs_by_id.get(item.key)
+        if job is None or job.tier != tier:
+            continue
+        if is_stopped(job) and job.lease_owner == deliveries.get(item.key):
+            billed = wasted_when_discarded(tier_settings)
+            if (held := discard(job, billed=billed)) is not None:
+                outcome.released.append((str(job.id), held))
+            if billed:
+                images.append(new_generation(item.key, tier, "wasted", item, tier_settings))
+                outcome.wasted.append(i)
+            log.info("generated for a stopped job; image discarded", extra={"job_id": str(job.id), "billed": billed})
+            continue
+        if is_done(job):
+            continue
         detail: dict[str, Any] = {"tier": tier, "image_sha256": item.stored.sha256, **item.scored[1]}
         escalation = escalations.get(i)
         if escalation is not None:
             detail["escalation"] = escalation
         role = "replaced" if escalation is not None and escalation["escalated"] else "primary"
-        images.append(new_generation(item.key, tier, role, item, ctx.settings.tier(tier)))
+        images.append(new_generation(item.key, tier, role, item, tier_settings))
+        outcome.delivered.append(i)
         if role == "primary":
             succeed(session, job, detail=detail)
         else:
@@ -250,7 +307,7 @@ def _record(
             assert escalation is not None
             escalate(session, job, tier=OTHER_TIER[tier], detail=detail, reservation=escalation)
     record_generations(session, images)
-    return recorded
+    return outcome
 
 
 def _publish_escalated(ctx: WorkerContext, tier: str, escalated: list[str]) -> None:

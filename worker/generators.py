@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.settings import TierSettings
+from core.settings import TierSettings, url_origin
 
 
 class GenerationError(Exception):
@@ -38,6 +39,53 @@ def _retry_after(headers: Any) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A remote API's answer, read whole (within the size cap)."""
+
+    status_code: int
+    headers: Any
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+def exchange(client: Any, method: str, url: str, *, settings: TierSettings, source: str, **kwargs: Any) -> Answer:
+    """One request whose answer is read up to ``settings.max_image_bytes`` within ``settings.timeout_s`` in all
+    (httpx's own timeouts bound each read, not their sum). Redirects are never followed.
+
+    Raises:
+        GenerationError: when the answer is larger (not retryable) or slower (retryable).
+    """
+    limit, deadline = settings.max_image_bytes, time.monotonic() + settings.timeout_s
+    with client.stream(method, url, follow_redirects=False, **kwargs) as response:
+        try:
+            declared = int(response.headers.get("content-length", "0"))
+        except ValueError:
+            declared = 0
+        chunks, size = [], 0
+        if declared <= limit:
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    break
+                if time.monotonic() > deadline:
+                    raise GenerationError(
+                        f"{source} took longer than {settings.timeout_s:g}s to answer", retryable=True
+                    )
+                chunks.append(chunk)
+        if declared > limit or size > limit:
+            raise GenerationError(f"{source} answered more than {limit} bytes (max_image_bytes)")
+        return Answer(response.status_code, response.headers, b"".join(chunks))
+
+
+def bearer(settings: TierSettings) -> dict[str, str]:
+    """The tier's API key as a header, for requests to its own API only."""
+    return {} if settings.api_key is None else {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"}
 
 
 @dataclass(frozen=True)
@@ -211,13 +259,11 @@ class HttpGenerator:
         import httpx
 
         assert settings.url is not None  # enforced by TierSettings
+        self.settings = settings
         self.url = settings.url
         self.model_id = settings.model
         self.device = "remote"
-        headers = {"Accept": "image/png, application/json"}
-        if settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-        self._client = httpx.Client(timeout=settings.timeout_s, headers=headers)
+        self._client = httpx.Client(timeout=settings.timeout_s, headers={"Accept": "image/png, application/json"})
         self._httpx = httpx
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -232,7 +278,15 @@ class HttpGenerator:
         }
         started = time.perf_counter()
         try:
-            response = self._client.post(self.url, json=body)
+            response = exchange(
+                self._client,
+                "POST",
+                self.url,
+                settings=self.settings,
+                source="image API",
+                json=body,
+                headers=bearer(self.settings),
+            )
         except httpx.TimeoutException as exc:
             raise GenerationError(f"image API timed out: {exc}", retryable=True) from exc
         except httpx.TransportError as exc:
@@ -248,10 +302,10 @@ class HttpGenerator:
             raise GenerationError(f"image API refused the request ({response.status_code}): {response.text[:200]}")
         content_type = response.headers.get("content-type", "")
         if content_type.startswith("image/"):
-            png = response.content
+            png = response.body
         else:
             try:
-                png = base64.b64decode(response.json()["b64_json"], validate=True)
+                png = base64.b64decode(json.loads(response.body)["b64_json"], validate=True)
             except (ValueError, KeyError, TypeError) as exc:
                 raise GenerationError(f"image API answered neither a PNG nor {{'b64_json'}}: {exc}") from exc
         check_png(png, source="image API")
@@ -271,8 +325,10 @@ class HttpGenerator:
 class OpenAIGenerator:
     """Any OpenAI-compatible images endpoint (``POST {url}/images/generations``) as a tier.
 
-    Asks for ``b64_json`` (and follows a ``url`` answer if that is what comes back); 429, 5xx and timeouts are
-    retryable (honouring ``Retry-After``), other errors fail the job with the service's own message.
+    Asks for ``b64_json``. A ``url`` answer is fetched only from the API's own origin or an ``image_hosts`` one,
+    never with the API key unless it is the API's own origin, within ``max_image_bytes`` and ``timeout_s``.
+    429, 5xx and timeouts are retryable (honouring ``Retry-After``), other errors fail the job with the
+    service's own message.
     """
 
     backend = "openai"
@@ -281,23 +337,51 @@ class OpenAIGenerator:
         import httpx
 
         assert settings.url is not None  # enforced by TierSettings
+        self.settings = settings
         self.endpoint = settings.url.rstrip("/") + "/images/generations"
+        self.origin = url_origin(self.endpoint)
+        self.image_origins = settings.image_origins() | ({self.origin} if self.origin is not None else set())
         self.model_id = settings.model
         self.device = "remote"
-        headers = {"Content-Type": "application/json"}
-        if settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-        self._client = httpx.Client(timeout=settings.timeout_s, headers=headers)
+        self._client = httpx.Client(timeout=settings.timeout_s)
         self._httpx = httpx
 
-    def _error(self, response: Any) -> str:
+    @staticmethod
+    def _error(answer: Answer) -> str:
         try:
-            error = response.json()["error"]
+            error = json.loads(answer.body)["error"]
             return f"{error.get('type') or 'error'}: {error.get('message')}" + (
                 f" (param: {error['param']})" if error.get("param") else ""
             )
-        except (ValueError, KeyError, TypeError):
-            return response.text[:200]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return answer.text[:200]
+
+    def _fetch(self, url: Any) -> bytes:
+        """The image behind a URL the API answered, if its origin is allowed (the key goes to the API's only)."""
+        origin = url_origin(url) if isinstance(url, str) else None
+        if origin is None or origin not in self.image_origins:
+            where = f"{origin[0]}://{origin[1]}:{origin[2]}" if origin is not None else "an unusable URL"
+            raise GenerationError(
+                f"images API answered an image URL on {where}, which is neither its own origin nor one of "
+                "image_hosts (ROUTET2I_<TIER>__IMAGE_HOSTS, HTTPS unless an entry names http)"
+            )
+        headers = bearer(self.settings) if origin == self.origin else {}
+        fetched = exchange(self._client, "GET", url, settings=self.settings, source="image URL", headers=headers)
+        if fetched.status_code != 200:
+            raise GenerationError(f"image URL answered {fetched.status_code}", retryable=fetched.status_code >= 500)
+        return fetched.body
+
+    def _png(self, answer: Answer) -> bytes:
+        """The image of a successful answer: decoded from ``b64_json``, or fetched from its ``url``."""
+        try:
+            item = json.loads(answer.body)["data"][0]
+            if item.get("b64_json"):
+                return base64.b64decode(item["b64_json"], validate=True)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise GenerationError(f"images API answered without usable data: {answer.text[:200]}") from exc
+        if item.get("url"):
+            return self._fetch(item["url"])
+        raise GenerationError("images API answered neither b64_json nor url")
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         httpx = self._httpx
@@ -310,32 +394,24 @@ class OpenAIGenerator:
         }
         started = time.perf_counter()
         try:
-            response = self._client.post(self.endpoint, json=body)
-            if response.status_code == 429 or response.status_code >= 500:
+            answer = exchange(
+                self._client,
+                "POST",
+                self.endpoint,
+                settings=self.settings,
+                source="images API",
+                json=body,
+                headers=bearer(self.settings),
+            )
+            if answer.status_code == 429 or answer.status_code >= 500:
                 raise GenerationError(
-                    f"images API answered {response.status_code}: {self._error(response)}",
+                    f"images API answered {answer.status_code}: {self._error(answer)}",
                     retryable=True,
-                    retry_after=_retry_after(response.headers),
+                    retry_after=_retry_after(answer.headers),
                 )
-            if response.status_code >= 400:
-                raise GenerationError(
-                    f"images API refused the request ({response.status_code}): {self._error(response)}"
-                )
-            try:
-                item = response.json()["data"][0]
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise GenerationError(f"images API answered without data: {response.text[:200]}") from exc
-            if item.get("b64_json"):
-                png = base64.b64decode(item["b64_json"], validate=True)
-            elif item.get("url"):
-                fetched = self._client.get(item["url"])
-                if fetched.status_code != 200:
-                    raise GenerationError(
-                        f"image URL answered {fetched.status_code}", retryable=fetched.status_code >= 500
-                    )
-                png = fetched.content
-            else:
-                raise GenerationError("images API answered neither b64_json nor url")
+            if answer.status_code >= 400:
+                raise GenerationError(f"images API refused the request ({answer.status_code}): {self._error(answer)}")
+            png = self._png(answer)
         except httpx.TimeoutException as exc:
             raise GenerationError(f"images API timed out: {exc}", retryable=True) from exc
         except httpx.TransportError as exc:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.settings import Settings
 from db import lifecycle
 from db.generations import get_generation
-from db.jobs import get_job, lock_stale_jobs
+from db.jobs import get_job, lock_overdue_jobs, lock_stale_jobs
 from db.lifecycle import hold_reservation, is_done, take_reservation
 from db.models import Job, JobStatus, utcnow
 from db.pagination import as_utc
@@ -72,25 +72,37 @@ def fail_job(
             keeps its shadow's reservation: the shadow is generated whatever becomes of the job.)
     """
     released: tuple[str, float] | None = None
+    failed = False
     with transaction(ctx.sessions) as session:
         job = get_job(session, uuid.UUID(job_id), for_update=True)
-        if is_done(job):
-            return False
-        assert job is not None
-        detail: dict[str, Any] = {"stage": stage}
-        if release_reservation and job.tier == "cloud":
-            released = take_reservation(job)
-            if released is not None:
-                detail["released_usd"] = released[1]
-        delivered = stage == "generation" and lifecycle.deliver_replaced(session, job, error, detail)
-        if not delivered and dead_letter:
-            lifecycle.dead_letter(session, job, error, stage=stage, detail=detail)
-        elif not delivered:
-            lifecycle.fail(session, job, error, detail=detail)
-            log.warning("job failed", extra={"job_id": job_id, "stage": stage, "error": error})
+        if job is not None and lifecycle.is_stopped(job) and stage == "generation":
+            # Cancelled or expired while its generation failed: a reservation nothing was billed against goes back.
+            released = lifecycle.discard(job, billed=not release_reservation)
+        elif job is not None and not is_done(job):
+            released = _fail(session, job, error, stage=stage, dead_letter=dead_letter, release=release_reservation)
+            failed = True
     if released is not None:
         give_back(ctx.spend_ledger(), *released, job_id=job_id)
-    return True
+    return failed
+
+
+def _fail(
+    session: Session, job: Job, error: str, *, stage: str, dead_letter: bool, release: bool
+) -> tuple[str, float] | None:
+    """:func:`fail_job`'s change of the job; returns the reservation to give back once committed."""
+    released: tuple[str, float] | None = None
+    detail: dict[str, Any] = {"stage": stage}
+    if release and job.tier == "cloud":
+        released = take_reservation(job)
+        if released is not None:
+            detail["released_usd"] = released[1]
+    delivered = stage == "generation" and lifecycle.deliver_replaced(session, job, error, detail)
+    if not delivered and dead_letter:
+        lifecycle.dead_letter(session, job, error, stage=stage, detail=detail)
+    elif not delivered:
+        lifecycle.fail(session, job, error, detail=detail)
+        log.warning("job failed", extra={"job_id": str(job.id), "stage": stage, "error": error})
+    return released
 
 
 def shadow_failed(ctx: WorkerContext, job_id: str, tier: str, error: str) -> bool:
@@ -130,6 +142,8 @@ class ReconcileReport:
     """Stale jobs found in the broker (waiting in a long queue or being worked on), left alone."""
     orphaned: list[str] = field(default_factory=list)
     """Jobs whose messages a dead worker had taken, published again."""
+    expired: list[str] = field(default_factory=list)
+    """Unfinished jobs whose deadline had passed, ended ``expired``."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -138,6 +152,7 @@ class ReconcileReport:
             "dead_lettered": self.dead_lettered,
             "still_queued": self.still_queued,
             "orphaned": self.orphaned,
+            "expired": self.expired,
         }
 
 
@@ -191,6 +206,7 @@ def reconcile(
     report = ReconcileReport()
     registry = registry or WorkerRegistry(connect(settings.state_redis_url))
     report.orphaned = sweep_dead_workers(client, registry, settings)
+    report.expired = expire_overdue(sessions, SpendLedger.for_settings(settings, registry.client), now=now)
     in_broker: set[str] | None = None
     to_publish: list[tuple[str, str]] = []
 
@@ -218,9 +234,26 @@ def reconcile(
     for task, job_id in to_publish:  # after the commit, so a worker never sees the job before its new state
         publish(app, task, job_id)
         report.republished.append(job_id)
-    if report.republished or report.dead_lettered or report.orphaned:
+    if report.republished or report.dead_lettered or report.orphaned or report.expired:
         log.warning("reconciled", extra=report.to_dict())
     return report
+
+
+def expire_overdue(sessions: sessionmaker[Session], ledger: SpendLedger | None, *, now: datetime) -> list[str]:
+    """End ``expired`` every unfinished job whose deadline has passed (a batch per pass), giving back the cloud
+    reservations of those not generating; returns their ids. A generating one's image is discarded when its
+    worker is done (:func:`db.lifecycle.stop`)."""
+    released: list[tuple[str, tuple[str, float]]] = []
+    expired: list[str] = []
+    with transaction(sessions) as session:
+        for job in lock_overdue_jobs(session, now=now, limit=BATCH):
+            held = lifecycle.expire_if_overdue(session, job, now=now)
+            expired.append(str(job.id))
+            if held is not None:
+                released.append((str(job.id), held))
+    for job_id, held in released:
+        give_back(ledger, *held, job_id=job_id)
+    return expired
 
 
 def replay_dead_letters(

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from db.decisions import get_decision
 from db.jobs import lock_jobs_with_tenant_budgets
-from db.lifecycle import is_done, mark_routed
+from db.lifecycle import expire_if_overdue, is_done, mark_routed
 from db.models import utcnow
 from db.session import transaction
 from router.policy import RouteRequest, shadow_sampled
@@ -80,8 +80,8 @@ def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
     with transaction(ctx.sessions) as session:
         pending = []
         for job, tenant_budget in lock_jobs_with_tenant_budgets(session, keys):
-            if is_done(job):
-                continue
+            if is_done(job) or expire_if_overdue(session, job) or is_done(job):
+                continue  # (an expired job on the route queue holds no reservation yet)
             if job.tier is not None:
                 # Redelivery after the decision was committed: only the hand-off may be missing.
                 existing = get_decision(session, job_id=job.id)

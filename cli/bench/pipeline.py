@@ -100,7 +100,7 @@ def _latencies(run: LocalRun, n: int) -> dict[str, list[float]]:
     timestamps."""
     import httpx
 
-    from api.schemas import timings
+    from db.documents import timings
     from db.jobs import get_job, list_events
 
     engine = make_engine(run.settings.database_url)

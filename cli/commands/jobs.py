@@ -1,4 +1,4 @@
-"""``routet2i submit``, ``routet2i status`` and ``routet2i stats``: use the API from a terminal."""
+"""``routet2i submit``, ``status``, ``cancel``, ``deliveries`` and ``stats``: use the API from a terminal."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from cli.commands.common import echo_json, load_settings
 
-TERMINAL = ("succeeded", "failed")
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
 class ApiClientError(click.ClickException):
@@ -47,6 +47,12 @@ class ApiClient:
 
     def job(self, job_id: str) -> Any:
         return self._check(self.http.get(f"/v1/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> Any:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel"))
+
+    def deliveries(self, job_id: str) -> Any:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}/deliveries"))
 
     def stats(self) -> Any:
         return self._check(self.http.get("/v1/stats"))
@@ -219,7 +225,16 @@ def submit_file(
     default=None,
     help="Resubmitting with the same key returns the same job (with --file: KEY-LINE per line).",
 )
-@click.option("--wait", is_flag=True, help="Wait until the jobs succeed or fail.")
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds after which a job that has not ended ends expired (never generated after).",
+)
+@click.option(
+    "--webhook", default=None, help="URL each job's terminal state is posted to (a host the tenant may call)."
+)
+@click.option("--wait", is_flag=True, help="Wait until the jobs end.")
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(0), help="Seconds --wait waits.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the job (with --file: summary, jobs, rejected lines) as JSON."
@@ -233,6 +248,8 @@ def submit(
     width: int | None,
     height: int | None,
     idempotency_key: str | None,
+    deadline: float | None,
+    webhook: str | None,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -242,7 +259,14 @@ def submit(
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either PROMPT or --file, not both and not neither")
     api = client(api_url)
-    options = {"seed": seed, "steps": steps, "width": width, "height": height}
+    options = {
+        "seed": seed,
+        "steps": steps,
+        "width": width,
+        "height": height,
+        "deadline_s": deadline,
+        "webhook_url": webhook,
+    }
     if prompts_file is not None:
         submit_file(
             api, prompts_file, options, idempotency_key=idempotency_key, wait=wait, timeout=timeout, as_json=as_json
@@ -270,6 +294,38 @@ def status(job_id: str, as_json: bool, api_url: str | None) -> None:
         echo_json(job)
     else:
         click.echo(describe(job))
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@click.option("--api", "api_url", default=None, help="API base URL (default: ROUTET2I_API_URL).")
+def cancel(job_id: str, as_json: bool, api_url: str | None) -> None:
+    """Cancel a job that has not ended (a generating job's image is discarded when it is done)."""
+    job = client(api_url).cancel(job_id)
+    if as_json:
+        echo_json(job)
+    else:
+        click.echo(describe(job))
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the deliveries as JSON.")
+@click.option("--api", "api_url", default=None, help="API base URL (default: ROUTET2I_API_URL).")
+def deliveries(job_id: str, as_json: bool, api_url: str | None) -> None:
+    """List a job's webhook deliveries with every attempt."""
+    items = client(api_url).deliveries(job_id)["items"]
+    if as_json:
+        echo_json(items)
+        return
+    for item in items:
+        click.echo(f"{item['event']:<10} {item['state']:<9} {item['attempts']} attempt(s)  {item['url']}")
+        for attempt in item["attempt_log"]:
+            answer = attempt["status_code"] if attempt["status_code"] is not None else attempt["error"]
+            click.echo(f"  #{attempt['attempt']} {attempt['at']}  {answer}  {attempt['duration_ms']:.0f} ms")
+    if not items:
+        click.echo("no webhook deliveries", err=True)
 
 
 @click.command()

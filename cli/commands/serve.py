@@ -15,20 +15,32 @@ from cli.commands.common import load_settings
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="gunicorn worker processes.")
-@click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 256), help="Threads per worker.")
+@click.option(
+    "--threads",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Threads per worker, besides the ROUTET2I_IMAGES_WAITERS threads of waiting image requests.",
+)
 def api(host: str, port: int, workers: int, threads: int) -> None:
-    """Serve the HTTP API under gunicorn."""
+    """Serve the HTTP API under gunicorn.
+
+    Each worker process gets ``threads`` threads plus one per image request it may hold waiting for its images
+    (``images_waiters``; more are answered 503), so waiting requests never take the threads other requests and
+    the health probes need.
+    """
     from gunicorn.app.base import BaseApplication
 
     settings = load_settings()
+    pool = threads + settings.images_waiters
 
     class Server(BaseApplication):
         def load_config(self) -> None:
             options: dict[str, Any] = {
                 "bind": f"{host}:{port}",
                 "workers": workers,
-                "threads": threads,
-                "worker_class": "gthread" if threads > 1 else "sync",
+                "threads": pool,
+                "worker_class": "gthread",
                 "accesslog": None,
                 "graceful_timeout": 30,
                 "timeout": 120,
@@ -41,7 +53,11 @@ def api(host: str, port: int, workers: int, threads: int) -> None:
 
             return create_app(settings)
 
-    click.echo(f"RouteT2I API on http://{host}:{port} ({workers} workers x {threads} threads)", err=True)
+    click.echo(
+        f"RouteT2I API on http://{host}:{port} ({workers} workers x {threads} threads "
+        f"+ {settings.images_waiters} for waiting image requests)",
+        err=True,
+    )
     Server().run()
 
 
@@ -93,3 +109,22 @@ def worker(
     if max_tasks_per_child:
         argv.append(f"--max-tasks-per-child={max_tasks_per_child}")
     app.worker_main(argv=argv)
+
+
+@click.command()
+@click.option(
+    "--concurrency", "-c", default=8, show_default=True, type=click.IntRange(1, 256), help="Deliveries in flight."
+)
+def webhooks(concurrency: int) -> None:
+    """Post jobs' terminal states to their webhooks, signed, retrying until each receiver takes its delivery.
+    Run one or more beside the workers (rows are claimed, so several never post the same delivery)."""
+    import signal
+
+    from worker.webhooks import Dispatcher
+
+    dispatcher = Dispatcher(load_settings(), concurrency=concurrency)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: dispatcher.stopping.set())
+    click.echo(f"RouteT2I webhook dispatcher ({concurrency} in flight at most)", err=True)
+    dispatcher.run()
+    dispatcher.stop()

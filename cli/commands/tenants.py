@@ -94,6 +94,38 @@ def revoke(name: str, prefix: str | None) -> None:
         click.echo(f"revoked {revoke_keys(session, tenant=row, prefix=prefix)} key(s)")
 
 
+@tenant.command()
+@click.argument("name")
+@click.option(
+    "--allow-host",
+    "hosts",
+    multiple=True,
+    help="A host (host or host:port) its jobs' webhooks may call; repeat for several; none: no webhooks.",
+)
+@click.option("--rotate-secret", is_flag=True, help="Issue a new webhook secret (the old one stops signing).")
+@click.option("--json", "as_json", is_flag=True)
+def webhooks(name: str, hosts: tuple[str, ...], rotate_secret: bool, as_json: bool) -> None:
+    """Set the hosts tenant NAME's webhooks may call; print its webhook secret when it is new (shown once)."""
+    from db.session import transaction
+    from db.tenants import get_tenant_by_name, set_webhooks
+
+    for host in hosts:
+        if not host.strip() or "/" in host or "@" in host:
+            raise click.BadParameter(f"{host!r} is not a host or host:port", param_hint="'--allow-host'")
+    with transaction(_sessions()) as session:
+        row = get_tenant_by_name(session, name)
+        if row is None:
+            raise click.BadParameter(f"no tenant named {name!r}", param_hint="'NAME'")
+        secret = set_webhooks(row, hosts=hosts, rotate_secret=rotate_secret)
+        allowed = sorted(row.allowed_webhook_hosts)
+    if as_json:
+        echo_json({"tenant": name, "webhook_hosts": allowed, "webhook_secret": secret})
+        return
+    click.echo(f"tenant {name}: webhooks to {', '.join(allowed) or 'no host'}")
+    if secret is not None:
+        click.echo(f"webhook secret: {secret}")
+
+
 @tenant.command(name="list")
 @click.option("--json", "as_json", is_flag=True)
 def list_(as_json: bool) -> None:

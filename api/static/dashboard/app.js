@@ -190,7 +190,7 @@
   // ---- jobs -----------------------------------------------------------------------------------------
 
   function jobRow(job) {
-    const thumb = job.status === "succeeded" ? image(`${job.url}/image`, `image of job ${job.id}`, "thumb") : el("span", { class: "thumb placeholder" }, job.status === "failed" ? "✕" : "…");
+    const thumb = job.status === "succeeded" ? image(`${job.url}/image`, `image of job ${job.id}`, "thumb") : el("span", { class: "thumb placeholder" }, ["failed", "cancelled", "expired"].includes(job.status) ? "✕" : "…");
     return el(
       "tr",
       { class: `job${state.selected === job.id ? " selected" : ""}`, "data-job-id": job.id, tabindex: "0", onclick: () => selectJob(job.id), onkeydown: (e) => e.key === "Enter" && selectJob(job.id) },
@@ -380,8 +380,15 @@
   // ---- evaluation plots -------------------------------------------------------------------------------
 
   async function loadReports() {
-    const list = await api("/v1/reports");
     const box = document.getElementById("reports");
+    let list;
+    try {
+      list = await api("/v1/reports");
+    } catch (error) {
+      if (error.status !== 403) throw error;
+      box.replaceChildren(el("p", { class: "muted placeholder-text" }, "Evaluation plots cover the whole deployment: they are shown to admin keys only."));
+      return;
+    }
     if (!list.items.length) {
       box.replaceChildren(
         el("p", { class: "muted placeholder-text" }, "No evaluation plots yet. Plots are the PNG files in the reports directory (ROUTET2I_REPORTS_DIR), for example written by routet2i eval --suite or routet2i eval --plot.")
