@@ -72,11 +72,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.decisions import blueprint as decisions
     from api.health import blueprint as health
     from api.jobs import blueprint as jobs
+    from api.models import blueprint as models
     from api.openai_compat import blueprint as openai_compat
     from api.openapi import blueprint as openapi
     from api.stats import blueprint as stats
 
-    for blueprint in (health, jobs, control, decisions, stats, openapi, openai_compat):
+    for blueprint in (health, jobs, control, decisions, stats, models, openapi, openai_compat):
         app.register_blueprint(blueprint)
     register_operations(app)
     register_error_handlers(app)

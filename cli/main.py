@@ -11,10 +11,12 @@ from cli.commands.demo import demo
 from cli.commands.evaluate import evaluate_command, replay
 from cli.commands.jobs import cancel, deliveries, stats, status, submit
 from cli.commands.load import loadtest
+from cli.commands.models import learn, models
 from cli.commands.ops import flower, queues
 from cli.commands.recovery import dlq, reconcile
 from cli.commands.score import score
 from cli.commands.serve import api, webhooks, worker
+from cli.commands.simulate import simulate
 from cli.commands.tenants import tenant
 from cli.commands.train import train
 from core import __version__
@@ -47,7 +49,10 @@ for command in (
     evaluate_command,
     replay,
     train,
+    learn,
+    models,
     score,
+    simulate,
     bench,
 ):
     main.add_command(command)

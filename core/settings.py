@@ -186,8 +186,30 @@ class Settings(BaseSettings):
     cloud_spend_period_s: int = Field(default=86_400, ge=60, le=31 * 86_400)
     """Length of a spend period in seconds, counted in UTC from the epoch (86,400: calendar days, UTC)."""
     shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    """Share of routed jobs also generated (and scored) on the other tier, to collect training labels from
-    live traffic (``routet2i data export``). Their cloud images are paid from the cloud budget."""
+    """Largest share of routed jobs also generated (and scored) on the other tier, to collect training labels
+    from live traffic (``routet2i learn``, ``routet2i data export``). Their cloud images are paid from the cloud
+    budget. ``routet2i learn`` lowers the share actually used as the router settles (``shadow_min_rate``)."""
+    shadow_min_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+    """The share ``routet2i learn`` lowers the shadow rate to once the router has ``shadow_settle_labels``
+    labels and predicts well (never above ``shadow_rate``)."""
+    shadow_settle_labels: int = Field(default=1000, ge=1)
+    """Labels after which a router counts as settled, as far as its newness calls for labels."""
+    router_refresh_s: float = Field(default=5.0, gt=0)
+    """How often a route worker asks the model registry for a newly promoted champion (it switches to it
+    between two batches, without a restart)."""
+    learn_retrain_every: int = Field(default=50, ge=1)
+    """New labels ``routet2i learn`` waits for before it trains a challenger again."""
+    learn_promote_on: Literal["pgr", "apgr"] = "pgr"
+    """What a challenger must be ahead on to be promoted: the share of the cloud's gain it recovers at
+    ``cloud_budget`` (``pgr``), or over every budget (``apgr``)."""
+    learn_min_gain: float = Field(default=0.0, ge=-100.0, le=1.0)
+    """How far ahead on it (0: any point estimate above the champion's; a large negative value promotes every
+    challenger not worse beyond noise)."""
+    learn_noise_z: float = Field(default=2.0, gt=0)
+    """Standard errors of the paired difference beyond which a challenger counts as worse (never promoted)."""
+    learn_warm_start: bool = True
+    """Warm-start each challenger from the prior the loop started from (a blend whose prior weight is chosen on
+    the labels); off: challengers learn from the labels alone."""
     escalation_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Largest share of routed edge images generated again on the cloud because they scored worst on
     ``escalation_metric``, held over every ``budget_window`` consecutive edge images by a budget controller of
@@ -356,6 +378,12 @@ class Settings(BaseSettings):
         data = self.model_dump()
         put("ROUTET2I_", data)
         return env
+
+    @property
+    def model_slot(self) -> str:
+        """This deployment's router in the model registry: its budget name and its router, e.g.
+        ``default/routet2i``. Its champion routes every job."""
+        return f"{self.budget_name}/{self.router}"
 
     @property
     def state_redis_url(self) -> str:

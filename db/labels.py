@@ -16,6 +16,8 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session, aliased
 
 from db.models import CostEntry, Generation, Job
+from router.log import LogRecord
+from router.types import QualityVector
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,42 @@ def iter_labelled_jobs(
             edge_usd=None if e_usd is None else float(e_usd),
             cloud_usd=None if c_usd is None else float(c_usd),
         )
+
+
+class MixedMetricSets(ValueError):
+    """Labelled jobs were scored with several metric sets, and none was chosen."""
+
+
+def labelled_log_records(
+    session: Session, *, metric_set: str | None = None, since: datetime | None = None, limit: int | None = None
+) -> list[LogRecord]:
+    """The labelled jobs (:func:`iter_labelled_jobs`) as replay-log records, oldest first: what ``routet2i data
+    export`` writes and what ``routet2i learn`` trains on.
+
+    Raises:
+        MixedMetricSets: the jobs were scored with several metric sets and ``metric_set`` does not pick one.
+    """
+    jobs = list(iter_labelled_jobs(session, metric_set=metric_set, since=since, limit=limit))
+    sets = sorted({job.metric_set for job in jobs})
+    if len(sets) > 1:
+        raise MixedMetricSets(f"labelled jobs were scored with several metric sets ({', '.join(sets)}); choose one")
+    records = []
+    for job in jobs:
+        extra: dict[str, object] = {
+            "source": "routet2i",
+            "edge_model": job.edge_model,
+            "cloud_model": job.cloud_model,
+            "created_at": job.created_at.isoformat(),
+        }
+        if job.edge_usd is not None and job.cloud_usd is not None:
+            extra["cost"] = {"edge": job.edge_usd, "cloud": job.cloud_usd}
+        records.append(
+            LogRecord(
+                id=str(job.job_id),
+                prompt=job.prompt,
+                edge=QualityVector(job.edge["values"], metric_set=job.metric_set),
+                cloud=QualityVector(job.cloud["values"], metric_set=job.metric_set),
+                extra=extra,
+            )
+        )
+    return records

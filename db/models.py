@@ -22,11 +22,13 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     Numeric,
     String,
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -324,3 +326,48 @@ class WebhookAttempt(Base):
     """The receiver's HTTP status; None when it could not be reached."""
     error: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[float] = mapped_column(Float)
+
+
+class RouterModel(Base):
+    """A trained router in the model registry: its artifact, where it came from, how it was judged, and whether it
+    routes now. Exactly one model per ``slot`` is the champion at a time (a partial unique index)."""
+
+    __tablename__ = "router_models"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    slot: Mapped[str] = mapped_column(String(160))
+    """The deployment's router it serves (``ROUTET2I_ROUTER``); its champion routes every job."""
+    kind: Mapped[str] = mapped_column(String(64))
+    """The artifact's own router (``routet2i``, ``blend``, a rule...)."""
+    version: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64))
+    """Of ``artifact``."""
+    encoder: Mapped[str | None] = mapped_column(String(128))
+    """The encoder key the artifact was trained on (None: it uses none)."""
+    artifact: Mapped[bytes] = mapped_column(LargeBinary)
+    """The artifact directory as a gzip-compressed tar."""
+    state: Mapped[str] = mapped_column(String(16), default="candidate")
+    """``champion`` (routes now), ``retired`` (was champion), ``challenger`` (judged, not promoted), ``candidate``."""
+    source: Mapped[str] = mapped_column(Text)
+    """Where it came from: the labels it was trained on, a prior, the shipped artifact, an operator's upload."""
+    labels: Mapped[int] = mapped_column(Integer, default=0)
+    trained_from: Mapped[datetime | None]
+    trained_to: Mapped[datetime | None]
+    """The training labels' time range (the jobs' submission times)."""
+    evaluation: Mapped[dict[str, Any] | None]
+    """The verdict that judged it against the champion of its time, with the figures."""
+    promoted_by: Mapped[str | None] = mapped_column(String(128))
+    promoted_at: Mapped[datetime | None]
+    retired_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        Index("ix_router_models_slot_created", "slot", "created_at"),
+        Index(
+            "uq_router_models_champion",
+            "slot",
+            unique=True,
+            postgresql_where=text("state = 'champion'"),
+            sqlite_where=text("state = 'champion'"),
+        ),
+    )

@@ -281,6 +281,22 @@ class WorkerRegistry:
             self.client.hdel(self.key, *names)
 
 
+# --- the learning loop's shadow rate ----------------------------------------------------------------------
+
+SHADOW_RATE_KEY = "routet2i:learn:{slot}:shadow-rate"
+"""The share of jobs ``routet2i learn`` currently wants shadow-sampled for the deployment router ``slot``."""
+
+
+def set_shadow_rate(client: redis.Redis, slot: str, rate: float) -> None:
+    client.set(SHADOW_RATE_KEY.format(slot=slot), repr(float(rate)))
+
+
+def get_shadow_rate(client: redis.Redis, slot: str) -> float | None:
+    """The learning loop's current rate for ``slot``; None until it has set one."""
+    raw = client.get(SHADOW_RATE_KEY.format(slot=slot))
+    return float(cast(bytes, raw)) if raw is not None else None
+
+
 # --- rate limits ---------------------------------------------------------------------------------------
 
 _GCRA = """

@@ -42,6 +42,9 @@ class Router(ABC):
     needs_labels: ClassVar[bool] = False
     """True for reference routers that read the log's true qualities (the per-prompt oracle): they can only
     score through :meth:`score_records` and can never route live traffic."""
+    standalone: ClassVar[bool] = True
+    """False for routers built from other routers (a warm-started blend): they are not fitted or evaluated on their
+    own, so an evaluation of every router leaves them out."""
     fixed_tier: ClassVar[Tier | None] = None
     """A tier the router always chooses whatever the budget (the all-edge and all-cloud references)."""
     uses_encoder: ClassVar[bool] = False
@@ -253,5 +256,6 @@ for _name, _target in {
     "routet2i-no-token-selection": "router.routet2i:NoTokenSelectionRouter",
     "routet2i-no-dual-gate": "router.routet2i:NoDualGateRouter",
     "routet2i-no-neighbours": "router.routet2i:NoNeighboursRouter",
+    "blend": "router.learning:BlendRouter",
 }.items():
     register_builtin(_name, _target)

@@ -143,7 +143,7 @@ def routet2i_services(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
 def test_compose_services_run_valid_commands_with_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     doc = compose("compose.yaml")
     services = dict(routet2i_services(doc))
-    assert set(services) == {"migrate", "api", "router", "edge", "cloud", "webhooks", "flower"}
+    assert set(services) == {"migrate", "api", "router", "edge", "cloud", "webhooks", "learn", "flower"}
     assert {"postgres", "redis", "prometheus"} <= set(doc["services"])
 
     consumed = {}
@@ -281,7 +281,7 @@ def test_every_container_runs_a_valid_command_with_valid_settings(
                 if path is not None and "flower" not in container["args"]:
                     assert path in api_routes, f"{workload['metadata']['name']}: no route {path}"
             checked += 1
-    assert checked == 7  # migrate, api, three workers, the webhook dispatcher, flower
+    assert checked == 8  # migrate, api, three workers, the webhook dispatcher, the learning loop, flower
 
 
 def test_one_worker_deployment_per_queue_with_gpus_on_the_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,8 +429,22 @@ def documented_commands(path: Path = ROOT / "docs" / "operations.md") -> list[li
             if name.startswith("ROUTET2I_"):
                 check_env_name(name)
         if words and words[0] == "routet2i":
-            commands.append(words)
+            commands.append(_without_redirections(words))
     return commands
+
+
+def _without_redirections(words: list[str]) -> list[str]:
+    """``words`` without the shell's output redirections (``> file``, ``2>&1``), which are not the command's."""
+    kept: list[str] = []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in (">", ">>", "2>", "2>>"):
+            skip = True
+        elif not re.fullmatch(r"\d?>>?(&\d|\S+)", word):
+            kept.append(word)
+    return kept
 
 
 def create_inputs(argv: list[str], root: Path) -> None:

@@ -101,5 +101,5 @@ def test_run_local_serves_jobs_and_stops_every_process(tmp_path: Path, model_cac
     assert code == 143, script.log()
     assert not leftover, "processes of the stack outlived the script"
     logs = {p.name for p in (tmp_path / "logs").iterdir()}
-    assert logs == {"api.log", "route.log", "edge.log", "cloud.log", "webhooks.log", "flower.log"}
+    assert logs == {"api.log", "route.log", "edge.log", "cloud.log", "webhooks.log", "learn.log", "flower.log"}
     assert "starting api:" in script.log()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from celery import Celery
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
     import redis
 
     from db.redis_state import SpendLedger
+    from router.base import Router
     from router.budget import BudgetController
+    from router.embeddings import SentenceEncoder
     from router.policy import RoutingPolicy
     from worker.generators import Generator
     from worker.scoring import ClipScorer
@@ -49,6 +52,10 @@ class WorkerContext:
         self._budgets: dict[tuple[str, float], BudgetController] = {}
         self._redis: redis.Redis | None = None
         self._spend_ledger: SpendLedger | None = None
+        self._encoder: SentenceEncoder | None = None
+        self._refreshed = 0.0
+        self._learned_shadow_rate: float | None = None
+        self._from_registry = False
 
     def generator(self, tier: str) -> Generator:
         if tier not in self._generators:
@@ -84,15 +91,73 @@ class WorkerContext:
         return self._scorer
 
     def policy(self) -> RoutingPolicy:
+        """The routing policy: the model registry's champion for this deployment's router
+        (:attr:`Settings.model_slot`) when there is one, else the configured artifact (or the shipped one). Every
+        ``router_refresh_s`` it asks the registry again and, when another champion was promoted (or rolled back),
+        or none is left, loads the router that now applies and switches between two batches: no restart, no
+        decision dropped."""
         if self._policy is None:
-            from router.base import load_router
             from router.embeddings import SentenceEncoder
             from router.policy import RoutingPolicy
 
-            encoder = SentenceEncoder.from_settings(self.settings)
-            router = load_router(self.settings.router, self.settings.router_model, encoder=encoder)
+            self._encoder = SentenceEncoder.from_settings(self.settings)
+            router = self._current_router(None)
+            assert router is not None
             self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
+            self._refreshed = time.monotonic()
+        elif time.monotonic() - self._refreshed >= self.settings.router_refresh_s:
+            self._refreshed = time.monotonic()
+            newer: Router | None = None
+            try:
+                newer = self._current_router(self._policy.router)
+            except Exception:  # the registry or the artifact is unreachable: keep routing with what there is
+                log.exception("could not look for a new champion; routing on with the current router")
+            if newer is not None:
+                log.info(
+                    "switched router",
+                    extra={"from": self._policy.router.version, "to": newer.version, "slot": self.settings.model_slot},
+                )
+                self._policy.router = newer
         return self._policy
+
+    def _current_router(self, running: Router | None) -> Router | None:
+        """The router that should route now, loaded, or None when it is ``running`` already: the registry's
+        champion (its artifact unpacked once under ``cache_dir/models``), else the configured router. Also reads
+        the learning loop's current shadow rate."""
+        import redis.exceptions as redis_errors
+
+        from db.redis_state import get_shadow_rate
+        from db.registry import champion, champion_version, unpack
+        from router.base import load_router
+
+        try:
+            self._learned_shadow_rate = get_shadow_rate(self._state_redis(), self.settings.model_slot)
+        except redis_errors.RedisError as exc:  # the last rate read stands
+            log.warning("shadow rate not read", extra={"error": str(exc)})
+        with self.sessions() as session:
+            found = champion_version(session, self.settings.model_slot)
+            if found is not None and running is not None and found[1] == running.version:
+                return None
+            row = champion(session, self.settings.model_slot) if found is not None else None
+            if row is not None:
+                directory = self.settings.cache_dir / "models" / row.sha256
+                if not (directory / "manifest.json").is_file():
+                    unpack(row.artifact, directory)
+                kind = row.kind
+        if row is not None:
+            self._from_registry = True
+            return load_router(kind, directory, encoder=self._encoder)
+        if running is not None and not self._from_registry:
+            return None  # no champion, and the configured router runs already
+        self._from_registry = False
+        return load_router(self.settings.router, self.settings.router_model, encoder=self._encoder)
+
+    def shadow_rate(self) -> float:
+        """The share of routed jobs to shadow-sample: the learning loop's current rate (``routet2i learn``
+        lowers it as the router settles), never above ``ROUTET2I_SHADOW_RATE``."""
+        configured = self.settings.shadow_rate
+        learned = self._learned_shadow_rate
+        return configured if learned is None else min(configured, learned)
 
     def budget(self, name: str, rho: float, *, tolerance: float | None = None) -> BudgetController:
         """The shared budget window ``name`` (the deployment's, or a tenant's own) held to ``rho``, and to the

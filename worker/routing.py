@@ -77,6 +77,7 @@ def route_jobs(ctx: WorkerContext, job_ids: Sequence[str]) -> dict[str, str | No
 def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
     """Route the jobs ``keys`` in one transaction; returns the hand-offs to publish once it is committed."""
     handoffs: list[Handoff] = []
+    policy = ctx.policy()  # before the rows are locked: it may load a newly promoted router
     with transaction(ctx.sessions) as session:
         pending = []
         for job, tenant_budget in lock_jobs_with_tenant_budgets(session, keys):
@@ -92,13 +93,13 @@ def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
                 job.prompt,
                 requested_tier=job.requested_tier,  # type: ignore[arg-type]
                 budget=budget,
-                shadow=job.requested_tier is None and shadow_sampled(str(job.id), ctx.settings.shadow_rate),
+                shadow=job.requested_tier is None and shadow_sampled(str(job.id), ctx.shadow_rate()),
             )
             pending.append((job, request))
         if not pending:
             return handoffs
         started = utcnow()
-        decisions = ctx.policy().decide_many([request for _, request in pending])
+        decisions = policy.decide_many([request for _, request in pending])
         for (job, _), decision in zip(pending, decisions, strict=True):
             mark_routed(session, job, decision, started=started)
             handoffs.append((str(job.id), decision.tier, decision.shadow))

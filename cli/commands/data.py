@@ -84,42 +84,17 @@ def agiqa_3k(edge: str, cloud: str, output: Path) -> None:
 def labelled_records(
     session: Session, *, metric_set: str | None, since: datetime | None, limit: int | None
 ) -> list[LogRecord]:
-    """The database's labelled jobs as replay-log records (``router.log.LogRecord``).
+    """The database's labelled jobs as replay-log records.
 
     Raises:
-        click.UsageError: the jobs were scored with several metric sets and ``metric_set`` does not pick one.
+        click.BadParameter: the jobs were scored with several metric sets and ``metric_set`` does not pick one.
     """
-    from db.labels import iter_labelled_jobs
-    from router.log import LogRecord
-    from router.types import QualityVector
+    from db.labels import MixedMetricSets, labelled_log_records
 
-    jobs = list(iter_labelled_jobs(session, metric_set=metric_set, since=since, limit=limit))
-    sets = sorted({job.metric_set for job in jobs})
-    if len(sets) > 1:
-        raise click.BadParameter(
-            f"labelled jobs were scored with several metric sets ({', '.join(sets)}); choose one",
-            param_hint="'--metric-set'",
-        )
-    records = []
-    for job in jobs:
-        extra: dict[str, object] = {
-            "source": "routet2i",
-            "edge_model": job.edge_model,
-            "cloud_model": job.cloud_model,
-            "created_at": job.created_at.isoformat(),
-        }
-        if job.edge_usd is not None and job.cloud_usd is not None:
-            extra["cost"] = {"edge": job.edge_usd, "cloud": job.cloud_usd}
-        records.append(
-            LogRecord(
-                id=str(job.job_id),
-                prompt=job.prompt,
-                edge=QualityVector(job.edge["values"], metric_set=job.metric_set),
-                cloud=QualityVector(job.cloud["values"], metric_set=job.metric_set),
-                extra=extra,
-            )
-        )
-    return records
+    try:
+        return labelled_log_records(session, metric_set=metric_set, since=since, limit=limit)
+    except MixedMetricSets as exc:
+        raise click.BadParameter(str(exc), param_hint="'--metric-set'") from exc
 
 
 @data.command()

@@ -34,7 +34,7 @@ def _router_names(value: str | None) -> list[str]:
     from router.base import available_routers, router_class
 
     if value is None:
-        return available_routers()
+        return [name for name in available_routers() if router_class(name).standalone]
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         raise click.BadParameter("give at least one router name", param_hint="'--routers'")
@@ -142,13 +142,12 @@ def evaluate_command(
 def _run_suite(
     name: str, routers: list[str], folds: int, seeds: int, out_dir: Path, progress: bool, encoder: SentenceEncoder
 ) -> None:
-    from router.base import available_routers
     from router.log import write_log
     from router.report import plot_report
     from router.suite import SUITES
 
     started = time.perf_counter()
-    chosen = "" if routers == available_routers() else f" --routers {','.join(routers)}"
+    chosen = "" if routers == _router_names(None) else f" --routers {','.join(routers)}"
     sections = [
         f"Suite `{name}`: {folds} folds x {seeds} seeds, routers: {', '.join(routers)}.",
         f"Reproduce: `routet2i eval --suite {name}{chosen} --folds {folds} --seeds {seeds}`.",
