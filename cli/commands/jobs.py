@@ -207,6 +207,14 @@ def submit_file(
         raise SystemExit(1)
 
 
+def _show(job: dict[str, Any], as_json: bool) -> None:
+    """Print one job as JSON or as the human-readable summary."""
+    if as_json:
+        echo_json(job)
+    else:
+        click.echo(describe(job))
+
+
 @click.command()
 @click.argument("prompt", required=False)
 @click.option(
@@ -275,10 +283,7 @@ def submit(
     assert prompt is not None
     accepted = _submit_one(api, prompt, options, idempotency_key)
     job = api.wait(accepted["id"], timeout=timeout) if wait else api.job(accepted["id"])
-    if as_json:
-        echo_json(job)
-    else:
-        click.echo(describe(job))
+    _show(job, as_json)
     if wait and job["status"] == "failed":
         raise SystemExit(1)
 
@@ -290,10 +295,7 @@ def submit(
 def status(job_id: str, as_json: bool, api_url: str | None) -> None:
     """Show a job's status, decision and result."""
     job = client(api_url).job(job_id)
-    if as_json:
-        echo_json(job)
-    else:
-        click.echo(describe(job))
+    _show(job, as_json)
 
 
 @click.command()
@@ -303,10 +305,7 @@ def status(job_id: str, as_json: bool, api_url: str | None) -> None:
 def cancel(job_id: str, as_json: bool, api_url: str | None) -> None:
     """Cancel a job that has not ended (a generating job's image is discarded when it is done)."""
     job = client(api_url).cancel(job_id)
-    if as_json:
-        echo_json(job)
-    else:
-        click.echo(describe(job))
+    _show(job, as_json)
 
 
 @click.command()
