@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from router.log import LogRecord
+    from router.tierlog import TierRecord
 
 
 @click.group()
@@ -27,58 +28,123 @@ def import_() -> None:
     """Write a replay log from a carried human-rated data set (see router/data/*/SOURCE.md)."""
 
 
-def _write(records: Iterable[LogRecord], output: Path) -> None:
+def _write(records: Sequence[LogRecord] | Sequence[TierRecord], output: Path) -> None:
+    """Write a two-tier or a K-tier log, whichever ``records`` are."""
     from router.log import write_log
+    from router.tierlog import TierRecord, write_tier_log
 
-    count = write_log(output, records)
+    if records and isinstance(records[0], TierRecord):
+        count = write_tier_log(output, records)  # type: ignore[arg-type]
+    else:
+        count = write_log(output, records)  # type: ignore[arg-type]
     click.echo(f"wrote {count} prompts to {output}")
 
 
+_TIERS_HELP = (
+    "Instead of --edge/--cloud: two or more models, comma-separated, written as a K-tier log (tiers named after the "
+    "models, cheapest first, each line priced from router/data/prices.json)."
+)
+_PRICE_HELP = "With --tiers: MODEL=USD overrides a model's price per image (repeatable)."
+
+
+def _tier_options(command: click.decorators.FC) -> click.decorators.FC:
+    """The options every importer has: two tiers (--edge/--cloud) or any number (--tiers, --price), and -o."""
+    for option in reversed(
+        (
+            click.option("--edge", default=None, help="Edge model of a two-tier log."),
+            click.option("--cloud", default=None, help="Cloud model of a two-tier log."),
+            click.option("--tiers", default=None, help=_TIERS_HELP),
+            click.option("--price", "price_overrides", multiple=True, metavar="MODEL=USD", help=_PRICE_HELP),
+            click.option(
+                "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Log file."
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _import(
+    dataset: str, edge: str | None, cloud: str | None, tiers: str | None, price: tuple[str, ...]
+) -> list[LogRecord] | list[TierRecord]:
+    """The records of the import the options ask for: two-tier with --edge/--cloud, K-tier with --tiers.
+
+    Raises:
+        click.UsageError, click.BadParameter: a mix of the two forms, or an argument the data set refuses; the
+            message names the argument.
+    """
+    from router import datasets, tierdata
+
+    if tiers is not None:
+        if edge is not None or cloud is not None:
+            raise click.UsageError("give --tiers, or --edge and --cloud, not both")
+        names = [name.strip() for name in tiers.split(",") if name.strip()]
+        overrides = _price_overrides(price)
+        try:
+            tierdata.check_tiers(dataset, names)
+        except datasets.DatasetError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--tiers'") from exc
+        try:
+            return tierdata.IMPORTERS[dataset](names, overrides)
+        except datasets.DatasetError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--price'") from exc
+    if edge is None or cloud is None:
+        raise click.UsageError("give --edge and --cloud (a two-tier log), or --tiers (any number of tiers)")
+    if price:
+        raise click.BadParameter("only used with --tiers (a two-tier log carries no prices)", param_hint="'--price'")
+    kind = "models" if dataset == "genai-bench" else "configurations"
+    if edge == cloud:
+        raise click.BadParameter(f"edge and cloud must be different {kind}", param_hint="'--cloud'")
+    choices = tierdata.DATASETS[dataset]
+    try:
+        records = datasets.genai_bench(edge, cloud) if dataset == "genai-bench" else datasets.agiqa_3k(edge, cloud)
+    except datasets.DatasetError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--edge'" if edge not in choices else "'--cloud'") from exc
+    return records
+
+
+def _price_overrides(values: tuple[str, ...]) -> dict[str, float]:
+    """``MODEL=USD`` pairs as a mapping; a malformed one is a usage error naming --price."""
+    overrides: dict[str, float] = {}
+    for value in values:
+        model, sep, usd = value.partition("=")
+        try:
+            overrides[model.strip()] = float(usd)
+        except ValueError:
+            sep = ""
+        if not sep or not model.strip():
+            raise click.BadParameter(f"{value!r} is not MODEL=USD (e.g. DALLE_3=0.04)", param_hint="'--price'")
+    return overrides
+
+
 @import_.command(name="genai-bench")
-@click.option("--edge", required=True, help="Edge model, e.g. SDXL_Turbo.")
-@click.option("--cloud", required=True, help="Cloud model, e.g. DALLE_3.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Log file.")
-def genai_bench(edge: str, cloud: str, output: Path) -> None:
+@_tier_options
+def genai_bench(
+    edge: str | None, cloud: str | None, tiers: str | None, price_overrides: tuple[str, ...], output: Path
+) -> None:
     """GenAI-Bench (527 prompts): metric `alignment`, the mean of three 1-5 human ratings.
 
-    Each line's `auxiliary` labels are the other four models' ratings of the prompt (training only).
+    Each line's `auxiliary` labels are the ratings of the models that are not its tiers (training only).
 
     Models: SDXL_Turbo, SDXL_2_1, SDXL_Base, DeepFloyd_I_XL_v1, Midjourney_6, DALLE_3.
     """
-    from router import datasets
-
-    if edge == cloud:
-        raise click.BadParameter("edge and cloud must be different models", param_hint="'--cloud'")
-    try:
-        records = datasets.genai_bench(edge, cloud)
-    except datasets.DatasetError as exc:
-        hint = "'--edge'" if edge not in datasets.GENAI_BENCH_MODELS else "'--cloud'"
-        raise click.BadParameter(str(exc), param_hint=hint) from exc
-    _write(records, output)
+    _write(_import("genai-bench", edge, cloud, tiers, price_overrides), output)
 
 
 @import_.command(name="agiqa-3k")
-@click.option("--edge", required=True, help="Edge configuration, e.g. sd1.5_normal.")
-@click.option("--cloud", required=True, help="Cloud configuration, e.g. xl2.2_normal.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Log file.")
-def agiqa_3k(edge: str, cloud: str, output: Path) -> None:
+@_tier_options
+def agiqa_3k(
+    edge: str | None, cloud: str | None, tiers: str | None, price_overrides: tuple[str, ...], output: Path
+) -> None:
     """AGIQA-3K (300 prompts): metrics `quality` and `alignment`, human mean opinion scores.
 
-    Each line's `auxiliary` labels are the other configurations' scores of the prompt (training only).
+    Each line's `auxiliary` labels are the scores of the configurations that are not its tiers (training only);
+    a K-tier log keeps the prompts every tier rendered.
 
     Configurations: AttnGAN_normal, glide_normal, DALLE2_normal, midjourney_normal, midjourney_lowstep,
     sd1.5_normal, sd1.5_lowstep, sd1.5_highcorr, sd1.5_lowcorr, xl2.2_normal.
     """
-    from router import datasets
-
-    if edge == cloud:
-        raise click.BadParameter("edge and cloud must be different configurations", param_hint="'--cloud'")
-    try:
-        records = datasets.agiqa_3k(edge, cloud)
-    except datasets.DatasetError as exc:
-        hint = "'--edge'" if edge not in datasets.AGIQA_CONFIGS else "'--cloud'"
-        raise click.BadParameter(str(exc), param_hint=hint) from exc
-    _write(records, output)
+    _write(_import("agiqa-3k", edge, cloud, tiers, price_overrides), output)
 
 
 def labelled_records(
