@@ -113,13 +113,13 @@ def load(cls: type[R], directory: Path, *, encoder: SentenceEncoder | None = Non
         raise RouterError(f"artifact {directory} is corrupt: {WEIGHTS} is missing or does not match its hash")
     with np.load(weights, allow_pickle=False) as data:
         found = {key: data[key].astype(np.float64) for key in data.files}
-    _install(router, manifest, found)
+    install(router, manifest, found)
     if router.version != manifest.get("version"):
         raise RouterError(f"artifact {directory} does not hash to its recorded version {manifest.get('version')}")
     return router
 
 
-def _install(router: RouteT2IRouter, manifest: dict[str, Any], found: dict[str, np.ndarray]) -> None:
+def install(router: RouteT2IRouter, manifest: dict[str, Any], found: dict[str, np.ndarray]) -> None:
     """Set ``router``'s fitted state from an artifact's manifest and arrays (``found`` is emptied)."""
     router.metrics = tuple(manifest["metrics"])
     router.targets = tuple(manifest["targets"])

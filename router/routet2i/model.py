@@ -10,7 +10,7 @@ lives in :mod:`router.routet2i.training`, the artifact in :mod:`router.routet2i.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -45,6 +45,17 @@ def prompt_statistics(prompts: Sequence[str]) -> np.ndarray:
 
     rows = [(len(p), len(p.split()), count_nouns(p), len(content_words(p))) for p in prompts]
     return np.log1p(np.array(rows, dtype=np.float64).reshape(len(prompts), N_STATISTICS))
+
+
+def prs_weights(targets: Sequence[str], named: Mapping[str, float]) -> np.ndarray:
+    """The PRS weight ``w_i`` of each target: ``named`` ones as given, the rest sharing what is left equally,
+    normalised to sum to 1 (equal weights when every weight is 0)."""
+    fixed = {m: float(named[m]) for m in targets if m in named}
+    rest = [m for m in targets if m not in named]
+    left = max(1.0 - sum(fixed.values()), 0.0)
+    weights = np.array([fixed.get(m, left / len(rest) if rest else 0.0) for m in targets])
+    total = weights.sum()
+    return weights / total if total > 0 else np.full(len(targets), 1.0 / len(targets))
 
 
 @dataclass
@@ -331,13 +342,7 @@ class RouteT2IRouter(Router):
         return result
 
     def prs_weights(self) -> np.ndarray:
-        named = self.cfg.metric_weights
-        fixed = {m: float(named[m]) for m in self.targets if m in named}
-        rest = [m for m in self.targets if m not in named]
-        left = max(1.0 - sum(fixed.values()), 0.0)
-        weights = np.array([fixed.get(m, left / len(rest) if rest else 0.0) for m in self.targets])
-        total = weights.sum()
-        return weights / total if total > 0 else np.full(len(self.targets), 1.0 / len(self.targets))
+        return prs_weights(self.targets, self.cfg.metric_weights)
 
     def _pieces(
         self,

@@ -4,6 +4,10 @@ Each ensemble member gets a validation split of the training prompts, a ridge pr
 (:func:`fit_prior`) and the mixture-of-experts network (:func:`build_network`, torch) trained on the prior's
 residuals (:func:`train_member`); then the neighbours are kept and the training prompts' PRS become the offline
 calibration. Decisions never run this code: they run the numpy forward pass of :mod:`router.routet2i.model`.
+
+The members' training (:func:`fit_members`) takes the qualities of any number of tiers (the last axis of its
+targets): two for this router, more for the K-tier RouteT2I of :mod:`router.multitier`, whose heads predict every
+tier and whose gap terms compare each dearer tier with the cheapest.
 """
 
 from __future__ import annotations
@@ -54,12 +58,37 @@ def fit(router: R, records: Sequence[LogRecord], *, seed: int = 0, member: Membe
         seed: makes the fit reproducible (member ``i`` trains with seed ``1000·seed + i``).
         member: trains one member's network (default: :func:`train_member`; studies pass variants).
     """
-    torch = _torch()
     if len(records) < 10:
         raise RouterError(f"{router.name} needs at least 10 training records, got {len(records)}")
     prompts = [r.prompt for r in records]
     y, tokens, stats, features = _standardised_inputs(router, records)
     auxiliary = _auxiliary_labels(records) if router.cfg.auxiliary else None
+    groups = fit_members(router, prompts, y, tokens, stats, features, auxiliary, seed=seed, member=member)
+    # Each training prompt is calibrated without its own ratings among its neighbours, as a new prompt would be.
+    router.calibration = np.sort(router.prs_from_tokens(tokens, stats, groups=groups))
+    return router
+
+
+def fit_members(
+    router: RouteT2IRouter,
+    prompts: Sequence[str],
+    y: np.ndarray,
+    tokens: list[TokenStates],
+    stats: np.ndarray,
+    features: np.ndarray,
+    auxiliary: np.ndarray | None,
+    *,
+    seed: int,
+    member: MemberTrainer | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Train ``router``'s members on standardised qualities ``y`` (n, m, T) of any number ``T`` of tiers (the
+    last axis, cheapest first; two for the edge and the cloud), install their weights and priors and keep the
+    neighbours; set its training report. Returns the prompt groups of the neighbours (see
+    :meth:`~router.routet2i.model.RouteT2IRouter.prs_from_tokens`; None: no neighbour blend).
+
+    ``router``'s metrics, targets, scales and standardisations must already be set for ``y``.
+    """
+    torch = _torch()
     n_valid_folds = max(2, round(1.0 / router.cfg.validation_share))
     # A standardised gap moves ½ − PRS by about w_i·std_i / (4Γ·s_i): the prior's L2 strength is chosen on that.
     prs_relevance = router.prs_weights() * router.std / router.scales
@@ -80,7 +109,7 @@ def fit(router: R, records: Sequence[LogRecord], *, seed: int = 0, member: Membe
                 coef, intercept, chosen = fit_prior(
                     features[train],
                     y[train],
-                    [prompts[i] for i in train],
+                    [prompts[int(i)] for i in train],
                     member_seed,
                     prs_relevance,
                     None if auxiliary is None else auxiliary[train],
@@ -97,11 +126,8 @@ def fit(router: R, records: Sequence[LogRecord], *, seed: int = 0, member: Membe
             if router.on_member is not None:
                 router.on_member(index, report)
     router.set_weights(states, priors)
-    groups = _keep_neighbours(router, prompts, tokens, y, seed)
-    # Each training prompt is calibrated without its own ratings among its neighbours, as a new prompt would be.
-    router.calibration = np.sort(router.prs_from_tokens(tokens, stats, groups=groups))
-    router.training_report = {"members": reports, "n_train": len(records)}
-    return router
+    router.training_report = {"members": reports, "n_train": len(prompts)}
+    return _keep_neighbours(router, prompts, tokens, y, seed)
 
 
 def _standardised_inputs(
@@ -162,10 +188,11 @@ def train_member(
     valid: np.ndarray,
     seed: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """One member's network trained on the residuals ``y`` (n, k, 2) of the ``train`` rows, stopped early on the
-    ``valid`` rows: its weights (those of the epoch with the lowest validation loss) and its report."""
+    """One member's network trained on the residuals ``y`` (n, k, T) of the ``train`` rows (``T`` tiers, two for
+    the edge and the cloud), stopped early on the ``valid`` rows: its weights (those of the epoch with the lowest
+    validation loss) and its report."""
     torch = _torch()
-    net = build_network(cfg, tokens[0].states.shape[1], n_targets)
+    net = build_network(cfg, tokens[0].states.shape[1], n_targets, y.shape[-1])
     optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     target = torch.from_numpy(y.astype(np.float32))
     valid_batch = pad_batch([tokens[i] for i in valid], stats[valid])
@@ -207,8 +234,9 @@ def train_member(
     return state, report
 
 
-def build_network(config: RouteT2IConfig, d: int, n_metrics: int) -> Any:
-    """The mixture-of-experts predictor as a torch module (built lazily: torch loads only when needed)."""
+def build_network(config: RouteT2IConfig, d: int, n_metrics: int, n_tiers: int = 2) -> Any:
+    """The mixture-of-experts predictor as a torch module (built lazily: torch loads only when needed); its heads
+    predict each metric on ``n_tiers`` tiers (the edge and the cloud by default)."""
     torch = _torch()
     nn = torch.nn
 
@@ -222,8 +250,8 @@ def build_network(config: RouteT2IConfig, d: int, n_metrics: int) -> Any:
             self.p_neg = nn.Parameter(torch.randn(k, d, r) * d**-0.5)
             self.shared = nn.Parameter(torch.randn(r, h) * r**-0.5)
             self.sentence = nn.Linear(d, hs) if hs else None
-            self.head_w = nn.Parameter(torch.randn(k, h + hs_in, 2) * (h + hs_in) ** -0.5 * 0.1)
-            self.head_b = nn.Parameter(torch.zeros(k, 2))
+            self.head_w = nn.Parameter(torch.randn(k, h + hs_in, n_tiers) * (h + hs_in) ** -0.5 * 0.1)
+            self.head_b = nn.Parameter(torch.zeros(k, n_tiers))
             self.dropout = nn.Dropout(config.dropout)
 
         def token_weights(self, states: Any, mask: Any) -> Any:
@@ -273,8 +301,8 @@ def fit_prior(
     auxiliary: np.ndarray | None = None,
     ranks: Sequence[int] = PRIOR_RANKS,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Reduced-rank multi-output ridge of ``y`` (n, m, 2) on features ``x`` (n, p), optionally learnt together
-    with auxiliary targets: coefficients (p, m, 2), intercepts (m, 2) and the chosen L2 strength and rank.
+    """Reduced-rank multi-output ridge of ``y`` (n, m, T) on features ``x`` (n, p), optionally learnt together
+    with auxiliary targets: coefficients (p, m, T), intercepts (m, T) and the chosen L2 strength and rank.
 
     The outputs are ``y`` and the columns of ``auxiliary`` (n, q) standardised (NaN: the label is missing;
     it counts as the column's mean). Every output is ridge-regressed on ``x`` with one L2 strength, and the
@@ -282,7 +310,7 @@ def fit_prior(
     ``r``-dimensional space of prompt features: auxiliary labels (other generators' ratings of the same
     prompt) then shape the directions the tiers' predictions use, which lowers their variance on a few
     hundred noisy labels. The L2 strength and the rank (full rank, plain ridge, included) are the pair with
-    the smallest inner cross-validated error of the predicted cloud-minus-edge gaps combined with
+    the smallest inner cross-validated error of the predicted gaps to the cheapest tier combined with
     ``weights`` (m,) per metric (what routing ranks by: the linearised PRS); None: the sum of the metrics'
     squared gap errors. Only the coefficients of ``y`` are returned: decisions need nothing else.
     """
@@ -340,7 +368,7 @@ def _prior_errors(
     candidates = sorted({min(int(r), n_out) for r in (*ranks, n_out)}) if n_out > n_main else [n_out]
     errors = np.zeros((len(PRIOR_ALPHAS), len(candidates)))
     for train, valid in splits:
-        truth = y[valid, :, 1] - y[valid, :, 0]
+        truth = _gaps(y[valid])
         centre = x[train].mean(axis=0)
         for j, (coef, intercept) in enumerate(ridge_path(x[train], outputs[train], PRIOR_ALPHAS)):
             if len(candidates) > 1:
@@ -353,18 +381,20 @@ def _prior_errors(
                 else:
                     fitted = (deviation @ directions[:rank].T) @ directions[:rank] + means
                 pred = fitted[:, :n_main].reshape(-1, *y.shape[1:])
-                gap_error = (pred[..., 1] - pred[..., 0]) - truth
+                gap_error = _gaps(pred) - truth  # (n, m), or (n, m, T − 1) with more than two tiers
                 if weights is not None:
-                    gap_error = gap_error @ weights
+                    gap_error = (
+                        gap_error @ weights if gap_error.ndim == 2 else np.einsum("nmt,m->nt", gap_error, weights)
+                    )
                 errors[j, k] += float((gap_error**2).sum())
     return errors, candidates
 
 
 def correction_share(out: np.ndarray, target: np.ndarray, gap_weight: float) -> float:
-    """The share ``λ ∈ [0, 1]`` of the network's corrections ``out`` (n, k, 2) that minimises the training loss
+    """The share ``λ ∈ [0, 1]`` of the network's corrections ``out`` (n, k, T) that minimises the training loss
     of ``λ·out`` against the residual targets ``target`` on validation data (closed form: the loss is quadratic
     in ``λ``). 0 keeps the prior alone; 1 the corrections as trained."""
-    gap_out, gap_target = out[..., 1] - out[..., 0], target[..., 1] - target[..., 0]
+    gap_out, gap_target = _gaps(out), _gaps(target)
     curvature = float(np.mean(out**2) + gap_weight * np.mean(gap_out**2))
     slope = float(np.mean(out * target) + gap_weight * np.mean(gap_out * gap_target))
     return float(np.clip(slope / curvature, 0.0, 1.0)) if curvature > 0 else 0.0
@@ -379,10 +409,19 @@ def _auxiliary_labels(records: Sequence[LogRecord]) -> np.ndarray | None:
     return np.array([[r.auxiliary.get(name, np.nan) for name in names] for r in records], dtype=np.float64)
 
 
+def _gaps(values: Any) -> Any:
+    """Each dearer tier's value minus the cheapest tier's, over the last axis (numpy or torch): (..., T − 1), or
+    the cloud-minus-edge gap (...) with two tiers."""
+    if values.shape[-1] == 2:
+        return values[..., 1] - values[..., 0]
+    return values[..., 1:] - values[..., :1]
+
+
 def training_loss(out: Any, target: Any, gap_weight: float) -> Any:
+    """Mean squared error over every tier plus ``gap_weight`` times that of the gaps to the cheapest tier."""
     torch = _torch()
     tiers = torch.mean((out - target) ** 2)
-    gap = torch.mean(((out[..., 1] - out[..., 0]) - (target[..., 1] - target[..., 0])) ** 2)
+    gap = torch.mean((_gaps(out) - _gaps(target)) ** 2)
     return tiers + gap_weight * gap
 
 
