@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from router.embeddings import SentenceEncoder
     from router.log import LogRecord
     from router.results import Report
+    from router.tierlog import TierLog
 
 
 def _read_log(path: Path, param: str = "'--log'") -> list[LogRecord]:
@@ -111,6 +112,10 @@ def evaluate_command(
 
     Folds split by prompt; learned routers are never scored on their own training prompts, and every router is
     scored on the same test folds. See docs/evaluation.md.
+
+    A K-tier log (three or more tiers, or tiers not named edge and cloud) is evaluated among its tiers instead:
+    each router's quality-cost curve as the budget per image sweeps the tiers' prices, its aqc and cost_to_best,
+    and the paired aqc differences with the K-tier RouteT2I (docs/tiers-offline.md).
     """
     if (log_path is None) == (suite is None):
         raise click.UsageError("give exactly one of --log FILE or --suite NAME")
@@ -118,6 +123,11 @@ def evaluate_command(
         raise click.BadParameter("only used with --suite", param_hint="'--out'")
     if suite is not None and plot is not None:
         raise click.BadParameter("--suite writes one plot per log into --out", param_hint="'--plot'")
+    tier_log = _k_tier_log(log_path) if log_path is not None else None
+    if tier_log is not None:
+        assert log_path is not None
+        _evaluate_k_tiers(tier_log, log_path, routers, folds, seeds, as_json, plot, progress)
+        return
     names = _router_names(routers)
     encoder = _encoder(load_settings())
     show = sys.stderr.isatty() if progress is None else progress
@@ -295,3 +305,62 @@ def _describe(doc: dict[str, Any]) -> str:
             f"  online: {windows}; {online['cloud_by_minimum_share']} sent to the cloud by the window's minimum share"
         )
     return "\n".join(lines)
+
+
+def _k_tier_log(path: Path) -> TierLog | None:
+    """The log at ``path`` when it is a K-tier one (three or more tiers, or tiers not named edge and cloud); None
+    for a two-tier log, or one neither reader accepts (the two-tier reader then says why)."""
+    from router.log import LogFormatError
+    from router.tierlog import read_tier_log
+
+    try:
+        log = read_tier_log(path)
+    except (LogFormatError, UnicodeDecodeError):
+        return None
+    return None if log.is_two_tier() else log
+
+
+def _evaluate_k_tiers(
+    log: TierLog,
+    path: Path,
+    routers: str | None,
+    folds: int,
+    seeds: int,
+    as_json: bool,
+    plot: Path | None,
+    progress: bool | None,
+) -> None:
+    """``routet2i eval --log`` on a K-tier log: the rows of :func:`router.tiereval.evaluate_tiers`."""
+    from router.splits import group_ids
+    from router.tiereval import DEFAULT_ROUTERS, available_rows, evaluate_tiers
+    from router.tierreport import plot_tier_report, tier_table
+
+    if log.prices is None:
+        raise click.BadParameter(
+            f"{path}: a K-tier log needs each line's 'cost' (price per image)", param_hint="'--log'"
+        )
+    names = list(DEFAULT_ROUTERS) if routers is None else [n.strip() for n in routers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available_rows()]
+    if unknown or not names or len(set(names)) != len(names):
+        raise click.BadParameter(
+            f"K-tier routers are {', '.join(available_rows())} (each once); got {routers!r}", param_hint="'--routers'"
+        )
+    distinct = int(group_ids(log.prompts).max()) + 1
+    if folds > distinct:
+        raise click.BadParameter(
+            f"{folds} folds need at least {folds} distinct prompts; the log has {distinct}", param_hint="'--folds'"
+        )
+    settings = load_settings()
+    encoder = _encoder(settings) if any(n not in ("random-mixture", "oracle") for n in names) else None
+    show = sys.stderr.isatty() if progress is None else progress
+    report = evaluate_tiers(
+        log, names, folds=folds, seeds=seeds, encoder=encoder, progress=show, info={"log": str(path)}
+    )
+    if plot is not None:
+        plot_tier_report(report, plot, title=f"{path.name}: {folds}-fold CV x {seeds} seeds")
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    click.echo(tier_table(report.to_dict()))
+    timing = f"\n{report.wall_s:.1f}s wall, {report.cpu_s:.1f}s CPU"
+    click.echo(f"{timing}; plot: {plot}" if plot else timing)
