@@ -71,8 +71,11 @@ DEFAULT_ROUTERS: tuple[str, ...] = (
 )
 """The routers of ``routet2i eval`` on a K-tier log, besides one per single tier."""
 
-Policy = Callable[[np.ndarray, float], tuple[float, float]]
-"""A routing of one test fold: budget per image → (mean cost per image, mean reported quality)."""
+Point = tuple[float, float, np.ndarray]
+"""One routing of a test fold: mean cost per image, mean reported quality, and the share of prompts on each tier."""
+
+Policy = Callable[[float], Point]
+"""A routing of one test fold at each budget per image."""
 
 
 def report_quality(qualities: np.ndarray, spread: np.ndarray) -> np.ndarray:
@@ -94,20 +97,21 @@ def utility_policy(utilities: np.ndarray, prices: np.ndarray, truth: np.ndarray)
     rows = np.arange(len(truth))
     price_list = [float(p) for p in prices]  # router.tiers takes a sequence
 
-    def at(choice: np.ndarray) -> tuple[float, float]:
-        return float(prices[choice].mean()), float(truth[rows, choice].mean())
+    def at(choice: np.ndarray) -> Point:
+        shares = np.bincount(choice, minlength=len(prices)) / len(choice)
+        return float(prices[choice].mean()), float(truth[rows, choice].mean()), shares
 
-    def policy(_: np.ndarray, budget: float) -> tuple[float, float]:
+    def policy(budget: float) -> Point:
         multiplier = multiplier_for_budget(utilities, price_list, budget)
-        cost, quality = at(choose(utilities, price_list, multiplier))
+        cost, quality, shares = at(choose(utilities, price_list, multiplier))
         if multiplier <= 0 or cost >= budget:
-            return cost, quality
+            return cost, quality, shares
         # The choices just below the multiplier cost more than the budget: mix them in at the leftover share.
-        dearer_cost, dearer_quality = at(choose(utilities, price_list, multiplier - max(multiplier * 1e-9, 1e-12)))
-        if dearer_cost <= cost:
-            return cost, quality
-        share = min((budget - cost) / (dearer_cost - cost), 1.0)
-        return cost + share * (dearer_cost - cost), quality + share * (dearer_quality - quality)
+        dearer = at(choose(utilities, price_list, multiplier - max(multiplier * 1e-9, 1e-12)))
+        if dearer[0] <= cost:
+            return cost, quality, shares
+        t = min((budget - cost) / (dearer[0] - cost), 1.0)
+        return cost + t * (dearer[0] - cost), quality + t * (dearer[1] - quality), shares + t * (dearer[2] - shares)
 
     return policy
 
@@ -116,9 +120,9 @@ def single_tier_policy(tier: int, prices: np.ndarray, truth: np.ndarray) -> Poli
     """Every prompt on ``tier`` where the budget affords it, else on the cheapest tier."""
     means = truth.mean(axis=0)
 
-    def policy(_: np.ndarray, budget: float) -> tuple[float, float]:
+    def policy(budget: float) -> Point:
         chosen = tier if prices[tier] <= budget + 1e-15 else 0
-        return float(prices[chosen]), float(means[chosen])
+        return float(prices[chosen]), float(means[chosen]), np.eye(len(prices))[chosen]
 
     return policy
 
@@ -151,13 +155,15 @@ def mixture_policy(hull: Sequence[int], prices: np.ndarray, truth: np.ndarray) -
     means = truth.mean(axis=0)
     points = np.array([prices[k] for k in hull])
 
-    def policy(_: np.ndarray, budget: float) -> tuple[float, float]:
+    def policy(budget: float) -> Point:
         if budget >= points[-1]:
-            return float(prices[hull[-1]]), float(means[hull[-1]])
+            return float(prices[hull[-1]]), float(means[hull[-1]]), np.eye(len(prices))[hull[-1]]
         j = int(np.searchsorted(points, budget, side="right")) - 1
         a, b = hull[j], hull[j + 1]
-        share = (budget - prices[a]) / (prices[b] - prices[a])
-        return budget, float((1 - share) * means[a] + share * means[b])
+        t = (budget - prices[a]) / (prices[b] - prices[a])
+        shares = np.zeros(len(prices))
+        shares[a], shares[b] = 1 - t, t
+        return budget, float((1 - t) * means[a] + t * means[b]), shares
 
     return policy
 
@@ -174,6 +180,8 @@ class TierRun:
     """Mean cost per image at each budget (at most the budget)."""
     quality: np.ndarray
     """Normalised reported quality at each budget: 0 all-cheapest, 1 the best single tier."""
+    shares: np.ndarray
+    """Share of the prompts on each tier at each budget, (budgets, K)."""
     aqc: float
     cost_to_best: float
     """Share of the best tier's price at which the curve reaches 1 (NaN: never)."""
@@ -184,7 +192,8 @@ def measure_run(
 ) -> TierRun:
     """Run ``policy`` at every budget and normalise its quality on the test fold's ``truth``; ``best``: the best
     single tier's index and price."""
-    points = np.array([policy(budgets, float(b)) for b in budgets])
+    found = [policy(float(b)) for b in budgets]
+    points = np.array([(cost, quality) for cost, quality, _ in found])
     means = truth.mean(axis=0)
     span = means[best[0]] - means[0]
     normalised = (points[:, 1] - means[0]) / span if span != 0 else np.full(len(budgets), np.nan)
@@ -195,6 +204,7 @@ def measure_run(
         n_test=len(truth),
         cost=points[:, 0],
         quality=normalised,
+        shares=np.array([shares for _, _, shares in found]),
         aqc=_area(budgets, normalised),
         cost_to_best=_cost_to_best(points[:, 0], normalised, best[1]),
     )
@@ -430,6 +440,11 @@ class TierReport:
         runs = self.runs[name]
         return np.mean([r.cost for r in runs], axis=0), np.mean([r.quality for r in runs], axis=0)
 
+    def mean_shares(self, name: str) -> np.ndarray:
+        """Mean share of the prompts on each tier at each budget over ``name``'s runs, (budgets, K)."""
+        result: np.ndarray = np.mean([r.shares for r in self.runs[name]], axis=0)
+        return result
+
     def cost_to_best(self, name: str) -> float:
         """Where the mean curve reaches the best single tier's quality, as a share of its price (NaN: never)."""
         cost, quality = self.mean_curve(name)
@@ -482,15 +497,22 @@ class TierReport:
         aqc = np.array([r.aqc for r in runs])
         reached = np.array([math.isfinite(r.cost_to_best) for r in runs])
         cost, quality = self.mean_curve(name)
+        shares = self.mean_shares(name)
+        middle = len(self.budgets) // 2
         return {
             "aqc": _num(aqc.mean()),
             "aqc_std": _num(aqc.std(ddof=1)) if len(aqc) > 1 else 0.0,
             "cost_to_best": _num(self.cost_to_best(name)),
             "cost_to_best_reached": float(reached.mean()),
+            "mid_budget": round(float(self.budgets[middle]), 6),
+            "shares_at_mid_budget": {
+                t: round(float(v), 4) for t, v in zip(self.log.tiers, shares[middle], strict=True)
+            },
             "curve": {
                 "budget": [round(float(b), 6) for b in self.budgets],
                 "cost": [round(float(c), 6) for c in cost],
                 "quality": [_num(q) for q in quality],
+                "shares": {t: [round(float(v), 4) for v in shares[:, k]] for k, t in enumerate(self.log.tiers)},
             },
             "runs": [
                 {

@@ -24,6 +24,7 @@ def tier_table(doc: Mapping[str, Any], *, markdown: bool = False) -> str:
     difference with it (± standard error) and the runs in which it is at least as good."""
     paired = {c["router"]: c for c in doc["comparison"][FOCUS]}
     header = ["router", "aqc", "cost_to_best", "runs reaching best", f"{FOCUS} − router (± s.e.)", "runs ahead"]
+    header.append("tier shares at the mid budget")
     rows = []
     for name, summary in doc["routers"].items():
         c = paired.get(name)
@@ -35,13 +36,15 @@ def tier_table(doc: Mapping[str, Any], *, markdown: bool = False) -> str:
                 f"{summary['cost_to_best_reached']:.2f}",
                 "—" if c is None else f"{_fmt(c['difference'])} ± {_fmt(c['se'])}",
                 "—" if c is None else f"{c['runs_ahead']}/{c['runs']}",
+                " / ".join(f"{v:.2f}" for v in summary["shares_at_mid_budget"].values()),
             ]
         )
     log = doc["log"]
     prices = ", ".join(f"{t} ${p:.4g}" for t, p in zip(log["tiers"], log["prices"], strict=True))
+    middle = next(iter(doc["routers"].values()))["mid_budget"]
     title = (
         f"{log['records']} prompts, tiers (cheapest first) {prices}; best single tier {log['best_tier']}; "
-        f"{doc['protocol']['folds']} folds x {len(doc['protocol']['seeds'])} seeds"
+        f"{doc['protocol']['folds']} folds x {len(doc['protocol']['seeds'])} seeds; mid budget ${middle:.4g} per image"
     )
     return "\n".join([f"*{title}*" if markdown else title, "", _render(header, rows, markdown)])
 

@@ -115,6 +115,8 @@ def test_the_oracle_curve_aqc_and_cost_to_best_match_the_hand_computation() -> N
     assert run.cost == pytest.approx(np.minimum(budgets, 1.5))
     assert run.aqc == pytest.approx((0.375 + 0.4375 + 0.5) / 2)  # the integral over [0, 2], over 2
     assert run.cost_to_best == pytest.approx(1.5 / 2)
+    # At $1 prompt B is on tier 2; at $1.25 half of the way to also sending A to tier 1.
+    assert run.shares[50] == pytest.approx([0.5, 0.0, 0.5]) and run.shares[62] == pytest.approx([0.26, 0.24, 0.5])
     best = measure_run("tier:2", 0, 0, single_tier_policy(2, PRICES, TRUTH), budgets, TRUTH, (2, 2.0))
     assert best.cost_to_best == 1.0 and best.quality[-1] == 1.0 and best.quality[-2] == 0.0
     # Tier 1 lies under the chord from tier 0 to tier 2: the best blind mixture skips it, quality b/2.
@@ -158,6 +160,7 @@ def test_evaluate_tiers_reports_every_row_and_the_paired_differences() -> None:
     assert oracle["aqc"] == pytest.approx(0.65625, abs=0.02) and len(oracle["runs"]) == 4
     assert doc["routers"]["tier:a"]["aqc"] == 0.0 and doc["routers"]["tier:a"]["cost_to_best"] is None
     assert doc["routers"]["tier:c"]["cost_to_best"] == 1.0
+    assert doc["routers"]["tier:b"]["shares_at_mid_budget"] == {"a": 0.0, "b": 1.0, "c": 0.0}  # the mid budget is $1
     with pytest.raises(ValueError, match="unknown routers"):
         evaluate_tiers(log, ["nope"], folds=2, seeds=1)
 
