@@ -226,9 +226,14 @@ def tier_log(records: Iterable[TierRecord], *, source: str = "log") -> TierLog:
     priced = [r.cost for r in chosen if r.cost]
     if not priced:
         return TierLog(chosen, tiers, metrics, None)
-    mean = {tier: float(np.mean([cost[tier] for cost in priced])) for tier in tiers}
+    mean = {tier: _mean([cost[tier] for cost in priced]) for tier in tiers}
     ordered = tuple(sorted(tiers, key=lambda t: (mean[t], tiers.index(t))))
     return TierLog(chosen, ordered, metrics, np.array([mean[t] for t in ordered]))
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean, exact when every value is the same (a price per image repeated on every line)."""
+    return values[0] if min(values) == max(values) else float(np.mean(values))
 
 
 def iter_tier_log(path: Path) -> Iterator[TierRecord]:
