@@ -35,7 +35,6 @@ utilities; ``-prs``/``-quality`` variants swap the utility); and the per-prompt 
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,10 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from router.pgr import crossing
 from router.results import FIT_SEED_STRIDE
-from router.splits import group_ids, split_folds
+from router.splits import split_folds
 from router.tierlog import TierLog, TierRecord, two_tier_records
+from router.tierresults import TierReport, TierRun, area, cost_to_best_share
 from router.tiers import check_prices, choose, multiplier_for_budget
 
 if TYPE_CHECKING:
@@ -55,9 +54,6 @@ if TYPE_CHECKING:
 
 BUDGETS = 101
 """Budget points of every curve, from the cheapest tier's price to the dearest's."""
-
-FOCUS = "routet2i"
-"""The router the others are compared with, paired over runs."""
 
 DEFAULT_ROUTERS: tuple[str, ...] = (
     "random-mixture",
@@ -168,25 +164,6 @@ def mixture_policy(hull: Sequence[int], prices: np.ndarray, truth: np.ndarray) -
     return policy
 
 
-@dataclass(frozen=True)
-class TierRun:
-    """One router on one test fold: its curve over :data:`BUDGETS` budgets, normalised, and what is read off it."""
-
-    router: str
-    seed: int
-    fold: int
-    n_test: int
-    cost: np.ndarray
-    """Mean cost per image at each budget (at most the budget)."""
-    quality: np.ndarray
-    """Normalised reported quality at each budget: 0 all-cheapest, 1 the best single tier."""
-    shares: np.ndarray
-    """Share of the prompts on each tier at each budget, (budgets, K)."""
-    aqc: float
-    cost_to_best: float
-    """Share of the best tier's price at which the curve reaches 1 (NaN: never)."""
-
-
 def measure_run(
     router: str, seed: int, fold: int, policy: Policy, budgets: np.ndarray, truth: np.ndarray, best: tuple[int, float]
 ) -> TierRun:
@@ -205,23 +182,9 @@ def measure_run(
         cost=points[:, 0],
         quality=normalised,
         shares=np.array([shares for _, _, shares in found]),
-        aqc=_area(budgets, normalised),
-        cost_to_best=_cost_to_best(points[:, 0], normalised, best[1]),
+        aqc=area(budgets, normalised),
+        cost_to_best=cost_to_best_share(points[:, 0], normalised, best[1]),
     )
-
-
-def _area(budgets: np.ndarray, values: np.ndarray) -> float:
-    """The mean of a curve over the budget range (trapezoid rule)."""
-    if budgets[-1] == budgets[0]:
-        return float(values.mean())
-    return float(np.trapezoid(values, budgets) / (budgets[-1] - budgets[0]))
-
-
-def _cost_to_best(cost: np.ndarray, quality: np.ndarray, best_price: float) -> float:
-    """The cost at which ``quality`` first reaches 1, over ``best_price`` (NaN: never, or an undefined scale)."""
-    if best_price <= 0 or not np.all(np.isfinite(quality)):
-        return float("nan")
-    return crossing(cost, quality, 1.0) / best_price
 
 
 # --- the evaluation ---------------------------------------------------------------------------------------
@@ -402,140 +365,3 @@ def _two_tier_utilities(
     utilities[:, best] = router.score(prompts)
     context.fit_s["routet2i-two-tier"] = context.fit_s.get("routet2i-two-tier", 0.0) + time.perf_counter() - started
     return utilities
-
-
-# --- the report -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TierComparison:
-    """The focus router against another, paired over the runs (they share their test folds)."""
-
-    other: str
-    difference: float
-    """Mean over runs of the focus router's aqc minus the other's on the same fold."""
-    se: float
-    """Sample standard deviation of those differences over √runs (NaN with one run)."""
-    ahead: int
-    runs: int
-
-
-@dataclass(frozen=True)
-class TierReport:
-    """The outcome of :func:`evaluate_tiers`: every row's runs, and the values read from them."""
-
-    log: TierLog
-    best: str
-    budgets: np.ndarray
-    folds: int
-    seeds: tuple[int, ...]
-    runs: Mapping[str, Sequence[TierRun]]
-    fit_s: Mapping[str, float]
-    wall_s: float
-    cpu_s: float
-    info: Mapping[str, Any]
-
-    def mean_curve(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Mean cost and mean normalised quality at each budget over ``name``'s runs."""
-        runs = self.runs[name]
-        return np.mean([r.cost for r in runs], axis=0), np.mean([r.quality for r in runs], axis=0)
-
-    def mean_shares(self, name: str) -> np.ndarray:
-        """Mean share of the prompts on each tier at each budget over ``name``'s runs, (budgets, K)."""
-        result: np.ndarray = np.mean([r.shares for r in self.runs[name]], axis=0)
-        return result
-
-    def cost_to_best(self, name: str) -> float:
-        """Where the mean curve reaches the best single tier's quality, as a share of its price (NaN: never)."""
-        cost, quality = self.mean_curve(name)
-        return _cost_to_best(cost, quality, float(self.prices[self.log.tiers.index(self.best)]))
-
-    @property
-    def prices(self) -> np.ndarray:
-        assert self.log.prices is not None
-        return self.log.prices
-
-    def compare(self, focus: str = FOCUS) -> list[TierComparison]:
-        """``focus`` against every other row on aqc, paired over runs ([] when the report lacks it)."""
-        if focus not in self.runs:
-            return []
-        mine = np.array([r.aqc for r in self.runs[focus]])
-        result = []
-        for other, runs in self.runs.items():
-            if other == focus:
-                continue
-            diff = mine - np.array([r.aqc for r in runs])
-            se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-            result.append(TierComparison(other, float(diff.mean()), se, int(np.sum(diff >= -1e-12)), len(diff)))
-        return result
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON document (docs/tiers-offline.md describes it); NaN is ``None``."""
-        return {
-            "routers": {name: self._summary(name) for name in self.runs},
-            "comparison": {FOCUS: [_comparison(c) for c in self.compare()]},
-            "log": {
-                "records": len(self.log.records),
-                "prompts": int(group_ids(self.log.prompts).max()) + 1,
-                "tiers": list(self.log.tiers),
-                "prices": [float(p) for p in self.prices],
-                "metrics": list(self.log.metrics),
-                "best_tier": self.best,
-                "quality": "mean over metrics of each metric over its standard deviation in the log",
-            },
-            "protocol": {"folds": self.folds, "seeds": list(self.seeds), "budgets": len(self.budgets)},
-            "timing": {
-                "wall_s": round(self.wall_s, 2),
-                "cpu_s": round(self.cpu_s, 2),
-                "fit_s": {k: round(v, 2) for k, v in self.fit_s.items()},
-            },
-            "info": dict(self.info),
-        }
-
-    def _summary(self, name: str) -> dict[str, Any]:
-        runs = self.runs[name]
-        aqc = np.array([r.aqc for r in runs])
-        reached = np.array([math.isfinite(r.cost_to_best) for r in runs])
-        cost, quality = self.mean_curve(name)
-        shares = self.mean_shares(name)
-        middle = len(self.budgets) // 2
-        return {
-            "aqc": _num(aqc.mean()),
-            "aqc_std": _num(aqc.std(ddof=1)) if len(aqc) > 1 else 0.0,
-            "cost_to_best": _num(self.cost_to_best(name)),
-            "cost_to_best_reached": float(reached.mean()),
-            "mid_budget": round(float(self.budgets[middle]), 6),
-            "shares_at_mid_budget": {
-                t: round(float(v), 4) for t, v in zip(self.log.tiers, shares[middle], strict=True)
-            },
-            "curve": {
-                "budget": [round(float(b), 6) for b in self.budgets],
-                "cost": [round(float(c), 6) for c in cost],
-                "quality": [_num(q) for q in quality],
-                "shares": {t: [round(float(v), 4) for v in shares[:, k]] for k, t in enumerate(self.log.tiers)},
-            },
-            "runs": [
-                {
-                    "seed": r.seed,
-                    "fold": r.fold,
-                    "n_test": r.n_test,
-                    "aqc": _num(r.aqc),
-                    "cost_to_best": _num(r.cost_to_best),
-                }
-                for r in runs
-            ],
-        }
-
-
-def _num(value: float) -> float | None:
-    return None if not math.isfinite(float(value)) else round(float(value), 6)
-
-
-def _comparison(c: TierComparison) -> dict[str, Any]:
-    return {
-        "router": c.other,
-        "difference": _num(c.difference),
-        "se": _num(c.se),
-        "runs_ahead": c.ahead,
-        "runs": c.runs,
-    }

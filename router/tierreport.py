@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from router.report import _render
-from router.tiereval import FOCUS
+from router.tierresults import FOCUS
 
 if TYPE_CHECKING:
-    from router.tiereval import TierReport
+    from router.tierresults import TierReport
 
 
 def _fmt(value: float, digits: int = 3) -> str:

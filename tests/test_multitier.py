@@ -22,7 +22,6 @@ from router.multitier import (
 from router.tierdata import genai_bench_tiers
 from router.tiereval import (
     BUDGETS,
-    TierReport,
     evaluate_tiers,
     measure_run,
     mixture_policy,
@@ -31,6 +30,7 @@ from router.tiereval import (
     utility_policy,
 )
 from router.tierlog import TierRecord, tier_log, write_tier_log
+from router.tierresults import TierReport
 from router.tiers import choose, multiplier_for_budget
 from router.types import QualityVector
 
