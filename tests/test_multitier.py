@@ -76,6 +76,8 @@ def test_k_tier_routet2i_fits_predicts_saves_and_loads(tmp_path: Path, encoder: 
     assert np.array(prices)[choose(utilities, prices, spend)].mean() <= 0.03
     with pytest.raises(RouterError, match="not K-tier 'ridge'"):
         load_tier_router("ridge", tmp_path / "k", encoder=encoder)
+    with pytest.raises(ValueError, match="auxiliary"):
+        create_tier_router("routet2i", encoder=encoder, auxiliary=True)
     (tmp_path / "k" / "arrays.npz").write_bytes(b"broken")
     with pytest.raises(RouterError, match="corrupt"):
         load_tier_router("routet2i", tmp_path / "k", encoder=encoder)

@@ -37,7 +37,8 @@ class RouteT2ITierRouter(TierRouter):
 
     Args:
         config: the RouteT2I settings (also accepted as keyword arguments); its temperature and metric weights
-            are the utilities'. The ``multi_metric`` ablation is not offered with K tiers.
+            are the utilities'. The ``multi_metric`` ablation and the ``auxiliary`` labels are not offered with K
+            tiers.
         encoder: the sentence encoder (see :class:`~router.multitier.TierRouter`).
     """
 
@@ -49,6 +50,8 @@ class RouteT2ITierRouter(TierRouter):
         cfg = replace(config or RouteT2IConfig(), **settings)
         if not cfg.multi_metric:
             raise ValueError("the K-tier RouteT2I predicts every metric: multi_metric must stay true")
+        if cfg.auxiliary:
+            raise ValueError("the K-tier RouteT2I does not learn auxiliary labels: auxiliary must stay false")
         super().__init__(encoder=encoder, temperature=cfg.temperature, metric_weights=cfg.metric_weights)
         self.cfg = cfg
         self.model = RouteT2IRouter(cfg, encoder=encoder)
