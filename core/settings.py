@@ -203,8 +203,12 @@ class Settings(BaseSettings):
     """What a challenger must be ahead on to be promoted: the share of the cloud's gain it recovers at
     ``cloud_budget`` (``pgr``), or over every budget (``apgr``)."""
     learn_min_gain: float = Field(default=0.0, ge=-100.0, le=1.0)
-    """How far ahead on it (0: any point estimate above the champion's; a large negative value promotes every
+    """How far ahead on it, beyond ``learn_promote_z`` standard errors (a large negative value promotes every
     challenger not worse beyond noise)."""
+    learn_promote_z: float = Field(default=2.0, ge=0.0)
+    """Standard errors of the paired difference on the held-out labels a challenger (or, on the first labels,
+    another prior than the deployed router) must be ahead by to replace the champion (0: any point estimate
+    ahead by ``learn_min_gain``)."""
     learn_noise_z: float = Field(default=2.0, gt=0)
     """Standard errors of the paired difference beyond which a challenger counts as worse (never promoted)."""
     learn_warm_start: bool = True

@@ -13,11 +13,13 @@ The loop, run by ``routet2i learn`` on the database and by ``routet2i simulate``
 3. **Judge** the challenger against the champion on the held-out labels (:func:`judge`): paired, prompt by
    prompt, the difference of the share of the cloud's gain each recovers at the budget (``pgr``) and over every
    budget (``apgr``), with the standard error of the difference. It is promoted only when it is ahead on the
-   chosen value (``promote_on``) by more than ``min_gain`` and no worse beyond noise (``noise_z`` standard
-   errors) on either value; the verdict is recorded either way.
+   chosen value (``promote_on``) by more than ``min_gain`` plus ``promote_z`` standard errors, and no worse
+   beyond noise (``noise_z`` standard errors) on either value; the verdict is recorded either way.
 
-Before any challenger, the champion is the best available prior, chosen on the first labels
-(:func:`choose_prior`). How many labels to collect is :func:`shadow_rate`'s answer.
+Before any challenger, the champion is chosen among the available priors on the first labels
+(:func:`choose_prior`): the deployed router stays unless another prior is ahead by the same margin. A few dozen
+labels rarely prove anything, so the incumbent keeps its place until they do. How many labels to collect is
+:func:`shadow_rate`'s answer.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class LoopConfig:
             is trained.
         min_train: fewest labels a challenger is trained on.
         promote_on: the value the challenger must be ahead on (``pgr`` or ``apgr``).
-        min_gain: how far ahead on it (0: any point estimate above the champion's).
+        min_gain: how far ahead on it, beyond ``promote_z`` standard errors.
+        promote_z: standard errors of the paired difference the challenger must be ahead by (0: any point
+            estimate above the champion's plus ``min_gain``).
         noise_z: standard errors of the paired difference beyond which a challenger counts as worse.
         warm_start: blend the challenger with the prior it starts from (when there is one).
         blend_weights: the prior's weights the warm start chooses among.
@@ -69,6 +73,7 @@ class LoopConfig:
     min_train: int = 30
     promote_on: str = "pgr"
     min_gain: float = 0.0
+    promote_z: float = 2.0
     noise_z: float = 2.0
     warm_start: bool = True
     blend_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -80,6 +85,8 @@ class LoopConfig:
             raise ValueError(f"holdout_share must be within (0, 1), got {self.holdout_share}")
         if self.min_holdout < 5 or self.min_train < 10:
             raise ValueError("min_holdout must be at least 5 and min_train at least 10")
+        if self.promote_z < 0 or self.noise_z <= 0:
+            raise ValueError("promote_z must be at least 0 and noise_z above 0")
         if not self.blend_weights or any(not 0.0 <= w <= 1.0 for w in self.blend_weights):
             raise ValueError("blend_weights must be within [0, 1]")
 
@@ -230,10 +237,11 @@ def judge(
             f"(difference {c.difference:+.3f} ± {c.standard_error:.3f}, {c.n} held-out labels)"
         )
         promote = False
-    elif chosen.difference <= config.min_gain:
+    elif not _ahead(chosen.difference, chosen.standard_error, config):
         reason = (
             f"not ahead on {chosen.value}: {chosen.challenger:.3f} against {chosen.champion:.3f} "
-            f"(difference {chosen.difference:+.3f} ± {chosen.standard_error:.3f}; needs more than {config.min_gain:+.3f})"
+            f"(difference {chosen.difference:+.3f} ± {chosen.standard_error:.3f}; needs more than "
+            f"{_margin(chosen.standard_error, config):+.3f})"
         )
         promote = False
     else:
@@ -245,19 +253,36 @@ def judge(
     return Verdict(promote, reason, comparisons, trained_on=trained_on, held_out=len(holdout))
 
 
+def _margin(standard_error: float, config: LoopConfig) -> float:
+    """How far ahead a router must be to replace the one in place."""
+    return config.min_gain + config.promote_z * standard_error
+
+
+def _ahead(difference: float, standard_error: float, config: LoopConfig) -> bool:
+    return difference > _margin(standard_error, config)
+
+
 def choose_prior(
-    candidates: Mapping[str, Router], records: Sequence[LogRecord], rho: float
+    candidates: Mapping[str, Router], records: Sequence[LogRecord], rho: float, config: LoopConfig
 ) -> tuple[str, dict[str, float]]:
-    """The candidate prior that recovers most of the cloud's gain at the budget on ``records`` (the first
-    labels), and every candidate's value (ties go to the first named)."""
+    """The prior to route with after ``records`` (the first labels), and every candidate's value on them (the
+    share of the cloud's gain it recovers at the budget).
+
+    The first-named candidate is the router in place: it stays unless another is ahead of it on these labels by
+    the margin a challenger needs (``min_gain`` plus ``promote_z`` standard errors of the paired difference);
+    among those that are, the one with the highest value.
+    """
     gain = gains(records)
-    total = normaliser(gain)
-    values = {
-        name: float((gain * shares_for(router, records, rho)["pgr"]).sum() / total)
-        for name, router in candidates.items()
-    }
-    best = max(values, key=lambda name: values[name])
-    return best, values
+    shares = {name: shares_for(router, records, rho)["pgr"] for name, router in candidates.items()}
+    incumbent = next(iter(candidates))
+    values: dict[str, float] = {}
+    ahead: list[str] = []
+    for name, share in shares.items():
+        _, value, difference, se = paired(gain, shares[incumbent], share)
+        values[name] = value
+        if name != incumbent and _ahead(difference, se, config):
+            ahead.append(name)
+    return max(ahead, key=lambda name: values[name], default=incumbent), values
 
 
 def train_challenger(

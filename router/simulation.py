@@ -283,7 +283,7 @@ class _Loop:
             if n < cfg.min_prior_labels:
                 return False
             candidates = {name: self.ctx.priors[name] for name in self.variant.candidates}
-            best, values = choose_prior(candidates, self.labels, cfg.budget)
+            best, values = choose_prior(candidates, self.labels, cfg.budget, cfg.loop)
             self.prior, self.trained_at = best, n
             self.events.append({"event": "prior", "position": position, "labels": n, "chosen": best, "values": values})
             changed = candidates[best] is not self.router

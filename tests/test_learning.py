@@ -94,10 +94,33 @@ def test_a_worse_challenger_is_refused_and_a_better_one_promoted() -> None:
     assert set(promoted.to_dict()["comparisons"]) == {"pgr", "apgr"}
 
 
-def test_the_prior_that_recovers_most_on_the_first_labels_is_chosen() -> None:
-    gain = [0.5, -0.2, 0.4, -0.1, 0.3, -0.3]
-    best, values = choose_prior({"backwards": Fixed([-g for g in gain]), "right": Fixed(gain)}, records(gain), 0.5)
-    assert best == "right" and values["right"] > values["backwards"]
+def test_a_challenger_ahead_within_noise_is_not_promoted() -> None:
+    rng = np.random.default_rng(1)
+    gain = rng.normal(0.2, 0.5, 40)
+    log = records(gain)
+    champion = Fixed(rng.normal(size=40))  # a guess
+    challenger = Fixed(gain + rng.normal(0.0, 2.0, 40))  # the truth, much blurred
+    lenient = judge(champion, challenger, log, 0.5, LoopConfig(promote_z=0.0), trained_on=10)
+    pgr = lenient.comparisons["pgr"]
+    assert lenient.promote and 0 < pgr.difference < 2 * pgr.standard_error  # ahead, but within noise
+    strict = judge(champion, challenger, log, 0.5, LoopConfig(), trained_on=10)
+    assert not strict.promote and strict.reason.startswith("not ahead")
+    assert f"needs more than {2 * pgr.standard_error:+.3f}" in strict.reason
+
+
+def test_the_deployed_router_stays_unless_another_prior_is_ahead_beyond_noise() -> None:
+    rng = np.random.default_rng(2)
+    gain = rng.normal(0.2, 0.5, 30)
+    log = records(gain)
+    backwards, right = Fixed(-gain), Fixed(gain)
+    best, values = choose_prior({"deployed": backwards, "right": right}, log, 0.5, LoopConfig())
+    assert best == "right" and values["right"] > values["deployed"]
+    blurred = Fixed(-gain + rng.normal(0.0, 3.0, 30))  # about as bad as a guess
+    guess = Fixed(rng.normal(size=30))
+    best, values = choose_prior({"deployed": blurred, "guess": guess}, log, 0.5, LoopConfig())
+    assert best == "deployed"
+    best, _ = choose_prior({"deployed": blurred, "guess": guess}, log, 0.5, LoopConfig(promote_z=0.0))
+    assert best == max(values, key=lambda name: values[name])  # no margin: the point estimates decide
 
 
 def test_the_shadow_rate_is_high_while_new_or_poor_and_falls_as_the_router_settles() -> None:

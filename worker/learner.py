@@ -64,6 +64,7 @@ def loop_config(settings: Settings, router: str | None = None) -> LoopConfig:
         router=router or settings.router,
         promote_on=settings.learn_promote_on,
         min_gain=settings.learn_min_gain,
+        promote_z=settings.learn_promote_z,
         noise_z=settings.learn_noise_z,
         warm_start=settings.learn_warm_start,
     )
@@ -144,7 +145,7 @@ class Learner:
             )
         candidates = self._candidate_priors()
         first = records[:PRIOR_LABELS]
-        best, values = choose_prior(candidates, first, self.settings.cloud_budget)
+        best, values = choose_prior(candidates, first, self.settings.cloud_budget, self.config)
         reason = f"prior {best!r} chosen on the first {len(first)} labels ({_values(values)})"
         with tempfile.TemporaryDirectory() as folder:
             router = candidates[best]
