@@ -62,7 +62,7 @@ def parse_query(model: type[Q]) -> Q:
         if "\x00" in value:  # PostgreSQL cannot even compare with such a string
             raise ApiError(400, "invalid_request", f"{name}: must not contain NUL characters", field=name)
     try:
-        return model.model_validate(args)
+        return model.model_validate(args, context={"tiers": state().settings.tier_names})
     except ValidationError as exc:
         raise from_validation_error(exc, status=400) from exc
 

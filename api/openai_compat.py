@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, jsonify, request, url_for
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import authenticate
@@ -49,8 +49,8 @@ from db.models import JobStatus
 log = logging.getLogger(__name__)
 blueprint = Blueprint("openai", __name__)
 
-MODELS = {"routet2i": None, "edge": "edge", "cloud": "cloud"}
-"""``model`` values and the tier each forces (None: the router decides)."""
+ROUTED = "routet2i"
+"""The ``model`` that lets the router decide; any other ``model`` is one of the deployment's tiers, forced."""
 
 MAX_IMAGES = 10
 POLL_S = 0.05
@@ -91,9 +91,10 @@ class ImageRequest(StrictModel):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"must be one of {', '.join(MODELS)}")
+    def _known_model(cls, value: str, info: ValidationInfo) -> str:
+        models = (ROUTED, *(info.context or {}).get("tiers", ()))
+        if value not in models:
+            raise ValueError(f"must be one of {', '.join(models)}")
         return value
 
 
@@ -215,7 +216,7 @@ def _parse(raw: Any) -> ImageRequest:
     if unknown:
         raise openai_error(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
     try:
-        return ImageRequest.model_validate(raw)
+        return ImageRequest.model_validate(raw, context={"tiers": state().settings.tier_names})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -243,7 +244,12 @@ def _job_spec(spec: ImageRequest) -> Any:
     width, height = _size(spec)
     try:
         return state().job_create_model.model_validate(
-            {"prompt": spec.prompt, "width": width, "height": height, "tier": MODELS[spec.model]}
+            {
+                "prompt": spec.prompt,
+                "width": width,
+                "height": height,
+                "tier": None if spec.model == ROUTED else spec.model,
+            }
         )
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
 import redis
@@ -29,8 +29,8 @@ from api.auth import authenticate, principal
 from api.errors import ApiError
 from api.openapi import PROMETHEUS_TEXT, documented
 from api.state import ApiState, state
-from core.settings import QUEUES
 from db.backlog import Backlog, waiting_backlog
+from db.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from db.monitoring import (
     STAGES,
     CostTotal,
@@ -89,16 +89,16 @@ class RouteT2ICollector:
     def _database(self) -> list[Metric]:
         settings = self.st.settings
         with self.st.sessions() as session:
-            jobs = jobs_by_status_and_tier(session)
+            jobs = jobs_by_status_and_tier(session, settings.tier_names)
             decisions = decisions_by_router(session)
-            recent, recent_n = recent_cloud_fraction(session, window=settings.budget_window)
-            costs = cost_totals(session)
+            recent, recent_n = recent_cloud_fraction(session, window=settings.budget_window, cheapest=settings.cheapest)
+            costs = cost_totals(session, settings.tier_names)
             roles = images_by_role(session)
             histograms = [h for stage in STAGES for h in stage_histograms(session, stage)]
-            backlog = waiting_backlog(session)
+            backlog = waiting_backlog(session, settings.queues)
         return [
             *_job_families(jobs, decisions),
-            *_budget_families(decisions, recent, recent_n, settings.cloud_budget),
+            *_budget_families(decisions, recent, recent_n, settings.dearest_share, settings.cheapest),
             *_cost_families(costs, roles),
             _latency_family(histograms),
             *_backlog_families(backlog),
@@ -111,7 +111,8 @@ class RouteT2ICollector:
         )
         for queue, n in depths.items():
             depth.add_metric([queue], n)
-        return [depth]
+        breaker = CircuitBreaker.for_settings(self.st.settings, self.st.redis)
+        return [depth, *_breaker_families(breaker, self.st.settings.tier_names)]
 
     def _spend(self) -> list[Metric]:
         assert self.st.spend_ledger is not None
@@ -184,14 +185,31 @@ def _job_families(jobs: dict[tuple[str, str], int], decisions: dict[tuple[str, s
     return [gauge, counter]
 
 
+def _breaker_families(breaker: CircuitBreaker, tiers: Sequence[str]) -> list[Metric]:
+    state = GaugeMetricFamily(
+        "routet2i_breaker_state",
+        "Each tier's circuit breaker: 1 for its current state (closed, open or half-open), 0 for the others.",
+        labels=["tier", "state"],
+    )
+    failures = GaugeMetricFamily(
+        "routet2i_breaker_failures", "Generations failed for good in a row on each tier.", labels=["tier"]
+    )
+    for tier, current in breaker.states(tiers).items():
+        for name in (CLOSED, OPEN, HALF_OPEN):
+            state.add_metric([tier, name], 1.0 if current.state == name else 0.0)
+        failures.add_metric([tier], current.failures)
+    return [state, failures]
+
+
 def _budget_families(
-    decisions: dict[tuple[str, str, str], int], recent: float | None, recent_n: int, rho: float
+    decisions: dict[tuple[str, str, str], int], recent: float | None, recent_n: int, rho: float, cheapest: str
 ) -> list[Metric]:
     routed = sum(decisions.values())
-    cloud = sum(n for (tier, _, _), n in decisions.items() if tier == "cloud")
+    cloud = sum(n for (tier, _, _), n in decisions.items() if tier != cheapest)
     fraction = GaugeMetricFamily(
         "routet2i_cloud_fraction",
-        "Share of decisions sent to the cloud: over all decisions, and over the budget window's last decisions.",
+        "Share of decisions sent to a tier above the cheapest: over all decisions, and over the budget window's "
+        "last decisions.",
         labels=["window"],
     )
     fraction.add_metric(["all"], cloud / routed if routed else 0.0)
@@ -247,8 +265,7 @@ def _backlog_families(backlog: dict[str, Backlog]) -> list[Metric]:
         "Age of the oldest job waiting on each queue (0 when none).",
         labels=["queue"],
     )
-    for queue in QUEUES:
-        entry = backlog[queue]
+    for queue, entry in backlog.items():
         waiting.add_metric([queue], entry.waiting)
         oldest = (now - entry.oldest_since).total_seconds() if entry.oldest_since is not None else 0.0
         age.add_metric([queue], max(0.0, oldest))

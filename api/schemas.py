@@ -11,7 +11,15 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
 from core.settings import Settings
 from db.documents import (
@@ -52,8 +60,8 @@ class JobCreateBase(StrictModel):
     width: int | None = None
     height: int | None = None
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    tier: Literal["edge", "cloud"] | None = None
-    """Force a tier instead of routing (only for tenants allowed to)."""
+    tier: str | None = None
+    """Force a tier instead of routing (only for tenants allowed to); one of the deployment's tiers."""
     deadline_s: Annotated[float, Field(gt=0, le=MAX_DEADLINE_S)] | None = None
     """The job ends ``expired`` if it has not ended this many seconds after submission (never generated after)."""
     webhook_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
@@ -104,6 +112,7 @@ def job_create_model(settings: Settings) -> type[JobCreateBase]:
         steps=(Annotated[int, Field(ge=1, le=settings.max_steps)] | None, None),
         width=(size | None, None),
         height=(size | None, None),
+        tier=(Literal[settings.tier_names] | None, None),  # type: ignore[arg-type]
     )
     return model
 
@@ -128,6 +137,14 @@ def job_batch_model(job_model: type[JobCreateBase]) -> type[JobBatchCreateBase]:
     return model
 
 
+def known_tier(value: str | None, info: ValidationInfo) -> str | None:
+    """A tier filter must name one of the deployment's tiers (given as the validation context's ``tiers``)."""
+    tiers = (info.context or {}).get("tiers")
+    if value is not None and tiers and value not in tiers:
+        raise ValueError(f"must be one of {', '.join(tiers)}")
+    return value
+
+
 class JobListQuery(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
@@ -137,11 +154,14 @@ class JobListQuery(StrictModel):
     limit: int = Field(default=50, ge=1, le=MAX_PAGE_SIZE)
     cursor: Cursor | None = None
 
+    _tier = field_validator("tier")(known_tier)
+
 
 class DecisionListQuery(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     tier: TierName | None = None
+    _tier = field_validator("tier")(known_tier)
     router: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     router_version: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     since: datetime | None = None
@@ -219,7 +239,9 @@ class Latency(BaseModel):
 
 
 class BudgetOut(BaseModel):
-    cloud_fraction: float
+    cloud_fraction: float = Field(description="The share of routed jobs the budget sends to tiers above the cheapest.")
+    usd_per_image: float = Field(description="The mean price per image the router aims at over its window.")
+    prices_usd: dict[str, float] = Field(description="Each tier's price per image.")
     window: int
     spend_limit_usd: float | None = Field(
         default=None, description="Most the cloud images of one spend period may cost (null: no limit)."
@@ -232,6 +254,13 @@ class BudgetOut(BaseModel):
     )
 
 
+class BreakerOut(BaseModel):
+    state: Literal["closed", "open", "half-open"]
+    failures: int = Field(description="Generations failed for good in a row on the tier.")
+    open_until: float | None = Field(description="When an open breaker lets a probe through (seconds since the epoch).")
+    opened: int = Field(description="Times it opened since it last closed.")
+
+
 class StatsOut(BaseModel):
     jobs: JobCounts
     routed: RoutedCounts
@@ -239,7 +268,11 @@ class StatsOut(BaseModel):
     gpu_seconds: Amounts
     mean_quality: dict[str, dict[str, float]]
     latency_s: Latency
+    tiers: list[str] = Field(description="The deployment's tiers, cheapest first.")
     budget: BudgetOut
+    breakers: dict[str, BreakerOut] = Field(
+        description="Each tier's circuit breaker (empty when Redis did not answer)."
+    )
     router: str
     scope: str = Field(description="'all tenants' for an admin, else the tenant's name.")
 

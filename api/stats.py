@@ -12,6 +12,7 @@ from api.auth import authenticate, principal
 from api.openapi import documented
 from api.schemas import StatsOut
 from api.state import state
+from db.breaker import CircuitBreaker
 from db.redis_state import SpendLedger
 from db.stats import job_stats
 
@@ -29,8 +30,16 @@ blueprint.before_request(authenticate)
 def index() -> Any:
     st = state()
     with st.sessions() as session:
-        stats = job_stats(session, tenant_id=None if principal().is_admin else principal().tenant_id)
-    stats["budget"] = {"cloud_fraction": st.settings.cloud_budget, "window": st.settings.budget_window}
+        tenant_id = None if principal().is_admin else principal().tenant_id
+        stats = job_stats(session, tenant_id=tenant_id, tiers=st.settings.tier_names)
+    stats["tiers"] = list(st.settings.tier_names)
+    stats["budget"] = {
+        "cloud_fraction": st.settings.dearest_share,
+        "usd_per_image": st.settings.budget_usd,
+        "window": st.settings.budget_window,
+        "prices_usd": st.settings.prices,
+    }
+    stats["breakers"] = _breakers(st)
     if st.spend_ledger is not None:
         stats["budget"] |= {
             "spend_limit_usd": st.settings.cloud_spend_limit_usd,
@@ -40,6 +49,19 @@ def index() -> Any:
     stats["router"] = st.settings.router
     stats["scope"] = "all tenants" if principal().is_admin else principal().tenant_name
     return jsonify(StatsOut.model_validate(stats).model_dump(mode="json"))
+
+
+def _breakers(st: Any) -> dict[str, dict[str, Any]]:
+    """Every tier's circuit breaker (empty when Redis did not answer)."""
+    try:
+        states = CircuitBreaker.for_settings(st.settings, st.redis).states(st.settings.tier_names)
+    except redis.exceptions.RedisError as exc:
+        log.warning("circuit breakers unavailable", extra={"error": str(exc)})
+        return {}
+    return {
+        tier: {"state": b.state, "failures": b.failures, "open_until": b.open_until, "opened": b.opened}
+        for tier, b in states.items()
+    }
 
 
 def _spent(ledger: SpendLedger) -> float | None:

@@ -57,7 +57,9 @@ class TimeseriesQuery(BaseModel):
 class BucketOut(BaseModel):
     start: datetime
     routed: dict[str, int] = Field(description="Decisions per tier.")
-    cloud_fraction: float | None = Field(description="Share of the bucket's decisions sent to the cloud.")
+    cloud_fraction: float | None = Field(
+        description="Share of the bucket's decisions sent to a tier above the cheapest."
+    )
     spend_usd: dict[str, float]
     gpu_s: dict[str, float]
     submitted: int
@@ -71,6 +73,7 @@ class SeriesBudget(BaseModel):
 
 class TimeseriesOut(BaseModel):
     bucket: Literal["minute", "hour", "day"]
+    tiers: list[str] = Field(description="The deployment's tiers, cheapest first.")
     bucket_s: int
     start: datetime
     end: datetime
@@ -96,7 +99,12 @@ def index() -> Any:
     who = principal()
     with st.sessions() as session:
         series = timeseries(
-            session, width_s=width, count=query.buckets, until=until, tenant_id=None if who.is_admin else who.tenant_id
+            session,
+            width_s=width,
+            count=query.buckets,
+            until=until,
+            tenant_id=None if who.is_admin else who.tenant_id,
+            tiers=st.settings.tier_names,
         )
     items = [
         {
@@ -113,10 +121,11 @@ def index() -> Any:
     return jsonify(
         {
             "bucket": query.bucket,
+            "tiers": list(st.settings.tier_names),
             "bucket_s": width,
             "start": series.buckets[0].start.isoformat(),
             "end": (series.buckets[-1].start + timedelta(seconds=width)).isoformat(),
-            "budget": {"cloud_fraction": st.settings.cloud_budget, "window": st.settings.budget_window},
+            "budget": {"cloud_fraction": st.settings.dearest_share, "window": st.settings.budget_window},
             "spend_before_usd": round(series.spend_before_usd, 6),
             "scope": "all tenants" if who.is_admin else who.tenant_name,
             "items": items,

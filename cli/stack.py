@@ -91,9 +91,12 @@ def start_stack(
     concurrency: dict[str, int] | None = None,
     pool: str = "prefork",
 ) -> Stack:
-    """Start the API, one worker process per queue (with ``concurrency[queue]`` pool children) and the webhook
-    dispatcher."""
-    concurrency = {"route": 1, "edge": 1, "cloud": 1, **(concurrency or {})}
+    """Start the API, one worker process per queue of the settings in ``env`` (``ROUTET2I_TIERS``; with
+    ``concurrency[queue]`` pool children, default 1) and the webhook dispatcher."""
+    from core.settings import ROUTE_QUEUE, TIERS
+
+    tiers = [t.strip() for t in env.get("ROUTET2I_TIERS", ",".join(TIERS)).split(",") if t.strip()]
+    concurrency = {**dict.fromkeys((ROUTE_QUEUE, *tiers), 1), **(concurrency or {})}
     command = [sys.executable, "-m", "cli"]
     port = free_port()
     specs = {

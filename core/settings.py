@@ -7,119 +7,28 @@ import time. Nested per-tier settings use a double underscore: ``ROUTET2I_CLOUD_
 
 from __future__ import annotations
 
+import itertools
+import os
 from pathlib import Path
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TierName = Literal["edge", "cloud"]
+from core.tier_settings import TIER_NAME, CloudSettings, EdgeSettings, TierName, TierSettings
+
 TIERS: tuple[TierName, ...] = ("edge", "cloud")
-"""The tiers, cheapest first; each has its own queue, named after it."""
+"""The default tiers, cheapest first (``ROUTET2I_TIERS``); each has its own queue, named after it."""
 
 ROUTE_QUEUE = "route"
 QUEUES: tuple[str, ...] = (ROUTE_QUEUE, *TIERS)
-"""Every Celery queue: the router's, then one per tier."""
+"""The default deployment's Celery queues: the router's, then one per tier (:attr:`Settings.queues`)."""
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/routet2i.db"
 """Embedded default: one SQLite file, so the demo needs no database server."""
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 """Celery broker and shared router state (budget window, rate limits)."""
-
-
-class TierSettings(BaseModel):
-    """How one tier generates images and what each image costs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    backend: Literal["diffusers", "http", "openai", "null"] = "diffusers"
-    """``diffusers``: a local pipeline; ``http``: a remote image API; ``openai``: any OpenAI-compatible images
-    endpoint (``url`` is its base URL, e.g. ``https://api.openai.com/v1``); ``null``: a zero-cost generator."""
-    model: str = "offline:edge"
-    """A hub id or local path for ``diffusers``; ``offline:<profile>`` builds a random-weight architecture."""
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    steps: int = Field(default=20, ge=1, le=500)
-    """Denoising steps when a job does not ask for a number."""
-    width: int = Field(default=128, ge=64, le=4096)
-    height: int = Field(default=128, ge=64, le=4096)
-    guidance_scale: float = Field(default=7.0, ge=0.0)
-    price_per_image: float = Field(default=0.0, ge=0.0)
-    """US dollars charged per delivered image (API price or amortised serving cost)."""
-    price_per_gpu_second: float = Field(default=0.0, ge=0.0)
-    """US dollars per second of accelerator time spent generating."""
-    url: str | None = None
-    """Endpoint of the ``http`` backend, base URL of the ``openai`` backend."""
-    api_key: SecretStr | None = None
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=3, ge=0, le=20)
-    """Retries of a failed generation (transient errors only) before the job fails."""
-    image_hosts: str = ""
-    """``openai`` backend: hosts (comma-separated, ``host`` or ``host:port``) whose image URLs it may fetch when
-    the API answers a ``url`` instead of ``b64_json``; over HTTPS only, unless an entry names its scheme
-    (``http://host:port``). The API's own origin is always allowed. The API key is sent to that origin only."""
-    max_image_bytes: int = Field(default=20_000_000, ge=1024)
-    """Largest answer the ``http`` and ``openai`` backends read (a PNG, a JSON body, a fetched image URL);
-    a larger one fails the job instead of filling the worker's memory."""
-    service_time_s: float = Field(default=0.0, ge=0.0, le=3600.0)
-    """``null`` backend only: seconds it spends on each image (it sleeps), to stand in for a model's generation
-    time in load tests, benchmarks and fault tests without using the CPU."""
-    max_batch: int = Field(default=4, ge=1, le=256)
-    """Most jobs one worker process takes at once when several are waiting (never waiting for more): a
-    diffusers pipeline generates those of one size and step count in one call, a remote API gets them all in
-    flight at once, and their database work is one transaction each way. 1: one job at a time. A worker
-    holds up to twice this many messages per process, which other workers of the tier cannot take meanwhile."""
-
-    @model_validator(mode="after")
-    def _http_needs_url(self) -> TierSettings:
-        if self.backend in ("http", "openai") and not self.url:
-            raise ValueError(f"backend {self.backend!r} needs a url (ROUTET2I_<TIER>__URL)")
-        return self
-
-    @field_validator("image_hosts")
-    @classmethod
-    def _image_origins(cls, value: str) -> str:
-        for entry in (e.strip() for e in value.split(",")):
-            if entry and url_origin(entry if "://" in entry else f"https://{entry}", strict=True) is None:
-                raise ValueError(f"{entry!r} is not a host, host:port or http(s)://host:port")
-        return value
-
-    def image_origins(self) -> frozenset[tuple[str, str, int]]:
-        """``image_hosts`` as (scheme, host, port) origins."""
-        entries = (e.strip() for e in self.image_hosts.split(","))
-        origins = (url_origin(e if "://" in e else f"https://{e}", strict=True) for e in entries if e)
-        return frozenset(o for o in origins if o is not None)
-
-
-def url_origin(url: str, *, strict: bool = False) -> tuple[str, str, int] | None:
-    """The (scheme, lower-case host, port) of an http(s) URL; None if it is not one (``strict``: nor a bare
-    origin, with no path, query or credentials)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    except ValueError:
-        return None
-    if port is None or not parts.hostname or parts.scheme not in ("http", "https"):
-        return None
-    if strict and (parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
-        return None
-    return parts.scheme, parts.hostname.lower(), port
-
-
-class EdgeSettings(TierSettings):
-    """Edge tier defaults. Price from Table 1 of the paper: SD 1.6 at 9K$ per million images."""
-
-    model: str = "offline:edge"
-    price_per_image: float = Field(default=0.009, ge=0.0)
-
-
-class CloudSettings(TierSettings):
-    """Cloud tier defaults. Price from Table 1 of the paper: SD 3 at 65K$ per million images."""
-
-    model: str = "offline:cloud"
-    price_per_image: float = Field(default=0.065, ge=0.0)
 
 
 class ScorerSettings(BaseModel):
@@ -169,8 +78,26 @@ class Settings(BaseSettings):
     cloud: CloudSettings = Field(default_factory=CloudSettings)
     scorer: ScorerSettings = Field(default_factory=ScorerSettings)
 
+    tiers: str = ",".join(TIERS)
+    """The tiers, comma-separated, cheapest first (their prices per image must not decrease along the list).
+    ``edge`` and ``cloud`` have defaults of their own; any other tier is configured by ``ROUTET2I_<NAME>__*``
+    variables (``ROUTET2I_MID__MODEL``, ``ROUTET2I_MID__PRICE_PER_IMAGE``, ...)."""
+    extra_tiers: dict[str, TierSettings] = Field(default_factory=dict)
+    """Settings of the tiers other than ``edge`` and ``cloud``, by name (read from ``ROUTET2I_<NAME>__*``)."""
+
     cloud_budget: float = Field(default=0.3, ge=0.0, le=1.0)
-    """ρ: the largest share of requests that may go to the cloud tier."""
+    """ρ: the largest share of requests that may go to the dearest tier (two tiers), or, with more tiers and no
+    ``budget_usd_per_image``, the money budget of sending that share to the dearest tier and the rest to the
+    cheapest."""
+    budget_usd_per_image: float | None = Field(default=None, ge=0.0)
+    """The mean price per image the router aims at over its window (None: the cheapest tier's price plus ρ times
+    the price difference between the dearest and the cheapest, the same budget as ρ). With two tiers it is the
+    share ``(B − p_cheapest) / (p_dearest − p_cheapest)`` sent to the dearer tier."""
+    breaker_failures: int = Field(default=5, ge=1, le=1000)
+    """Consecutive failed generations (retries spent) after which a tier's circuit breaker opens: routing stops
+    sending it jobs and its failed jobs go to their fallback tiers."""
+    breaker_cooldown_s: float = Field(default=30.0, gt=0, le=86_400)
+    """How long an open breaker stays open before it lets a probe job through; a probe that succeeds closes it."""
     budget_window: int = Field(default=500, ge=10, le=100_000)
     """Number of recent decisions over which the cloud share is held to ``cloud_budget``."""
     budget_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
@@ -323,6 +250,57 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _extra_tiers_from_env(cls, data: Any) -> Any:
+        """Read ``ROUTET2I_<NAME>__<FIELD>`` for every listed tier other than ``edge`` and ``cloud`` (their
+        settings' names depend on ``tiers``, so no fixed field can hold them)."""
+        if not isinstance(data, dict) or not isinstance(data.get("tiers", ""), str):
+            return data
+        names = [n.strip() for n in str(data.get("tiers") or ",".join(TIERS)).split(",")]
+        given = dict(data.get("extra_tiers") or {})
+        for name in names:
+            if name in TIERS or name in given or not TIER_NAME.match(name):
+                continue
+            prefix = f"ROUTET2I_{name.upper()}__"
+            found = {k[len(prefix) :].lower(): v for k, v in os.environ.items() if k.upper().startswith(prefix)}
+            given[name] = found
+        return {**data, "extra_tiers": given}
+
+    @model_validator(mode="after")
+    def _tiers_consistent(self) -> Settings:
+        names = self.tier_names
+        for name in names:
+            if not TIER_NAME.match(name) or name == ROUTE_QUEUE:
+                raise ValueError(
+                    f"tiers: {name!r} is not a tier name (lower-case letters, digits and _, at most 32, not "
+                    f"{ROUTE_QUEUE!r})"
+                )
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ValueError(f"tiers: at least two distinct tiers are needed, got {self.tiers!r}")
+        unused = sorted(set(self.extra_tiers) - set(names))
+        if unused:
+            raise ValueError(f"extra_tiers: {', '.join(unused)} not listed in tiers ({self.tiers})")
+        prices = [self.tier(name).price_per_image for name in names]
+        if any(later < earlier for earlier, later in itertools.pairwise(prices)):
+            raise ValueError(
+                f"tiers: list them cheapest first; their prices per image are {dict(zip(names, prices, strict=True))}"
+            )
+        for name in names:
+            for target in self.fallback_chain(name):
+                if target not in names:
+                    raise ValueError(f"{name}.fallback: unknown tier {target!r}; expected one of {self.tiers}")
+        if len(names) > 2 and self.router_model is None:
+            raise ValueError(
+                "router_model: a deployment with more than two tiers routes with a K-tier router artifact "
+                "(routet2i train on a log with every tier's ratings); none is shipped"
+            )
+        if len(names) > 2:
+            for field, value in (("shadow_rate", self.shadow_rate), ("escalation_rate", self.escalation_rate)):
+                if value > 0:
+                    raise ValueError(f"{field}: shadow labels and escalation need exactly two tiers, got {self.tiers}")
+        return self
+
     @field_validator("escalation_rate")
     @classmethod
     def _escalation_needs_scores(cls, value: float, info: ValidationInfo) -> float:
@@ -380,6 +358,8 @@ class Settings(BaseSettings):
                     env[name] = str(value)
 
         data = self.model_dump()
+        for name, tier in data.pop("extra_tiers").items():
+            put(f"ROUTET2I_{name.upper()}__", tier)
         put("ROUTET2I_", data)
         return env
 
@@ -393,9 +373,66 @@ class Settings(BaseSettings):
     def state_redis_url(self) -> str:
         return self.redis_url or self.broker_url
 
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        """The configured tiers, cheapest first."""
+        return tuple(name.strip() for name in self.tiers.split(","))
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every Celery queue of this deployment: the router's, then one per tier."""
+        return (ROUTE_QUEUE, *self.tier_names)
+
+    @property
+    def cheapest(self) -> str:
+        """The cheapest tier: where a job goes when the budget has no room for another."""
+        return self.tier_names[0]
+
+    @property
+    def dearest(self) -> str:
+        """The dearest tier."""
+        return self.tier_names[-1]
+
+    @property
+    def prices(self) -> dict[str, float]:
+        """Each tier's price per image, cheapest first."""
+        return {name: self.tier(name).price_per_image for name in self.tier_names}
+
+    @property
+    def budget_usd(self) -> float:
+        """The mean price per image the router aims at (``budget_usd_per_image``, or ρ's equivalent)."""
+        if self.budget_usd_per_image is not None:
+            return self.budget_usd_per_image
+        low, high = self.tier(self.cheapest).price_per_image, self.tier(self.dearest).price_per_image
+        return low + self.cloud_budget * (high - low)
+
+    @property
+    def dearest_share(self) -> float:
+        """With two tiers: the share of jobs the money budget sends to the dearer one (ρ when no money budget is
+        set); with more tiers the same reading of the budget between the cheapest and the dearest."""
+        if self.budget_usd_per_image is None:
+            return self.cloud_budget
+        low, high = self.tier(self.cheapest).price_per_image, self.tier(self.dearest).price_per_image
+        if high <= low:
+            return 1.0
+        return min(max((self.budget_usd_per_image - low) / (high - low), 0.0), 1.0)
+
+    def fallback_chain(self, name: str) -> tuple[str, ...]:
+        """The tiers a job of tier ``name`` is tried on, in order, when ``name`` fails it for good."""
+        configured = self.tier(name).fallback.strip()
+        if configured == "none":
+            return ()
+        if configured:
+            return tuple(t.strip() for t in configured.split(",") if t.strip() and t.strip() != name)
+        names = self.tier_names
+        at = names.index(name)
+        return (*names[at - 1 : at], *names[at + 1 :])
+
     def tier(self, name: str) -> TierSettings:
+        if name not in self.tier_names:
+            raise ValueError(f"unknown tier {name!r}; expected one of {self.tiers}")
+        if name in self.extra_tiers:
+            return self.extra_tiers[name]
         if name == "edge":
             return self.edge
-        if name == "cloud":
-            return self.cloud
-        raise ValueError(f"unknown tier {name!r}; expected one of {', '.join(TIERS)}")
+        return self.cloud if name == "cloud" else self.edge

@@ -8,6 +8,7 @@ figures hold even when the broker lost its messages, which makes them the right 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -34,8 +35,8 @@ def _queue_of(tier: str | None) -> str:
     return "route" if tier is None else tier
 
 
-def waiting_backlog(session: Session) -> dict[str, Backlog]:
-    """The backlog of every queue (queues with nothing waiting included, with ``waiting=0``)."""
+def waiting_backlog(session: Session, queues: Sequence[str] = QUEUES) -> dict[str, Backlog]:
+    """The backlog of every queue of ``queues`` (those with nothing waiting included, with ``waiting=0``)."""
     since = func.coalesce(Job.routed_at, Job.created_at)
     counts = {
         _queue_of(tier): int(count)
@@ -44,7 +45,7 @@ def waiting_backlog(session: Session) -> dict[str, Backlog]:
         )
     }
     backlog: dict[str, Backlog] = {}
-    for queue in QUEUES:
+    for queue in queues:
         oldest = None
         if counts.get(queue):
             tier_clause = Job.tier.is_(None) if queue == "route" else Job.tier == queue

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy.orm import Session
 
+from core.tier_settings import TIER_NAME
 from db.decisions import get_decision
 from db.generations import job_costs, primary_generation
 from db.jobs import list_events
@@ -18,7 +19,8 @@ from db.models import Decision, Generation, Job, JobEvent, JobStatus, WebhookDel
 from db.pagination import as_utc
 
 StatusName = Literal["queued", "routing", "generating", "succeeded", "failed", "cancelled", "expired"]
-TierName = Literal["edge", "cloud"]
+TierName = Annotated[str, StringConstraints(pattern=TIER_NAME.pattern)]
+"""One of the deployment's tiers (``ROUTET2I_TIERS``)."""
 
 
 class EventOut(BaseModel):
@@ -144,7 +146,7 @@ def decision_out(row: Decision, *, job_url: str) -> DecisionOut:
         id=row.id,
         job_id=row.job_id,
         job_url=job_url,
-        tier=row.tier,  # type: ignore[arg-type]
+        tier=row.tier,
         router=row.router_name,
         router_version=row.router_version,
         score=row.score,
@@ -163,7 +165,7 @@ def decision_out(row: Decision, *, job_url: str) -> DecisionOut:
 
 def result_out(row: Generation, *, image_url: str, cost_usd: float | None) -> ResultOut:
     return ResultOut(
-        tier=row.tier,  # type: ignore[arg-type]
+        tier=row.tier,
         image_url=image_url,
         image_sha256=row.image_sha256,
         backend=row.backend,
@@ -193,8 +195,8 @@ def job_out(
         url=url,
         tenant_id=job.tenant_id,
         status=job.status,  # type: ignore[arg-type]
-        tier=job.tier,  # type: ignore[arg-type]
-        requested_tier=job.requested_tier,  # type: ignore[arg-type]
+        tier=job.tier,
+        requested_tier=job.requested_tier,
         prompt=job.prompt,
         seed=job.seed,
         steps=job.steps,

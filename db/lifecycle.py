@@ -25,7 +25,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
-from db.decisions import record_decision
+from db.decisions import get_decision, record_decision
 from db.generations import replaced_generation
 from db.models import Job, JobEvent, JobStatus, utcnow
 from db.pagination import as_utc
@@ -47,7 +47,8 @@ TRANSITIONS: dict[JobStatus, dict[JobStatus, str]] = {
     QUEUED: {
         ROUTING: "a router takes the job",
         GENERATING: "a tier worker takes its generation lease",
-        QUEUED: "the reconciler publishes it again (its message was lost)",
+        QUEUED: "the reconciler publishes it again (its message was lost), or its tier's circuit breaker is open and "
+        "it falls back to another tier",
         SUCCEEDED: "a generation that outlived its lease is recorded, or an escalated job whose cloud attempts ran "
         "out delivers its edge image",
         FAILED: "it cannot be enqueued, routed or generated, or is dead-lettered",
@@ -61,7 +62,8 @@ TRANSITIONS: dict[JobStatus, dict[JobStatus, str]] = {
     GENERATING: {
         GENERATING: "a redelivery of the lease holder's message, or any delivery after the lease ran out, takes over",
         SUCCEEDED: "its image is recorded",
-        QUEUED: "escalated to the cloud, or published again after its lease ran out",
+        QUEUED: "escalated to the cloud, failed for good and fell back to another tier, or published again after its "
+        "lease ran out",
         FAILED: "generation failed, or the job is dead-lettered",
         CANCELLED: "the client cancels it (the image being generated is discarded)",
         EXPIRED: "its deadline passes (the image being generated is discarded)",
@@ -135,7 +137,8 @@ def mark_routed(session: Session, job: Job, decision: RoutingDecision, *, starte
     record_decision(session, job=job, decision=decision)
     state = decision.budget_state
     if state.get("spend_period") and state.get("reserved_usd"):
-        hold_reservation(job, str(state["spend_period"]), float(state["reserved_usd"]))
+        reserved_for = str(state.get("reserved_tier", decision.tier))  # the shadow's tier when it is the shadow's
+        hold_reservation(job, str(state["spend_period"]), float(state["reserved_usd"]), tier=reserved_for)
     job.enqueued_at = utcnow()
     transition(session, job, QUEUED, detail={"stage": "routed", "tier": decision.tier})
 
@@ -198,7 +201,7 @@ def escalate(session: Session, job: Job, *, tier: str, detail: dict[str, Any], r
     job.attempts = 0
     job.enqueued_at = utcnow()
     if reservation.get("spend_period"):
-        hold_reservation(job, str(reservation["spend_period"]), float(reservation["reserved_usd"]))
+        hold_reservation(job, str(reservation["spend_period"]), float(reservation["reserved_usd"]), tier=tier)
     transition(session, job, QUEUED, detail={**detail, "stage": "escalated"})
 
 
@@ -206,7 +209,7 @@ def deliver_replaced(session: Session, job: Job, error: str, detail: dict[str, A
     """If ``job`` was escalated and its cloud generation failed for good, deliver the edge image the
     escalation was to replace (the job succeeds on the edge, the failure in its history). Returns whether it
     did; False for any other job, which fails."""
-    if job.tier != "cloud" or job.requested_tier is not None:
+    if job.requested_tier is not None:
         return False
     replaced = replaced_generation(session, job_id=job.id)
     if replaced is None:
@@ -261,6 +264,35 @@ def requeue(session: Session, job: Job, *, task: str, now: datetime) -> None:
     transition(session, job, QUEUED, detail={"stage": "reconciled", "was": was, "task": task})
 
 
+def fall_back(session: Session, job: Job, *, tier: str, error: str, reservation: tuple[str, float] | None) -> None:
+    """Queue ``job`` on ``tier``, its fallback, from a fresh count of attempts: its own tier failed it for good
+    (``error``) or is down. The decision's record gains the fallback and why. ``reservation``: the period and
+    amount the new tier's image reserved, if it did (the caller took the old tier's reservation back first)."""
+    was = job.tier
+    release_lease(job)
+    job.tier = tier
+    job.attempts = 0
+    job.enqueued_at = utcnow()
+    if reservation is not None:
+        hold_reservation(job, reservation[0], reservation[1], tier=tier)
+    decision = get_decision(session, job_id=job.id)
+    if decision is not None:
+        fallbacks = [*decision.budget_state.get("fallbacks", []), {"from": was, "to": tier, "reason": error}]
+        decision.budget_state = {**decision.budget_state, "fallbacks": fallbacks}
+    transition(session, job, QUEUED, detail={"stage": "fallback", "from": was, "tier": tier, "reason": error})
+    log.warning("job falls back to another tier", extra={"job_id": str(job.id), "from": was, "to": tier})
+
+
+def tiers_tried(session: Session, job: Job) -> set[str]:
+    """The tiers ``job`` was routed or fell back to so far."""
+    decision = get_decision(session, job_id=job.id)
+    tried = {job.tier} if job.tier is not None else set()
+    if decision is not None:
+        tried.add(decision.tier)
+        tried.update(str(step.get("to")) for step in decision.budget_state.get("fallbacks", []))
+    return tried
+
+
 def replay(session: Session, job: Job, *, detail: dict[str, Any]) -> None:
     """Revive a dead-lettered ``job`` with fresh counters; the caller publishes it."""
     transition(session, job, QUEUED, detail=detail)
@@ -284,7 +316,7 @@ def stop(session: Session, job: Job, status: JobStatus, reason: str) -> tuple[st
     An edge job's reservation is its cloud shadow's, which is generated whatever becomes of the job: it stays.
     """
     assert status in _STOPPED
-    released = take_reservation(job) if job.status != GENERATING and job.tier == "cloud" else None
+    released = take_reservation(job) if job.status != GENERATING and owns_reservation(job) else None
     detail: dict[str, Any] = {"stage": str(status), "was": job.status}
     if released is not None:
         detail["released_usd"] = released[1]
@@ -311,17 +343,23 @@ def discard(job: Job, *, billed: bool) -> tuple[str, float] | None:
     not ``billed`` (no money spent on it), the job's cloud reservation is taken and returned for the caller to give
     back after the commit; when it was, the reservation stays spent."""
     release_lease(job)
-    return None if billed or job.tier != "cloud" else take_reservation(job)
+    return None if billed or not owns_reservation(job) else take_reservation(job)
 
 
 # --- cloud reservations ---------------------------------------------------------------------------------
 
 
-def hold_reservation(job: Job, period: str, usd: float) -> None:
-    """Record that ``job``'s cloud image (delivered, or its shadow when the job is on the edge) holds ``usd``
-    in the spend ledger's counter ``period``."""
+def hold_reservation(job: Job, period: str, usd: float, *, tier: str) -> None:
+    """Record that ``job``'s image on ``tier`` (the one it delivers, or its shadow on the other tier) holds
+    ``usd`` in the spend ledger's counter ``period``."""
     job.reserved_usd = float(usd)
     job.reserved_period = period
+    job.reserved_tier = tier
+
+
+def owns_reservation(job: Job) -> bool:
+    """Whether ``job`` holds a reservation for the image it is to deliver (not for its shadow)."""
+    return job.reserved_usd > 0 and job.reserved_tier == job.tier
 
 
 def take_reservation(job: Job) -> tuple[str, float] | None:
@@ -332,4 +370,5 @@ def take_reservation(job: Job) -> tuple[str, float] | None:
     released = (job.reserved_period, float(job.reserved_usd))
     job.reserved_usd = 0.0
     job.reserved_period = None
+    job.reserved_tier = None
     return released

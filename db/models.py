@@ -85,7 +85,7 @@ class Tenant(Base):
     """The tenant's own ρ, held over its own window; None: the deployment's budget."""
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
     """Job submissions allowed per minute; None: the deployment's default."""
-    forced_tiers: Mapped[str] = mapped_column(String(32), default="")
+    forced_tiers: Mapped[str] = mapped_column(String(400), default="")
     """Comma-separated tiers the tenant may force instead of routing (e.g. ``"edge,cloud"``)."""
     webhook_hosts: Mapped[str] = mapped_column(String(1024), default="")
     """Comma-separated hosts (``host`` or ``host:port``) the tenant's job webhooks may call; empty: none."""
@@ -132,10 +132,10 @@ class Job(Base):
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
-    requested_tier: Mapped[str | None] = mapped_column(String(8))
+    requested_tier: Mapped[str | None] = mapped_column(String(32))
     """A tier forced by the caller; routing then records the decision without choosing."""
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
-    tier: Mapped[str | None] = mapped_column(String(8))
+    tier: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """Generation attempts started (a redelivered or retried job counts each)."""
@@ -150,10 +150,12 @@ class Job(Base):
     dead_lettered_at: Mapped[datetime | None]
     """Set when the job failed because retries or redeliveries were exhausted; ``routet2i dlq replay`` revives it."""
     reserved_usd: Mapped[float] = mapped_column(Float, default=0.0)
-    """Money the job's routed cloud image holds in the spend ledger (0: none, or given back): the image it
-    delivers when its tier is the cloud, its shadow image when its tier is the edge."""
+    """Money the job's routed image on a paid tier holds in the spend ledger (0: none, or given back): the image
+    it delivers, or its shadow image on the other tier (``reserved_tier`` tells which)."""
     reserved_period: Mapped[str | None] = mapped_column(String(128))
     """The spend ledger's counter (the period) that holds ``reserved_usd``."""
+    reserved_tier: Mapped[str | None] = mapped_column(String(32))
+    """The tier of the image ``reserved_usd`` pays for: the job's own tier, or its shadow's."""
     deadline_at: Mapped[datetime | None]
     """The job ends ``expired`` if it has not ended by then, and never starts generating after it."""
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
@@ -215,7 +217,7 @@ class Decision(Base):
     """The cloud fraction ρ in force."""
     budget_state: Mapped[dict[str, Any]]
     """The shared budget window at the moment of the decision."""
-    tier: Mapped[str] = mapped_column(String(8))
+    tier: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     explanation: Mapped[dict[str, Any] | None]
     """Per-metric tokens that drove the prediction, when the router explains itself."""
@@ -240,7 +242,7 @@ class Generation(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    tier: Mapped[str] = mapped_column(String(8))
+    tier: Mapped[str] = mapped_column(String(32))
     role: Mapped[str] = mapped_column(String(8), default="primary")
     """``primary`` is what the user receives; ``shadow`` is the other tier's image, kept for training;
     ``replaced`` is an edge image that scored so badly the job was escalated to the cloud; ``wasted`` is an image
@@ -275,7 +277,7 @@ class CostEntry(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     generation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
-    tier: Mapped[str] = mapped_column(String(8))
+    tier: Mapped[str] = mapped_column(String(32))
     usd: Mapped[Decimal] = mapped_column(Numeric(14, 6))
     gpu_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -6,12 +6,14 @@ answering a scrape reports the same numbers: no per-process counters to merge un
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import FromClause, case, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ColumnElement
 
+from core.settings import TIERS
 from db.models import CostEntry, Decision, Generation, Job, JobEvent, JobStatus
 from db.sqltime import seconds_between
 
@@ -64,9 +66,10 @@ class CostTotal:
     images: int
 
 
-def jobs_by_status_and_tier(session: Session) -> dict[tuple[str, str], int]:
-    """Job counts for every (status, tier) pair, zeros included so that series never vanish."""
-    counts = {(status.value, tier): 0 for status in JobStatus for tier in (NO_TIER, "edge", "cloud")}
+def jobs_by_status_and_tier(session: Session, tiers: Sequence[str] = TIERS) -> dict[tuple[str, str], int]:
+    """Job counts for every (status, tier) pair of the deployment's ``tiers``, zeros included so that series
+    never vanish."""
+    counts = {(status.value, tier): 0 for status in JobStatus for tier in (NO_TIER, *tiers)}
     for status, tier, count in session.execute(
         select(Job.status, Job.tier, func.count()).group_by(Job.status, Job.tier)
     ):
@@ -84,18 +87,19 @@ def decisions_by_router(session: Session) -> dict[tuple[str, str, str], int]:
     return {(tier, name, version): int(count) for tier, name, version, count in rows}
 
 
-def recent_cloud_fraction(session: Session, *, window: int) -> tuple[float | None, int]:
-    """Cloud share of the last ``window`` decisions (the budget's window), and how many there were."""
+def recent_cloud_fraction(session: Session, *, window: int, cheapest: str = TIERS[0]) -> tuple[float | None, int]:
+    """Share of the last ``window`` decisions (the budget's window) sent to a tier above the ``cheapest``, and how
+    many there were."""
     recent = select(Decision.tier).order_by(Decision.created_at.desc()).limit(window).subquery()
     total, cloud = session.execute(
-        select(func.count(), func.coalesce(func.sum(case((recent.c.tier == "cloud", 1), else_=0)), 0))
+        select(func.count(), func.coalesce(func.sum(case((recent.c.tier != cheapest, 1), else_=0)), 0))
     ).one()
     return (int(cloud) / int(total) if total else None), int(total)
 
 
-def cost_totals(session: Session) -> dict[str, CostTotal]:
-    """Money, device seconds and billed images per tier, from the cost ledger."""
-    totals = {tier: CostTotal(tier, 0.0, 0.0, 0) for tier in ("edge", "cloud")}
+def cost_totals(session: Session, tiers: Sequence[str] = TIERS) -> dict[str, CostTotal]:
+    """Money, device seconds and billed images per tier of ``tiers`` (and any other in the ledger)."""
+    totals = {tier: CostTotal(tier, 0.0, 0.0, 0) for tier in tiers}
     for tier, usd, gpu_s, images in session.execute(
         select(CostEntry.tier, func.sum(CostEntry.usd), func.sum(CostEntry.gpu_s), func.count()).group_by(
             CostEntry.tier

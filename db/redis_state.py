@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import TypeVar, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -37,6 +37,7 @@ from redis.retry import Retry
 
 from core.settings import Settings
 from router.budget import BudgetState
+from router.spend import SpendState, TierVerdict, parse_entries
 from router.types import BudgetVerdict
 
 log = logging.getLogger(__name__)
@@ -133,44 +134,44 @@ class BudgetContention(RuntimeError):
     """The shared budget window kept changing under this router; the route task will be retried."""
 
 
-class RedisBudgetStore:
-    """The budget window as one capped Redis list, newest first, of ``"<1|0>:<score>"`` entries.
+V = TypeVar("V", BudgetVerdict, TierVerdict)
 
-    One list (rather than one for decisions and one for scores) keeps a decision at one read and one write
-    round trip, plus the ``WATCH``.
-    """
 
-    def __init__(
-        self, client: redis.Redis, *, window: int, name: str = "default", spend: SpendLedger | None = None
-    ) -> None:
+class _RedisWindow:
+    """A budget window as one capped Redis list, newest first, decided in one optimistic transaction with the
+    period's spend (``WATCH`` / ``MULTI``); subclasses say what an entry holds."""
+
+    def __init__(self, client: redis.Redis, *, window: int, key: str, spend: SpendLedger | None = None) -> None:
         """``spend``: the deployment's spend ledger, when a spend limit is set (read and charged in the same
         transaction as the window)."""
         self.client = client
         self.window = window
-        self.key = f"{KEY_PREFIX}:{name}:window"
+        self.key = key
         self.spend = spend
 
-    def transact(
-        self, fn: Callable[[BudgetState], Sequence[BudgetVerdict]], scores: Sequence[float]
-    ) -> list[BudgetVerdict]:
+    def _transact(
+        self,
+        decide: Callable[[redis.client.Pipeline, str | None], Sequence[V]],
+        entries: Callable[[Sequence[V]], list[str]],
+    ) -> list[V]:
+        """Run ``decide`` on the state read through the watching pipeline, then push ``entries`` of its verdicts
+        and charge their reservations, retrying from a fresh read when another router wrote in between."""
         for _ in range(MAX_ATTEMPTS):
             with self.client.pipeline() as pipe:
                 try:
                     spend_key = self.spend.key() if self.spend is not None else None
                     pipe.watch(self.key, *([spend_key] if spend_key else []))
-                    verdicts = list(fn(self._read(pipe, spend_key)))
+                    verdicts = list(decide(pipe, spend_key))
                     if spend_key is not None:  # where each reservation is counted, to give it back if unused
                         verdicts = [
                             replace(v, state={**v.state, "spend_period": spend_key}) if v.reserved_usd else v
                             for v in verdicts
                         ]
-                    entries = [
-                        f"{1 if v.uses_cloud else 0}:{float(s)!r}" for v, s in zip(verdicts, scores, strict=True)
-                    ]
-                    if not entries:
+                    new = entries(verdicts)
+                    if not new:
                         return verdicts
                     pipe.multi()
-                    pipe.lpush(self.key, *entries)  # LPUSH of several values leaves the last one at the head
+                    pipe.lpush(self.key, *new)  # LPUSH of several values leaves the last one at the head
                     pipe.ltrim(self.key, 0, self.window - 1)
                     if self.spend is not None:
                         self.spend.add(sum(v.reserved_usd for v in verdicts), pipe=pipe, key=spend_key)
@@ -180,20 +181,69 @@ class RedisBudgetStore:
                     continue
         raise BudgetContention(f"budget window changed {MAX_ATTEMPTS} times in a row")
 
+    def _spent(self, client: redis.Redis | redis.client.Pipeline, spend_key: str | None) -> float:
+        return self.spend.spent(spend_key, client=client) if self.spend is not None else 0.0
+
+    def _current_spend_key(self) -> str | None:
+        return self.spend.key() if self.spend is not None else None
+
+    def reset(self) -> None:
+        self.client.delete(self.key)
+
+
+class RedisBudgetStore(_RedisWindow):
+    """The two-tier budget window: entries ``"<1|0>:<score>"`` (1: the dearer tier's image is used).
+
+    One list (rather than one for decisions and one for scores) keeps a decision at one read and one write
+    round trip, plus the ``WATCH``.
+    """
+
+    def __init__(
+        self, client: redis.Redis, *, window: int, name: str = "default", spend: SpendLedger | None = None
+    ) -> None:
+        super().__init__(client, window=window, key=f"{KEY_PREFIX}:{name}:window", spend=spend)
+
+    def transact(
+        self, fn: Callable[[BudgetState], Sequence[BudgetVerdict]], scores: Sequence[float]
+    ) -> list[BudgetVerdict]:
+        def entries(verdicts: Sequence[BudgetVerdict]) -> list[str]:
+            return [f"{1 if v.uses_cloud else 0}:{float(s)!r}" for v, s in zip(verdicts, scores, strict=True)]
+
+        return self._transact(lambda pipe, spend_key: fn(self._read(pipe, spend_key)), entries)
+
     def _read(self, client: redis.Redis | redis.client.Pipeline, spend_key: str | None = None) -> BudgetState:
         raws = cast(list[bytes], client.lrange(self.key, 0, self.window - 1))
         entries = [raw.split(b":", 1) for raw in raws]
         return BudgetState(
             decisions=tuple(int(d) for d, _ in entries),
             scores=tuple(float(v) for _, v in entries),
-            spent_usd=self.spend.spent(spend_key, client=client) if self.spend is not None else 0.0,
+            spent_usd=self._spent(client, spend_key),
         )
 
     def snapshot(self) -> BudgetState:
-        return self._read(self.client, self.spend.key() if self.spend is not None else None)
+        return self._read(self.client, self._current_spend_key())
 
-    def reset(self) -> None:
-        self.client.delete(self.key)
+
+class RedisSpendStore(_RedisWindow):
+    """The money budget's window (:mod:`router.spend`): entries are :func:`router.spend.window_entry` strings."""
+
+    def __init__(
+        self, client: redis.Redis, *, window: int, name: str = "default", spend: SpendLedger | None = None
+    ) -> None:
+        super().__init__(client, window=window, key=f"{KEY_PREFIX}:{name}:tiers", spend=spend)
+
+    def transact(
+        self, fn: Callable[[SpendState], Sequence[TierVerdict]], entries: Callable[[Sequence[TierVerdict]], list[str]]
+    ) -> list[TierVerdict]:
+        return self._transact(lambda pipe, spend_key: fn(self._read(pipe, spend_key)), entries)
+
+    def _read(self, client: redis.Redis | redis.client.Pipeline, spend_key: str | None = None) -> SpendState:
+        raws = [raw.decode() for raw in cast(list[bytes], client.lrange(self.key, 0, self.window - 1))]
+        prices, utilities = parse_entries(raws)
+        return SpendState(prices=prices, utilities=utilities, spent_usd=self._spent(client, spend_key))
+
+    def snapshot(self) -> SpendState:
+        return self._read(self.client, self._current_spend_key())
 
 
 def give_back(ledger: SpendLedger | None, period: str, usd: float, *, job_id: str) -> None:

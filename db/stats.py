@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.settings import TIERS
 from db.models import TERMINAL, CostEntry, Decision, Generation, Job, JobStatus
 from db.pagination import as_utc
 
@@ -23,12 +25,14 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[index]
 
 
-def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None) -> dict[str, Any]:
+def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None, tiers: Sequence[str] = TIERS) -> dict[str, Any]:
     """Counts by status and tier, cloud share of routed jobs, spend, mean quality and latency percentiles.
 
     Args:
         session: an open session.
         tenant_id: one tenant's figures; None for the whole deployment.
+        tiers: the deployment's tiers, cheapest first (each is listed, with 0 when it has nothing);
+            ``cloud_fraction`` is the share of routed jobs sent to any but the first.
     """
 
     def scoped(query: Any, model: Any) -> Any:
@@ -45,13 +49,13 @@ def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None) -> dict[s
         scoped(select(func.count()).select_from(Job), Job).where(Job.dead_lettered_at.is_not(None))
     )
 
-    by_tier = {"edge": 0, "cloud": 0}
+    by_tier = dict.fromkeys(tiers, 0)
     for tier, count in session.execute(scoped(select(Decision.tier, func.count()), Decision).group_by(Decision.tier)):
         by_tier[tier] = count
     routed = sum(by_tier.values())
 
-    spend = {"edge": 0.0, "cloud": 0.0}
-    gpu_s = {"edge": 0.0, "cloud": 0.0}
+    spend = dict.fromkeys(tiers, 0.0)
+    gpu_s = dict.fromkeys(tiers, 0.0)
     for tier, usd, seconds in session.execute(
         scoped(select(CostEntry.tier, func.sum(CostEntry.usd), func.sum(CostEntry.gpu_s)), CostEntry).group_by(
             CostEntry.tier
@@ -83,10 +87,10 @@ def job_stats(session: Session, *, tenant_id: uuid.UUID | None = None) -> dict[s
         "routed": {
             "total": routed,
             "by_tier": by_tier,
-            "cloud_fraction": by_tier["cloud"] / routed if routed else 0.0,
+            "cloud_fraction": 1.0 - by_tier.get(tiers[0], 0) / routed if routed else 0.0,
         },
-        "spend_usd": {"total": spend["edge"] + spend["cloud"], "by_tier": spend},
-        "gpu_seconds": {"total": gpu_s["edge"] + gpu_s["cloud"], "by_tier": gpu_s},
+        "spend_usd": {"total": sum(spend.values()), "by_tier": spend},
+        "gpu_seconds": {"total": sum(gpu_s.values()), "by_tier": gpu_s},
         "mean_quality": mean_quality,
         "latency_s": {
             "count": len(latencies),

@@ -13,6 +13,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.expression import ColumnElement
 
+from core.settings import TIERS
 from db.models import TERMINAL, CostEntry, Decision, Job
 from db.sqltime import bucket_index
 
@@ -25,16 +26,24 @@ class Bucket:
     """One time bucket: routing by tier, spend, device time, submissions and outcomes."""
 
     start: datetime
-    routed: dict[str, int] = field(default_factory=lambda: {"edge": 0, "cloud": 0})
-    spend_usd: dict[str, float] = field(default_factory=lambda: {"edge": 0.0, "cloud": 0.0})
-    gpu_s: dict[str, float] = field(default_factory=lambda: {"edge": 0.0, "cloud": 0.0})
+    tiers: Sequence[str] = TIERS
+    """The deployment's tiers, cheapest first: each has an entry (0 when it had nothing)."""
+    routed: dict[str, int] = field(default_factory=dict)
+    spend_usd: dict[str, float] = field(default_factory=dict)
+    gpu_s: dict[str, float] = field(default_factory=dict)
     submitted: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {str(status): 0 for status in sorted(TERMINAL)})
 
+    def __post_init__(self) -> None:
+        for table, zero in ((self.routed, 0), (self.spend_usd, 0.0), (self.gpu_s, 0.0)):
+            for tier in self.tiers:
+                table.setdefault(tier, zero)  # type: ignore[arg-type]
+
     @property
     def cloud_fraction(self) -> float | None:
-        total = self.routed["edge"] + self.routed["cloud"]
-        return self.routed["cloud"] / total if total else None
+        """The share of routed jobs sent to a tier above the cheapest."""
+        total = sum(self.routed.values())
+        return 1.0 - self.routed.get(self.tiers[0], 0) / total if total else None
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,13 @@ def _per_bucket(
 
 
 def timeseries(
-    session: Session, *, width_s: int, count: int, until: datetime, tenant_id: uuid.UUID | None = None
+    session: Session,
+    *,
+    width_s: int,
+    count: int,
+    until: datetime,
+    tenant_id: uuid.UUID | None = None,
+    tiers: Sequence[str] = TIERS,
 ) -> Series:
     """The series over ``count`` buckets of ``width_s`` seconds ending at the bucket containing ``until``.
 
@@ -96,9 +111,10 @@ def timeseries(
         count: number of buckets.
         until: the last bucket is the one containing this instant.
         tenant_id: one tenant's series; None for the whole deployment.
+        tiers: the deployment's tiers, cheapest first.
     """
     start, end = aligned_window(width_s=width_s, count=count, until=until)
-    buckets = [Bucket(start=start + timedelta(seconds=width_s * i)) for i in range(count)]
+    buckets = [Bucket(start=start + timedelta(seconds=width_s * i), tiers=tiers) for i in range(count)]
     window = _Window(start=start, end=end, width_s=width_s, tenant_id=tenant_id)
 
     def at(index: int) -> Bucket:
@@ -108,7 +124,7 @@ def timeseries(
     for index, tier, n in _per_bucket(
         session, Decision.created_at, window, keys=[Decision.tier], values=[func.count()]
     ):
-        at(index).routed[tier] += int(n)
+        at(index).routed[tier] = at(index).routed.get(tier, 0) + int(n)
     for index, tier, usd, gpu_s in _per_bucket(
         session,
         CostEntry.created_at,
@@ -116,8 +132,8 @@ def timeseries(
         keys=[CostEntry.tier],
         values=[func.sum(CostEntry.usd), func.sum(CostEntry.gpu_s)],
     ):
-        at(index).spend_usd[tier] += float(usd or Decimal(0))
-        at(index).gpu_s[tier] += float(gpu_s or 0.0)
+        at(index).spend_usd[tier] = at(index).spend_usd.get(tier, 0.0) + float(usd or Decimal(0))
+        at(index).gpu_s[tier] = at(index).gpu_s.get(tier, 0.0) + float(gpu_s or 0.0)
     for index, n in _per_bucket(session, Job.created_at, window, keys=[], values=[func.count()]):
         at(index).submitted += int(n)
     for index, status, n in _per_bucket(

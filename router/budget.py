@@ -109,7 +109,7 @@ class BudgetConfig:
             window=settings.budget_window,
             tolerance=settings.budget_tolerance if tolerance is None else tolerance,
             spend_limit_usd=settings.cloud_spend_limit_usd,
-            cloud_cost_usd=reserved_usd(settings.cloud),
+            cloud_cost_usd=reserved_usd(settings.tier(settings.dearest)),
         )
 
     def affordable(self, spent_usd: float) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from core.settings import TierSettings
+from core.tier_settings import TierSettings
 
 
 def image_cost_usd(tier: TierSettings, gpu_s: float) -> float:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from router.base import Router
 from router.budget import BudgetController, BudgetRequest
-from router.types import BudgetVerdict, Prediction, RoutingDecision, Tier
+from router.types import BudgetVerdict, Prediction, RoutingDecision
 
 
 @dataclass(frozen=True)
@@ -29,34 +29,39 @@ class RouteRequest:
     """
 
     prompt: str
-    requested_tier: Tier | None = None
+    requested_tier: str | None = None
     budget: BudgetController | None = None
     shadow: bool = False
 
 
 class RoutingPolicy:
-    """Routes prompts with ``router`` under ``budget``, one at a time or a batch at once."""
+    """Routes prompts with ``router`` under ``budget``, one at a time or a batch at once, between two tiers:
+    ``tiers`` names the cheaper (the router's edge) and the dearer (its cloud)."""
 
-    def __init__(self, router: Router, budget: BudgetController) -> None:
+    def __init__(self, router: Router, budget: BudgetController, *, tiers: tuple[str, str] = ("edge", "cloud")) -> None:
         self.router = router
         self.budget = budget
+        self.tiers = tiers
 
     def decide(
         self,
         prompt: str,
         *,
-        requested_tier: Tier | None = None,
+        requested_tier: str | None = None,
         budget: BudgetController | None = None,
         shadow: bool = False,
     ) -> RoutingDecision:
         """Route one prompt (see :class:`RouteRequest` for the arguments)."""
         return self.decide_many([RouteRequest(prompt, requested_tier, budget, shadow)])[0]
 
-    def decide_many(self, requests: Sequence[RouteRequest]) -> list[RoutingDecision]:
+    def decide_many(
+        self, requests: Sequence[RouteRequest], *, held_out: Mapping[str, str] | None = None
+    ) -> list[RoutingDecision]:
         """Route several prompts: one router call for all of them, one budget transaction per budget.
 
         Decisions against one budget are taken in the order given, each seeing the ones before it, exactly as
-        if they had come one by one.
+        if they had come one by one. While the dearer tier is ``held_out`` (its circuit breaker open, with why),
+        routed prompts go to the cheaper one without taking a place in the budget's window.
 
         Returns:
             One decision per request, in order, with everything the audit trail needs. ``latency_ms`` is the
@@ -68,8 +73,12 @@ class RoutingPolicy:
         predictions: list[Prediction] = self.router.predict([r.prompt for r in requests])
         verdicts: dict[int, BudgetVerdict] = {}
         by_budget: dict[int, tuple[BudgetController, list[int]]] = {}
+        down = (held_out or {}).get(self.tiers[1])
         for i, request in enumerate(requests):
-            if request.requested_tier is None:
+            if request.requested_tier is None and down is not None:
+                reason = f"{self.tiers[1]!r} is held out ({down}): {self.tiers[0]!r}"
+                verdicts[i] = BudgetVerdict(False, None, {"held_out": {self.tiers[1]: down}}, reason)
+            elif request.requested_tier is None:
                 controller = request.budget or self.budget
                 by_budget.setdefault(id(controller), (controller, []))[1].append(i)
         for controller, indices in by_budget.values():
@@ -103,7 +112,7 @@ class RoutingPolicy:
         shadowed = False
         if verdict is None:
             assert request.requested_tier is not None
-            tier: Tier = request.requested_tier
+            tier = request.requested_tier
             threshold = None
             state = {
                 "rho": config.rho,
@@ -115,9 +124,11 @@ class RoutingPolicy:
             inputs["requested_tier"] = request.requested_tier
         else:
             shadowed = verdict.shadow
-            tier = "cloud" if verdict.cloud else "edge"
+            tier = self.tiers[1] if verdict.cloud else self.tiers[0]
             threshold = verdict.threshold
             state = {**verdict.state, "budget": (request.budget or self.budget).name}
+            if verdict.reserved_usd:  # the dearer tier's image: the one delivered, or the shadow
+                state["reserved_tier"] = self.tiers[1]
             reason = verdict.reason
         return RoutingDecision(
             tier=tier,

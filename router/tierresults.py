@@ -1,5 +1,5 @@
 """What a K-tier evaluation (:func:`router.tiereval.evaluate_tiers`) produces: each run's curve, the report over
-runs with its paired comparisons and its JSON document (docs/tiers-offline.md describes its schema;
+runs with its paired comparisons and its JSON document (docs/tiers.md describes its schema;
 :mod:`router.tierreport` renders it as a table and a plot)."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class TierReport:
         return result
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (docs/tiers-offline.md describes it); NaN is ``None``."""
+        """The JSON document (docs/tiers.md describes it); NaN is ``None``."""
         return {
             "routers": {name: self._summary(name) for name in self.runs},
             "comparison": {FOCUS: [_comparison(c) for c in self.compare()]},

@@ -104,7 +104,7 @@ class BudgetVerdict:
 class RoutingDecision:
     """One routing decision, as stored in the ``decisions`` table."""
 
-    tier: Tier
+    tier: str
     router_name: str
     router_version: str
     score: float

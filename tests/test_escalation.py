@@ -233,7 +233,7 @@ def test_an_escalation_that_fails_on_the_cloud_delivers_the_edge_image(pg_settin
     with transaction(sessions) as session:
         job = decided_for_the_edge(session, "a lighthouse the cloud refuses", seed=5)
         record_image(session, job, tier="edge", role="replaced", cost_usd=0.001)
-        job.tier, job.reserved_usd, job.reserved_period = "cloud", PRICE, ledger.key()
+        job.tier, job.reserved_usd, job.reserved_period, job.reserved_tier = "cloud", PRICE, ledger.key(), "cloud"
         transition(session, job, JobStatus.QUEUED, detail={"stage": "escalated"})
         job_id = str(job.id)
 

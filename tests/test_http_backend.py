@@ -83,6 +83,7 @@ def http_settings(pg_url: str, redis_url: str, image_api: ImageApi, tmp_path_fac
         "height": 64,
         "max_retries": 3,
         "timeout_s": 10,
+        "fallback": "none",  # both tiers call the same API: a job it fails here stays failed
     }
     return make_settings(
         database_url=pg_url,

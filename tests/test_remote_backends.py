@@ -18,7 +18,7 @@ import pytest
 from flask import Flask, Response, jsonify, redirect, request
 from PIL import Image
 
-from core.settings import TierSettings
+from core.tier_settings import TierSettings
 from tests.servers import serve_wsgi
 from worker.generators import GenerationError, GenerationRequest, HttpGenerator, OpenAIGenerator
 

@@ -74,7 +74,8 @@ def spend_stack(pg_settings: Settings, tmp_path_factory, model_cache, image_api:
         image_dir=pg_settings.image_dir,  # the session's image store: the dashboard test shows every job's image
         cache_dir=model_cache,
         edge=NULL_EDGE,
-        cloud={**hosted_cloud(api), "price_per_gpu_second": PER_SECOND},
+        # Jobs the API fails stay failed (no fallback to the edge): this module follows their reservations.
+        cloud={**hosted_cloud(api), "price_per_gpu_second": PER_SECOND, "fallback": "none"},
         scorer={"enabled": False},
         router="prompt-complexity",
         cloud_budget=1.0,  # the share would send nearly every job to the cloud: only the money stops them
@@ -327,7 +328,7 @@ def test_a_shadow_reservation_is_the_shadows_alone(pg_settings: Settings, tmp_pa
         spend.add(PRICE)  # what routing reserved for the shadow
         with transaction(sessions) as session:
             job = decided_for_the_edge(session, prompt, seed=1)
-            hold_reservation(job, spend.key(), PRICE)
+            hold_reservation(job, spend.key(), PRICE, tier="cloud")
             transition(session, job, JobStatus.QUEUED, detail={"stage": "routed", "tier": "edge"})
             return str(job.id)
 
@@ -361,7 +362,9 @@ def test_a_shadow_reservation_is_the_shadows_alone(pg_settings: Settings, tmp_pa
                 job.dead_lettered_at = utcnow()
                 transition(session, job, JobStatus.FAILED, detail={"stage": "generation"}, error="lost")
             before = spend.spent()
-            replay_dead_letters(sessions, ctx.app, [uuid.UUID(job_id)], tier=tier, ledger=spend, cloud_price_usd=PRICE)
+            replay_dead_letters(
+                sessions, ctx.app, [uuid.UUID(job_id)], tier=tier, ledger=spend, reserve_usd={"cloud": PRICE}
+            )
             replayed.append(spend.spent() - before)
         assert replayed == [pytest.approx(0.0, abs=1e-9), pytest.approx(PRICE)]
     finally:

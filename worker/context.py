@@ -19,16 +19,24 @@ from db.session import make_engine, make_session_factory
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_PROMPTS = 400
+"""Carried PartiPrompts whose utilities set a K-tier router's λ until the budget window holds its own prompts."""
+
 if TYPE_CHECKING:
     import uuid
 
+    import numpy as np
     import redis
 
+    from db.breaker import CircuitBreaker
     from db.redis_state import SpendLedger
     from router.base import Router
     from router.budget import BudgetController
     from router.embeddings import SentenceEncoder
+    from router.multitier import TierRouter
     from router.policy import RoutingPolicy
+    from router.spend import SpendController
+    from router.tier_policy import TierRoutingPolicy
     from worker.generators import Generator
     from worker.scoring import ClipScorer
 
@@ -50,6 +58,9 @@ class WorkerContext:
         self._scorer: ClipScorer | None = None
         self._scorer_error: str | None = None
         self._budgets: dict[tuple[str, float], BudgetController] = {}
+        self._tier_policy: TierRoutingPolicy | None = None
+        self._spend_budgets: dict[tuple[str, float], SpendController] = {}
+        self._breaker: CircuitBreaker | None = None
         self._redis: redis.Redis | None = None
         self._spend_ledger: SpendLedger | None = None
         self._encoder: SentenceEncoder | None = None
@@ -103,7 +114,11 @@ class WorkerContext:
             self._encoder = SentenceEncoder.from_settings(self.settings)
             router = self._current_router(None)
             assert router is not None
-            self._policy = RoutingPolicy(router, self.budget(self.settings.budget_name, self.settings.cloud_budget))
+            self._policy = RoutingPolicy(
+                router,
+                self.budget(self.settings.budget_name, self.settings.dearest_share),
+                tiers=(self.settings.cheapest, self.settings.dearest),
+            )
             self._refreshed = time.monotonic()
         elif time.monotonic() - self._refreshed >= self.settings.router_refresh_s:
             self._refreshed = time.monotonic()
@@ -119,6 +134,62 @@ class WorkerContext:
                 )
                 self._policy.router = newer
         return self._policy
+
+    def tier_policy(self) -> TierRoutingPolicy:
+        """The routing policy of a deployment with more than two tiers: the configured K-tier router
+        (``ROUTET2I_ROUTER``, ``ROUTET2I_ROUTER_MODEL``) under the money budget, built on first use."""
+        if self._tier_policy is None:
+            from router.embeddings import SentenceEncoder
+            from router.multitier import load_tier_router
+            from router.tier_policy import TierRoutingPolicy
+
+            self._encoder = SentenceEncoder.from_settings(self.settings)
+            assert self.settings.router_model is not None  # the settings refuse more than two tiers without one
+            router = load_tier_router(self.settings.router, self.settings.router_model, encoder=self._encoder)
+            budget = self.spend_budget(self.settings.budget_name, self.settings.budget_usd, router=router)
+            self._tier_policy = TierRoutingPolicy(router, budget)
+        return self._tier_policy
+
+    def spend_budget(self, name: str, budget_usd: float, *, router: TierRouter | None = None) -> SpendController:
+        """The shared money budget ``name`` (the deployment's, or a tenant's own) held to ``budget_usd`` per image,
+        and to the deployment's spend limit when one is set. ``router``: the K-tier router whose utilities on the
+        carried PartiPrompts calibrate λ until the window has its own."""
+        key = (name, budget_usd)
+        if key not in self._spend_budgets:
+            from db.redis_state import RedisSpendStore
+            from router.cost import reserved_usd
+            from router.spend import SpendConfig, SpendController
+
+            settings = self.settings
+            config = SpendConfig(
+                tiers=settings.tier_names,
+                prices=tuple(settings.prices.values()),
+                budget_usd=budget_usd,
+                window=settings.budget_window,
+                spend_limit_usd=settings.cloud_spend_limit_usd,
+                reserve_usd=(0.0, *(reserved_usd(settings.tier(t)) for t in settings.tier_names[1:])),
+            )
+            store = RedisSpendStore(self._state_redis(), window=config.window, name=name, spend=self.spend_ledger())
+            calibration = self._tier_calibration(router or self.tier_policy().router)
+            self._spend_budgets[key] = SpendController(config, store, name=name, calibration=calibration)
+        return self._spend_budgets[key]
+
+    def _tier_calibration(self, router: TierRouter) -> np.ndarray:
+        """The utilities λ is set on until the window has its own: the router's training prompts', else those of
+        the carried PartiPrompts."""
+        if router.calibration.size:
+            return router.calibration
+        from router.data import partiprompts
+
+        return router.utilities(partiprompts()[:CALIBRATION_PROMPTS])
+
+    def breaker(self) -> CircuitBreaker:
+        """The deployment's per-tier circuit breakers (in the router state's Redis)."""
+        if self._breaker is None:
+            from db.breaker import CircuitBreaker
+
+            self._breaker = CircuitBreaker.for_settings(self.settings, self._state_redis())
+        return self._breaker
 
     def _current_router(self, running: Router | None) -> Router | None:
         """The router that should route now, loaded, or None when it is ``running`` already: the registry's
@@ -218,7 +289,9 @@ class WorkerContext:
             torch.set_num_threads(threads)
             threadpool_limits(limits=threads)  # numpy's BLAS too (the router's mixture of experts runs on it)
         for queue in queues:
-            if queue == "route":
+            if queue == "route" and len(self.settings.tier_names) > 2:
+                self.tier_policy().router.utilities(["a warm-up prompt"])
+            elif queue == "route":
                 # One prediction now: a learned router's encoder is exported and loaded before the first job.
                 self.policy().router.predict(["a warm-up prompt"])
             else:

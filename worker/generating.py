@@ -28,7 +28,7 @@ import redis.exceptions
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.settings import TierSettings
+from core.tier_settings import TierSettings
 from db.generations import NewGeneration, get_generation, record_generations
 from db.images import StoredImage
 from db.jobs import get_job, lock_jobs, tenant_budgets_unless_shadowed
@@ -51,9 +51,10 @@ from router.budget import BudgetController
 from router.cost import beyond_reservation_usd, image_cost_usd, wasted_when_discarded
 from router.escalation import decide_escalations
 from worker.context import ScorerUnavailable, WorkerContext
+from worker.fallback import breaker_open, record_success, try_fallback
 from worker.generators import GenerationRequest, GenerationResult
-from worker.routing import OTHER_TIER
-from worker.transport import GENERATE_TASKS, chunks, publish_many
+from worker.routing import other_tier
+from worker.transport import chunks, generate_task, publish_many
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
         Database and broker errors are raised for the whole batch.
     """
     outcomes: dict[str, bool | Exception] = {job_id: False for job_id, _ in jobs}
+    if breaker_open(ctx, tier):  # the tier is down: its waiting jobs go to their fallback tiers untried
+        reason = f"the {tier} tier's circuit breaker is open"
+        jobs = [(job_id, d) for job_id, d in jobs if try_fallback(ctx, job_id, tier, reason, waiting=True) is None]
     given = {uuid.UUID(job_id): job_id for job_id, _ in jobs}
     deliveries = {uuid.UUID(job_id): delivery for job_id, delivery in jobs}
     claimed, routed = _claim(ctx, deliveries, tier)
@@ -125,9 +129,11 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     escalations = _escalations(ctx, tier, [item.key for item in produced], [item.scored for item in produced], routed)
     outcome = _record_all(ctx, tier, produced, escalations, deliveries)
     recorded = outcome.delivered
-    if tier == "cloud":
+    if produced:
+        record_success(ctx, tier)
+    if tier != ctx.settings.cheapest:
         billed = [produced[i] for i in recorded + outcome.wasted if produced[i].key in routed]
-        _count_spend_beyond_reservation(ctx, [item.result.gpu_s for item in billed])
+        _count_spend_beyond_reservation(ctx, tier, [item.result.gpu_s for item in billed])
     for i in recorded:
         outcomes[given[produced[i].key]] = True
         log.info(
@@ -305,17 +311,17 @@ def _record(
             # Escalated: the cloud generates the job again and the user receives that image; this one stays
             # recorded (and billed) as the image it replaced.
             assert escalation is not None
-            escalate(session, job, tier=OTHER_TIER[tier], detail=detail, reservation=escalation)
+            escalate(session, job, tier=other_tier(ctx.settings, tier), detail=detail, reservation=escalation)
     record_generations(session, images)
     return outcome
 
 
 def _publish_escalated(ctx: WorkerContext, tier: str, escalated: list[str]) -> None:
-    other = OTHER_TIER[tier]
+    other = other_tier(ctx.settings, tier)
     try:
         publish_many(
             ctx.app,
-            [(GENERATE_TASKS[other], chunk, {}) for chunk in chunks(escalated, ctx.settings.tier(other).max_batch)],
+            [(generate_task(other), chunk, {}) for chunk in chunks(escalated, ctx.settings.tier(other).max_batch)],
         )
     except Exception as exc:  # the jobs are queued on the cloud in the database: the reconciler publishes them
         log.warning("escalated jobs not published", extra={"jobs": escalated, "error": str(exc)})
@@ -369,7 +375,7 @@ def _escalations(
     Returns:
         Per candidate (an index into ``keys``): what was decided, by which window and why.
     """
-    if tier != "edge" or ctx.settings.escalation_rate <= 0:
+    if tier != ctx.settings.cheapest or ctx.settings.escalation_rate <= 0:
         return {}
     metric = ctx.settings.escalation_metric
     candidates: list[tuple[int, float]] = []
@@ -391,15 +397,15 @@ def _escalations(
     return decide_escalations(windows, metric=metric, below=ctx.settings.escalation_below)
 
 
-def _count_spend_beyond_reservation(ctx: WorkerContext, gpu_seconds: Sequence[float]) -> None:
-    """Add to the period's cloud spend what routed cloud images were billed beyond the price per image their
-    decision reserved (the price per GPU-second), so the spend limit sees what is billed.
+def _count_spend_beyond_reservation(ctx: WorkerContext, tier: str, gpu_seconds: Sequence[float]) -> None:
+    """Add to the period's spend what routed images of ``tier`` (one above the cheapest) were billed beyond the
+    price per image their decision reserved (the price per GPU-second), so the spend limit sees what is billed.
 
     It runs after the images were recorded: if Redis is unreachable now, the job stays done and the period's
     count stays short by this amount (logged), rather than the image being generated and billed again.
     """
     ledger = ctx.spend_ledger()
-    usd = beyond_reservation_usd(ctx.settings.cloud, gpu_seconds)
+    usd = beyond_reservation_usd(ctx.settings.tier(tier), gpu_seconds)
     if ledger is None or usd == 0:
         return
     try:
@@ -470,7 +476,7 @@ def generate_shadow(ctx: WorkerContext, job_id: str, tier: str) -> bool:
             record_generations(session, [new_generation(key, tier, "shadow", item, tier_settings)])
     except IntegrityError:
         return False
-    if tier == "cloud":
-        _count_spend_beyond_reservation(ctx, [result.gpu_s])
+    if tier != ctx.settings.cheapest:
+        _count_spend_beyond_reservation(ctx, tier, [result.gpu_s])
     log.info("shadow generated", extra={"job_id": job_id, "tier": tier})
     return True

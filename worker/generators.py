@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.settings import TierSettings, url_origin
+from core.tier_settings import TierSettings, url_origin
 
 
 class GenerationError(Exception):

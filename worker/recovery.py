@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,7 +39,7 @@ from db.pagination import as_utc
 from db.redis_state import SpendLedger, WorkerRegistry, connect, give_back
 from db.session import transaction
 from worker.context import WorkerContext
-from worker.transport import GENERATE_TASKS, ROUTE_TASK, broker_job_ids, publish, republish_orphans
+from worker.transport import ROUTE_TASK, broker_job_ids, generate_task, publish, republish_orphans
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _fail(
     """:func:`fail_job`'s change of the job; returns the reservation to give back once committed."""
     released: tuple[str, float] | None = None
     detail: dict[str, Any] = {"stage": stage}
-    if release and job.tier == "cloud":
+    if release and lifecycle.owns_reservation(job):
         released = take_reservation(job)
         if released is not None:
             detail["released_usd"] = released[1]
@@ -113,14 +113,14 @@ def shadow_failed(ctx: WorkerContext, job_id: str, tier: str, error: str) -> boo
     Returns:
         True when a reservation was given back.
     """
-    if tier != "cloud":
-        return False
     key = uuid.UUID(job_id)
     with transaction(ctx.sessions) as session:
         job = get_job(session, key, for_update=True)
-        # A job on the edge holding a reservation holds its cloud shadow's; a shadow image recorded (by an
+        # The reservation must be the shadow's (on ``tier``, not the job's own); a shadow image recorded (by an
         # earlier delivery of the same message) was billed.
-        if job is None or job.tier != "edge" or get_generation(session, job_id=key, tier="cloud") is not None:
+        if job is None or job.tier == tier or job.reserved_tier != tier:
+            return False
+        if get_generation(session, job_id=key, tier=tier) is not None:
             return False
         released = take_reservation(job)
     if released is None:
@@ -217,7 +217,7 @@ def reconcile(
                 continue
             if job.status != JobStatus.GENERATING:
                 if in_broker is None:
-                    in_broker = broker_job_ids(client)
+                    in_broker = broker_job_ids(client, settings.queues)
                 if str(job.id) in in_broker:
                     report.still_queued += 1
                     continue
@@ -227,7 +227,7 @@ def reconcile(
                 report.dead_lettered.append(str(job.id))
                 continue
             # The job's tier, which an escalation may have changed since its decision.
-            task = GENERATE_TASKS[job.tier] if job.tier is not None else ROUTE_TASK
+            task = generate_task(job.tier) if job.tier is not None else ROUTE_TASK
             lifecycle.requeue(session, job, task=task, now=now)
             to_publish.append((task, str(job.id)))
 
@@ -263,16 +263,16 @@ def replay_dead_letters(
     *,
     tier: str | None = None,
     ledger: SpendLedger | None = None,
-    cloud_price_usd: float = 0.0,
+    reserve_usd: Mapping[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Revive dead-lettered jobs: reset their counters and publish them to the step they need.
 
-    With a spend ledger, a routed job replayed to the cloud that holds no reservation (its generator's
-    refusal gave it back) reserves ``cloud_price_usd`` again in the current period, and a job sent to the edge
-    instead gives back the reservation it holds. A job that was on the edge holds its cloud shadow's
-    reservation, if any: it keeps it (the shadow is generated whatever becomes of the job) and, replayed to
-    the cloud, reserves its own image as well. A replay is an operator's decision: it is counted, not refused,
-    when the period's limit is reached.
+    With a spend ledger, a routed job replayed to a tier whose images reserve money (``reserve_usd``) and that
+    holds no reservation for it (its generator's refusal gave it back, or it was on another tier) reserves that
+    tier's price again in the current period, and a job sent to routing or to a tier that reserves nothing gives
+    back the reservation it holds. A job holding its shadow's reservation keeps it (the shadow is generated
+    whatever becomes of the job). A replay is an operator's decision: it is counted, not refused, when the
+    period's limit is reached.
 
     Args:
         sessions: session factory.
@@ -280,7 +280,7 @@ def replay_dead_letters(
         job_ids: jobs to replay; each must be dead-lettered.
         tier: send the jobs straight to this tier's queue instead of routing them (again).
         ledger: the deployment's spend ledger (None: no spend limit).
-        cloud_price_usd: what one cloud image reserves.
+        reserve_usd: what one image of each tier reserves (a tier not named: nothing).
 
     Returns:
         (job id, task name) per replayed job.
@@ -299,25 +299,25 @@ def replay_dead_letters(
                 raise ValueError(f"no job with id {job_id}")
             if job.dead_lettered_at is None:
                 raise ValueError(f"job {job_id} is not dead-lettered (status {job.status})")
-            shadows = job.tier == "edge" and job.reserved_usd > 0  # the reservation is its cloud shadow's
-            if tier is not None:
+            own = lifecycle.owns_reservation(job)  # else what it holds is its shadow's (or nothing)
+            if tier is not None and tier != job.tier:
+                held = take_reservation(job) if own else None  # it paid for an image on the tier left
+                released += [(str(job.id), held)] if held is not None and ledger is not None else []
+                own = False
                 job.tier = tier
-            task = GENERATE_TASKS[job.tier] if job.tier is not None else ROUTE_TASK
+            task = generate_task(job.tier) if job.tier is not None else ROUTE_TASK
             detail: dict[str, Any] = {"stage": "replayed", "task": task}
-            if ledger is not None and task != GENERATE_TASKS["cloud"]:
-                held = None if shadows else take_reservation(job)
+            price = (reserve_usd or {}).get(job.tier, 0.0) if job.tier is not None else 0.0
+            if ledger is not None and not price:
+                held = take_reservation(job) if own else None
                 if held is not None:
                     released.append((str(job.id), held))
                     detail["released_usd"] = held[1]
-            elif (
-                ledger is not None
-                and job.requested_tier is None
-                and (job.reserved_usd <= 0 or shadows)
-                and cloud_price_usd
-            ):
-                hold_reservation(job, ledger.key(), cloud_price_usd)
-                charges += cloud_price_usd
-                detail["reserved_usd"] = cloud_price_usd
+            elif ledger is not None and job.requested_tier is None and not own:
+                assert job.tier is not None
+                hold_reservation(job, ledger.key(), price, tier=job.tier)
+                charges += price
+                detail["reserved_usd"] = price
             lifecycle.replay(session, job, detail=detail)
             to_publish.append((str(job.id), task))
         if ledger is not None and charges:

@@ -14,20 +14,30 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import redis.exceptions
 from sqlalchemy.exc import IntegrityError
 
+from core.settings import Settings
+from db.breaker import HALF_OPEN, OPEN
 from db.decisions import get_decision
 from db.jobs import lock_jobs_with_tenant_budgets
 from db.lifecycle import expire_if_overdue, is_done, mark_routed
-from db.models import utcnow
+from db.models import Job, utcnow
 from db.session import transaction
-from router.policy import RouteRequest, shadow_sampled
+from router.policy import RouteRequest, RoutingPolicy, shadow_sampled
+from router.tier_policy import TierRouteRequest, TierRoutingPolicy
+from router.tiers import budget_for_share
 from worker.context import WorkerContext
-from worker.transport import GENERATE_TASKS, chunks, publish_many
+from worker.transport import chunks, generate_task, publish_many
 
 log = logging.getLogger(__name__)
 
-OTHER_TIER = {"edge": "cloud", "cloud": "edge"}
+
+def other_tier(settings: Settings, tier: str) -> str:
+    """With two tiers (shadow labels and escalation need exactly two): the tier that is not ``tier``."""
+    cheapest, dearest = settings.cheapest, settings.dearest
+    return dearest if tier == cheapest else cheapest
+
 
 Handoff = tuple[str, str, bool]
 """(job id, tier, shadow): a routed job to publish to its tier's queue."""
@@ -75,11 +85,18 @@ def route_jobs(ctx: WorkerContext, job_ids: Sequence[str]) -> dict[str, str | No
 
 
 def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
-    """Route the jobs ``keys`` in one transaction; returns the hand-offs to publish once it is committed."""
+    """Route the jobs ``keys`` in one transaction; returns the hand-offs to publish once it is committed.
+
+    Two tiers: the router's score against the share budget (:class:`router.policy.RoutingPolicy`); more: the
+    K-tier router's utilities against the money budget (:class:`router.tier_policy.TierRoutingPolicy`). Either
+    way among the tiers whose circuit breaker lets them take jobs."""
     handoffs: list[Handoff] = []
-    policy = ctx.policy()  # before the rows are locked: it may load a newly promoted router
+    many = len(ctx.settings.tier_names) > 2
+    # Before the rows are locked: it may load a newly promoted router.
+    policy: RoutingPolicy | TierRoutingPolicy = ctx.tier_policy() if many else ctx.policy()
+    held_out = held_out_tiers(ctx)
     with transaction(ctx.sessions) as session:
-        pending = []
+        pending: list[tuple[Job, Any]] = []
         for job, tenant_budget in lock_jobs_with_tenant_budgets(session, keys):
             if is_done(job) or expire_if_overdue(session, job) or is_done(job):
                 continue  # (an expired job on the route queue holds no reservation yet)
@@ -88,18 +105,11 @@ def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
                 existing = get_decision(session, job_id=job.id)
                 handoffs.append((str(job.id), job.tier, bool(existing and existing.shadow)))
                 continue
-            budget = ctx.budget(f"tenant-{job.tenant_id}", tenant_budget) if tenant_budget is not None else None
-            request = RouteRequest(
-                job.prompt,
-                requested_tier=job.requested_tier,  # type: ignore[arg-type]
-                budget=budget,
-                shadow=job.requested_tier is None and shadow_sampled(str(job.id), ctx.shadow_rate()),
-            )
-            pending.append((job, request))
+            pending.append((job, (_tier_request if many else _request)(ctx, job, tenant_budget)))
         if not pending:
             return handoffs
         started = utcnow()
-        decisions = policy.decide_many([request for _, request in pending])
+        decisions = policy.decide_many([request for _, request in pending], held_out=held_out)
         for (job, _), decision in zip(pending, decisions, strict=True):
             mark_routed(session, job, decision, started=started)
             handoffs.append((str(job.id), decision.tier, decision.shadow))
@@ -116,12 +126,55 @@ def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
     return handoffs
 
 
+def _request(ctx: WorkerContext, job: Job, tenant_budget: float | None) -> RouteRequest:
+    """A job to route between two tiers: against its tenant's own share budget, if it has one."""
+    budget = ctx.budget(f"tenant-{job.tenant_id}", tenant_budget) if tenant_budget is not None else None
+    return RouteRequest(
+        job.prompt,
+        requested_tier=job.requested_tier,
+        budget=budget,
+        shadow=job.requested_tier is None and shadow_sampled(str(job.id), ctx.shadow_rate()),
+    )
+
+
+def _tier_request(ctx: WorkerContext, job: Job, tenant_budget: float | None) -> TierRouteRequest:
+    """A job to route among more than two tiers: a tenant's own ρ is its money budget's equivalent."""
+    budget = None
+    if tenant_budget is not None:
+        usd = budget_for_share(list(ctx.settings.prices.values()), tenant_budget)
+        budget = ctx.spend_budget(f"tenant-{job.tenant_id}", usd)
+    return TierRouteRequest(job.prompt, requested_tier=job.requested_tier, budget=budget)
+
+
+def held_out_tiers(ctx: WorkerContext) -> dict[str, str]:
+    """The tiers routing may not send jobs to now, with why: those whose circuit breaker is open, and those
+    half-open whose probe another router holds. Redis unreachable: none (the budget's own transaction fails
+    next, and the batch is retried)."""
+    held: dict[str, str] = {}
+    breaker = ctx.breaker()
+    try:
+        states = breaker.states(ctx.settings.tier_names)
+    except redis.exceptions.RedisError as exc:
+        log.warning("circuit breakers not read: Redis unreachable", extra={"error": str(exc)})
+        return held
+    for tier, state in states.items():
+        if state.state == OPEN:
+            held[tier] = f"circuit breaker open after {state.failures} failures in a row"
+        elif state.state == HALF_OPEN and not breaker.admit(tier):
+            held[tier] = "circuit breaker half-open: another batch holds its probe"
+    return held
+
+
 def _hand_off(ctx: WorkerContext, handoffs: Sequence[Handoff]) -> None:
     """Publish routed jobs in one round trip to the broker: per tier, messages of at most as many jobs as one
     of its workers takes at once; shadow generations one per message."""
     messages: list[tuple[str, Sequence[str], dict[str, Any]]] = []
-    for tier, task in GENERATE_TASKS.items():
+    for tier in ctx.settings.tier_names:
         ids = [job_id for job_id, chosen, _ in handoffs if chosen == tier]
-        messages += [(task, chunk, {}) for chunk in chunks(ids, ctx.settings.tier(tier).max_batch)]
-    messages += [(GENERATE_TASKS[OTHER_TIER[tier]], [job_id], {"role": "shadow"}) for job_id, tier, s in handoffs if s]
+        messages += [(generate_task(tier), chunk, {}) for chunk in chunks(ids, ctx.settings.tier(tier).max_batch)]
+    messages += [
+        (generate_task(other_tier(ctx.settings, tier)), [job_id], {"role": "shadow"})
+        for job_id, tier, shadowed in handoffs
+        if shadowed
+    ]
     publish_many(ctx.app, messages)

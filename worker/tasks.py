@@ -25,11 +25,12 @@ from db.redis_state import BudgetContention
 from worker import batching
 from worker.batching import BatchTask, Delivery
 from worker.context import get_context
+from worker.fallback import record_failure, try_fallback
 from worker.generating import generate_jobs, generate_shadow
 from worker.generators import GenerationError
 from worker.recovery import fail_job, shadow_failed
 from worker.routing import route_jobs
-from worker.transport import GENERATE_TASKS, ROUTE_TASK
+from worker.transport import ROUTE_TASK, generate_task
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,18 @@ def backoff(retries: int) -> float:
 
 
 def _settle(
-    task: BatchTask, delivery: Delivery, job_id: str, stage: str, exc: Exception, *, generation_retries: int = 0
+    task: BatchTask,
+    delivery: Delivery,
+    job_id: str,
+    stage: str,
+    exc: Exception,
+    *,
+    generation_retries: int = 0,
+    tier: str | None = None,
 ) -> None:
     """Apply the failure policy to ``job_id`` of ``delivery``, whose step raised ``exc``: retry the job later (in
-    a message of its own), or fail it."""
+    a message of its own), send it to its fallback tier (a generation on ``tier`` that failed for good), or
+    fail it."""
     ctx = get_context(task.app)
     try:
         if isinstance(exc, TRANSIENT):
@@ -74,6 +83,11 @@ def _settle(
                 wait = max(backoff(delivery.retries), min(exc.retry_after or 0.0, RETRY_AFTER_CAP_S))
                 task.retry_delivery(delivery, countdown=wait, args=[job_id])
                 return
+            # The tier is down or overloaded (not this prompt refused, which another tier must not get round).
+            if tier is not None and exc.retryable:
+                record_failure(ctx, tier)
+                if try_fallback(ctx, job_id, tier, f"{stage} failed on {tier}: {exc}") is not None:
+                    return
             fail_job(
                 ctx,
                 job_id,
@@ -144,12 +158,12 @@ def generate_batch(task: BatchTask, tier: str, deliveries: Sequence[Delivery], *
         outcomes = generate_jobs(ctx, [(job_id, delivery.id) for job_id, delivery in primary], tier)
     except Exception as exc:
         for job_id, delivery in primary:
-            _settle(task, delivery, job_id, "generation", exc, generation_retries=generation_retries)
+            _settle(task, delivery, job_id, "generation", exc, generation_retries=generation_retries, tier=tier)
         return
     for job_id, delivery in primary:
         outcome = outcomes[job_id]
         if isinstance(outcome, Exception):
-            _settle(task, delivery, job_id, "generation", outcome, generation_retries=generation_retries)
+            _settle(task, delivery, job_id, "generation", outcome, generation_retries=generation_retries, tier=tier)
 
 
 def _run_shadow(task: BatchTask, delivery: Delivery, job_id: str, tier: str, *, generation_retries: int) -> None:
@@ -212,13 +226,13 @@ def register_tasks(app: Celery) -> None:
     def make_generate(tier: str) -> None:
         tier_settings = settings.tier(tier)
 
-        @app.task(name=GENERATE_TASKS[tier], bind=True, base=BatchTask, max_batch=tier_settings.max_batch)
+        @app.task(name=generate_task(tier), bind=True, base=BatchTask, max_batch=tier_settings.max_batch)
         def generate(self: BatchTask, deliveries: list[Delivery]) -> None:
             generate_batch(self, tier, deliveries, generation_retries=tier_settings.max_retries)
 
         batching.register(generate)
 
-    for tier in GENERATE_TASKS:
+    for tier in settings.tier_names:
         make_generate(tier)
 
 

@@ -38,7 +38,12 @@ from db.backlog import waiting_backlog
 log = logging.getLogger(__name__)
 
 ROUTE_TASK = "router.route"
-GENERATE_TASKS = {"edge": "edge.generate", "cloud": "cloud.generate"}
+
+
+def generate_task(tier: str) -> str:
+    """The name of the task that generates a tier's images (consumed from the queue named after the tier)."""
+    return f"{tier}.generate"
+
 
 VISIBILITY_TIMEOUT_S = 4 * 3600
 """Redis redelivers an unacknowledged message after this long; it must exceed the longest generation."""
@@ -62,11 +67,11 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
     """
     app = Celery("routet2i", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
-        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in settings.queues],
         task_default_queue="route",
         task_default_exchange="route",
         task_default_routing_key="route",
-        task_routes={ROUTE_TASK: {"queue": "route"}, **{t: {"queue": q} for q, t in GENERATE_TASKS.items()}},
+        task_routes={ROUTE_TASK: {"queue": "route"}, **{generate_task(t): {"queue": t} for t in settings.tier_names}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -197,10 +202,10 @@ def broker_client(app: Celery) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
 
-def queue_depths(app: Celery, client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, int]:
-    """Messages waiting in the broker per queue, read in one round trip."""
+def queue_depths(app: Celery, client: redis.Redis, queues: Iterable[str] | None = None) -> dict[str, int]:
+    """Messages waiting in the broker per queue (None: the deployment's queues), read in one round trip."""
     options = app.conf.broker_transport_options or {}
-    names = list(queues)
+    names = list(app.conf.routet2i_settings.queues if queues is None else queues)
     keys = {queue: redis_keys(queue, options) for queue in names}
     with client.pipeline(transaction=False) as pipe:
         for queue in names:
@@ -235,10 +240,11 @@ def queue_status(
     """
     now = now or datetime.now(UTC)
     depths = queue_depths(app, client)
-    backlog = waiting_backlog(session)
+    queues = app.conf.routet2i_settings.queues
+    backlog = waiting_backlog(session, queues)
     nodes = consumers(app, timeout=timeout) if timeout is not None else {}
     statuses = []
-    for queue in QUEUES:
+    for queue in queues:
         waiting = backlog[queue]
         age = (now - waiting.oldest_since).total_seconds() if waiting.oldest_since is not None else None
         statuses.append(
@@ -270,10 +276,10 @@ def job_ids_of(raw: bytes | str) -> list[str]:
         return []
 
 
-def broker_job_ids(client: redis.Redis) -> set[str]:
-    """Ids of every job with a message waiting in a queue or delivered but not yet acknowledged."""
+def broker_job_ids(client: redis.Redis, queues: Iterable[str] = QUEUES) -> set[str]:
+    """Ids of every job with a message waiting in one of ``queues`` or delivered but not yet acknowledged."""
     ids: set[str] = set()
-    for queue in QUEUES:
+    for queue in queues:
         for raw in client.lrange(queue, 0, -1):
             ids.update(job_ids_of(raw))
     for raw in client.hvals(UNACKED_KEY):

@@ -115,7 +115,7 @@ def evaluate_command(
 
     A K-tier log (three or more tiers, or tiers not named edge and cloud) is evaluated among its tiers instead:
     each router's quality-cost curve as the budget per image sweeps the tiers' prices, its aqc and cost_to_best,
-    and the paired aqc differences with the K-tier RouteT2I (docs/tiers-offline.md).
+    and the paired aqc differences with the K-tier RouteT2I (docs/tiers.md).
     """
     if (log_path is None) == (suite is None):
         raise click.UsageError("give exactly one of --log FILE or --suite NAME")

@@ -38,7 +38,7 @@ def loadtest(
             jobs=jobs,
             clients=clients,
             api_workers=api_workers,
-            concurrency={"route": route_workers, "edge": tier_workers, "cloud": tier_workers},
+            concurrency={"route": route_workers, **dict.fromkeys(settings.tier_names, tier_workers)},
             timeout=timeout,
             log_dir=Path("var/load-logs"),
         )

@@ -81,12 +81,11 @@ def list_(limit: int, as_json: bool) -> None:
 
 @dlq.command()
 @click.argument("job_ids", nargs=-1, required=True)
-@click.option(
-    "--tier", type=click.Choice(["edge", "cloud"]), default=None, help="Send to this tier instead of routing."
-)
+@click.option("--tier", default=None, help="Send to this tier (one of ROUTET2I_TIERS) instead of routing.")
 def replay(job_ids: tuple[str, ...], tier: str | None) -> None:
     """Put dead-lettered JOB_IDS back into the pipeline."""
     from db.session import make_engine, make_session_factory
+    from router.cost import reserved_usd
     from worker.recovery import replay_dead_letters
     from worker.transport import create_celery
 
@@ -97,6 +96,10 @@ def replay(job_ids: tuple[str, ...], tier: str | None) -> None:
         except ValueError:
             raise click.BadParameter(f"{raw!r} is not a job id", param_hint="'JOB_IDS'") from None
     settings = load_settings()
+    if tier is not None and tier not in settings.tier_names:
+        raise click.BadParameter(
+            f"{tier!r} is not one of the tiers {', '.join(settings.tier_names)}", param_hint="'--tier'"
+        )
     ledger = None
     if settings.cloud_spend_limit_usd is not None:
         from db.redis_state import SpendLedger, connect
@@ -109,7 +112,7 @@ def replay(job_ids: tuple[str, ...], tier: str | None) -> None:
             ids,
             tier=tier,
             ledger=ledger,
-            cloud_price_usd=settings.cloud.price_per_image,
+            reserve_usd={t: reserved_usd(settings.tier(t)) for t in settings.tier_names[1:]},
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'JOB_IDS'") from None

@@ -61,8 +61,22 @@ def api(host: str, port: int, workers: int, threads: int) -> None:
     Server().run()
 
 
+class QueueName(click.ParamType):
+    """A queue of this deployment: ``route`` or one of ``ROUTET2I_TIERS`` (read when the option is parsed)."""
+
+    name = "queue"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        queues = load_settings().queues
+        if value not in queues:
+            self.fail(f"{value!r} is not a queue of this deployment: {', '.join(queues)}", param, ctx)
+        return str(value)
+
+
 @click.command()
-@click.option("--queue", "-Q", required=True, type=click.Choice(["route", "edge", "cloud"]), help="Queue to consume.")
+@click.option(
+    "--queue", "-Q", required=True, type=QueueName(), help="Queue to consume: route, or one of ROUTET2I_TIERS."
+)
 @click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1, 512), help="Pool size.")
 @click.option("--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo", "threads"]))
 @click.option(
@@ -81,7 +95,7 @@ def worker(
     from worker.transport import create_celery
 
     settings = load_settings()
-    if queue == "edge" and settings.escalation_rate > 0:
+    if queue == settings.cheapest and settings.escalation_rate > 0:
         from router.quality_metrics import MetricSetError, resolve_metric_set
 
         try:

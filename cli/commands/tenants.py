@@ -27,7 +27,7 @@ def tenant() -> None:
 @click.option("--cloud-budget", type=click.FloatRange(0, 1), default=None, help="The tenant's own ρ.")
 @click.option("--rate-limit", type=click.IntRange(0), default=None, help="Submissions per minute (0: unlimited).")
 @click.option(
-    "--allow-tier", "allow_tiers", multiple=True, type=click.Choice(["edge", "cloud"]), help="A tier it may force."
+    "--allow-tier", "allow_tiers", multiple=True, help="A tier it may force (one of ROUTET2I_TIERS; repeatable)."
 )
 @click.option("--json", "as_json", is_flag=True)
 def create(
@@ -46,6 +46,12 @@ def create(
 
     if not 1 <= len(name) <= 64:
         raise click.BadParameter("must be 1 to 64 characters", param_hint="'NAME'")
+    tiers = load_settings().tier_names
+    for allowed in allow_tiers:
+        if allowed not in tiers:
+            raise click.BadParameter(
+                f"{allowed!r} is not one of the tiers {', '.join(tiers)}", param_hint="'--allow-tier'"
+            )
     try:
         with transaction(_sessions()) as session:
             row = create_tenant(

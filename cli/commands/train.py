@@ -6,12 +6,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cli.commands.common import echo_json, load_settings
-from cli.commands.evaluate import _encoder, _read_log
+from cli.commands.evaluate import _encoder, _k_tier_log, _read_log
+
+if TYPE_CHECKING:
+    from router.tierlog import TierLog
 
 
 def _parse_settings(values: tuple[str, ...]) -> dict[str, Any]:
@@ -71,9 +74,15 @@ def train(
     """Train a learned router on a replay log; early stopping on a validation split; writes DIR/manifest.json.
 
     The artifact records its content hash as the router version; every routing decision made with it stores
-    that version. See docs/router.md.
+    that version. On a K-tier log (three or more tiers, or tiers not named edge and cloud) it trains a K-tier
+    router (routet2i, ridge or knn), which a deployment with that many tiers routes with. See docs/router.md.
     """
     from router.base import RouterError, create_router, read_manifest, router_class
+
+    tier_log = _k_tier_log(log_path)
+    if tier_log is not None:
+        _train_k_tiers(tier_log, out_dir, router_name, seed, _parse_settings(overrides), as_json)
+        return
 
     try:
         cls = router_class(router_name)
@@ -118,5 +127,41 @@ def train(
     click.echo(
         f"trained {router_name} on {len(records)} prompts in {time.perf_counter() - started:.1f} s\n"
         f"  version:  {manifest.get('version', router.version)}\n"
+        f"  artifact: {out_dir}"
+    )
+
+
+def _train_k_tiers(
+    log: TierLog, out_dir: Path, router_name: str, seed: int, settings: dict[str, Any], as_json: bool
+) -> None:
+    """``routet2i train`` on a K-tier log: a K-tier router, saved where a deployment's ROUTET2I_ROUTER_MODEL
+    points (its tiers, cheapest first, are the deployment's, matched by position)."""
+    from router.base import RouterError, read_manifest
+    from router.multitier import available_tier_routers, create_tier_router
+
+    if router_name not in available_tier_routers():
+        raise click.BadParameter(
+            f"a K-tier log trains a K-tier router: one of {', '.join(available_tier_routers())}",
+            param_hint="'--router'",
+        )
+    try:
+        router = create_tier_router(router_name, encoder=_encoder(load_settings()), **settings)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="'--set'") from exc
+    started = time.perf_counter()
+    try:
+        router.fit(list(log.records), seed=seed)
+    except RouterError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--log'") from exc
+    router.save(out_dir)
+    manifest = read_manifest(out_dir)
+    elapsed = time.perf_counter() - started
+    if as_json:
+        echo_json({**manifest, "path": str(out_dir), "train_s": round(elapsed, 3)})
+        return
+    click.echo(
+        f"trained {router_name} on {len(log.records)} prompts and {len(router.tiers)} tiers "
+        f"({', '.join(router.tiers)}) in {elapsed:.1f} s\n"
+        f"  version:  {router.version}\n"
         f"  artifact: {out_dir}"
     )

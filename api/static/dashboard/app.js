@@ -14,6 +14,7 @@
     selected: null,
     timer: null,
     busy: false,
+    tiers: ["edge", "cloud"], // the deployment's tiers, cheapest first, once GET /v1/stats has answered
   };
 
   // ---- helpers ------------------------------------------------------------------------------------
@@ -110,15 +111,23 @@
     return ` · cloud this period ${spent} of ${usd(budget.spend_limit_usd)}`;
   }
 
+  // The deployment's tiers, cheapest first (GET /v1/stats lists them); the first and last keep the edge and
+  // cloud colours, the others share a third.
+  const tierClass = (tier) => (tier === state.tiers[0] ? "edge" : tier === state.tiers[state.tiers.length - 1] ? "cloud" : "mid");
+  const perTier = (values, format) => state.tiers.map((t) => `${t} ${format(values[t] || 0)}`).join(" · ");
+
   async function loadSummary() {
     const s = await api("/v1/stats");
+    state.tiers = s.tiers;
     const routed = s.routed;
     const over = routed.cloud_fraction > s.budget.cloud_fraction;
+    const above = routed.total - (routed.by_tier[state.tiers[0]] || 0);
+    const breakers = Object.entries(s.breakers || {}).filter(([, b]) => b.state !== "closed").map(([t, b]) => `${t} breaker ${b.state}`);
     document.getElementById("summary").replaceChildren(
       card("Jobs", String(s.jobs.total), Object.entries(s.jobs.by_status).map(([k, v]) => `${k} ${v}`).join(" · ")),
-      card("Cloud share", pct(routed.cloud_fraction), `budget ${pct(s.budget.cloud_fraction)} · ${routed.by_tier.cloud} of ${routed.total} routed${over ? " · above budget" : ""}`),
-      card("Spend", usd(s.spend_usd.total), `edge ${usd(s.spend_usd.by_tier.edge)} · cloud ${usd(s.spend_usd.by_tier.cloud)}${spendLimit(s.budget)}`),
-      card("GPU time", `${num(s.gpu_seconds.total, 1)} s`, `edge ${num(s.gpu_seconds.by_tier.edge, 1)} s · cloud ${num(s.gpu_seconds.by_tier.cloud, 1)} s`),
+      card("Cloud share", pct(routed.cloud_fraction), `budget ${pct(s.budget.cloud_fraction)} · ${above} of ${routed.total} routed${over ? " · above budget" : ""}${breakers.length ? ` · ${breakers.join(" · ")}` : ""}`),
+      card("Spend", usd(s.spend_usd.total), `${perTier(s.spend_usd.by_tier, usd)}${spendLimit(s.budget)}`),
+      card("GPU time", `${num(s.gpu_seconds.total, 1)} s`, perTier(s.gpu_seconds.by_tier, (v) => `${num(v, 1)} s`)),
       card("Latency", secs(s.latency_s.p50), `p90 ${secs(s.latency_s.p90)} over ${s.latency_s.count} jobs`),
       card("Router", s.router, `budget window ${s.budget.window} decisions${s.scope ? ` · showing ${s.scope}` : ""}`)
     );
@@ -159,30 +168,24 @@
     RouteCharts.bars(document.getElementById("chart-routed"), {
       labels,
       yFormat: (v) => String(Math.round(v)),
-      stacks: [
-        { name: "edge", values: t.items.map((b) => b.routed.edge), cls: "edge" },
-        { name: "cloud", values: t.items.map((b) => b.routed.cloud), cls: "cloud" },
-      ],
+      stacks: t.tiers.map((tier) => ({ name: tier, values: t.items.map((b) => b.routed[tier] || 0), cls: tierClass(tier) })),
     });
-    let edge = 0;
-    let cloud = 0;
-    const edgeLine = [];
-    const cloudLine = [];
+    const running = Object.fromEntries(t.tiers.map((tier) => [tier, 0]));
+    const lines = Object.fromEntries(t.tiers.map((tier) => [tier, []]));
     const total = [];
     for (const b of t.items) {
-      edge += b.spend_usd.edge;
-      cloud += b.spend_usd.cloud;
-      edgeLine.push(edge);
-      cloudLine.push(cloud);
-      total.push(t.spend_before_usd + edge + cloud);
+      for (const tier of t.tiers) {
+        running[tier] += b.spend_usd[tier] || 0;
+        lines[tier].push(running[tier]);
+      }
+      total.push(t.spend_before_usd + Object.values(running).reduce((a, v) => a + v, 0));
     }
     RouteCharts.line(document.getElementById("chart-spend"), {
       labels,
       yFormat: (v) => `$${v < 1 ? v.toFixed(3) : v.toFixed(2)}`,
       series: [
         { name: "total (all time)", values: total, cls: "total" },
-        { name: "edge (this window)", values: edgeLine, cls: "edge" },
-        { name: "cloud (this window)", values: cloudLine, cls: "cloud" },
+        ...t.tiers.map((tier) => ({ name: `${tier} (this window)`, values: lines[tier], cls: tierClass(tier) })),
       ],
     });
   }
@@ -214,25 +217,28 @@
 
   const valuesOf = (tier) => (tier && typeof tier === "object" ? tier.values || tier : {});
 
+  // Every tier's predicted quality per metric, cheapest first, and the dearest's gap over the cheapest.
   function predictedTable(predicted) {
     if (!predicted || typeof predicted !== "object") return null;
-    const edge = valuesOf(predicted.edge);
-    const cloud = valuesOf(predicted.cloud);
-    const metrics = [...new Set([...Object.keys(edge), ...Object.keys(cloud)])];
+    const tiers = state.tiers.filter((t) => t in predicted).concat(Object.keys(predicted).filter((t) => !state.tiers.includes(t)));
+    if (tiers.length < 2) return null;
+    const values = Object.fromEntries(tiers.map((t) => [t, valuesOf(predicted[t])]));
+    const metrics = [...new Set(tiers.flatMap((t) => Object.keys(values[t])))];
     if (!metrics.length) return null;
+    const [low, high] = [tiers[0], tiers[tiers.length - 1]];
     const bar = (v, cls) => el("span", { class: "meter" }, el("span", { class: `fill ${cls}`, style: null, "data-width": v }), el("span", { class: "meter-text" }, num(v)));
     const table = el(
       "table",
       { class: "predicted" },
-      el("thead", {}, el("tr", {}, el("th", {}, "metric"), el("th", {}, "edge (predicted)"), el("th", {}, "cloud (predicted)"), el("th", {}, "cloud − edge"))),
+      el("thead", {}, el("tr", {}, el("th", {}, "metric"), ...tiers.map((t) => el("th", {}, `${t} (predicted)`)), el("th", {}, `${high} − ${low}`))),
       el(
         "tbody",
         {},
         metrics.map((m) => {
-          const e = edge[m];
-          const c = cloud[m];
+          const e = values[low][m];
+          const c = values[high][m];
           const gap = typeof e === "number" && typeof c === "number" ? c - e : null;
-          return el("tr", {}, el("td", {}, m), el("td", {}, bar(e, "edge")), el("td", {}, bar(c, "cloud")), el("td", { class: `num ${gap > 0 ? "up" : gap < 0 ? "down" : ""}` }, gap === null ? "–" : (gap > 0 ? "+" : "") + gap.toFixed(3)));
+          return el("tr", {}, el("td", {}, m), ...tiers.map((t) => el("td", {}, bar(values[t][m], tierClass(t)))), el("td", { class: `num ${gap > 0 ? "up" : gap < 0 ? "down" : ""}` }, gap === null ? "–" : (gap > 0 ? "+" : "") + gap.toFixed(3)));
         })
       )
     );
