@@ -104,7 +104,12 @@ class LogRecord:
         )
 
 
-def iter_log(path: Path) -> Iterator[LogRecord]:
+def json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each non-blank line of a JSON Lines file as ``(where, object)``, ``where`` naming the file and line.
+
+    Raises:
+        LogFormatError: a line that is not JSON, or not a JSON object.
+    """
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -116,7 +121,12 @@ def iter_log(path: Path) -> Iterator[LogRecord]:
                 raise LogFormatError(f"{where}: not valid JSON ({exc.msg})") from exc
             if not isinstance(data, dict):
                 raise LogFormatError(f"{where}: each line must be a JSON object")
-            yield LogRecord.from_dict(data, where=where)
+            yield where, data
+
+
+def iter_log(path: Path) -> Iterator[LogRecord]:
+    for where, data in json_lines(path):
+        yield LogRecord.from_dict(data, where=where)
 
 
 def read_log(path: Path) -> list[LogRecord]:

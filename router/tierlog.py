@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from router.log import LogFormatError, LogRecord
+from router.log import LogFormatError, LogRecord, json_lines
 from router.types import QualityVector
 
 __all__ = [
@@ -237,18 +237,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def iter_tier_log(path: Path) -> Iterator[TierRecord]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LogFormatError(f"{where}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(data, dict):
-                raise LogFormatError(f"{where}: each line must be a JSON object")
-            yield TierRecord.from_dict(data, where=where)
+    for where, data in json_lines(path):
+        yield TierRecord.from_dict(data, where=where)
 
 
 def read_tier_log(path: Path) -> TierLog:
