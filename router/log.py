@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from router.types import QualityVector
 
@@ -147,8 +147,15 @@ def read_log(path: Path) -> list[LogRecord]:
     return records
 
 
-def write_log(path: Path, records: Iterable[LogRecord]) -> int:
-    """Write records atomically (temporary file, then rename); returns how many were written."""
+class Writable(Protocol):
+    """A log line: a two-tier :class:`LogRecord` or a K-tier record."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def write_log(path: Path, records: Iterable[Writable]) -> int:
+    """Write records (two-tier or K-tier) atomically (temporary file, then rename); returns how many were
+    written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     count = 0

@@ -19,7 +19,6 @@ two-tier code path uses. Errors name the file, the line and the field, as :mod:`
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from router.log import LogFormatError, LogRecord, json_lines
+from router.log import LogFormatError, LogRecord, json_lines, write_log
 from router.types import QualityVector
 
 __all__ = [
@@ -247,16 +246,8 @@ def read_tier_log(path: Path) -> TierLog:
 
 
 def write_tier_log(path: Path, records: Iterable[TierRecord]) -> int:
-    """Write records atomically (temporary file, then rename); returns how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-            count += 1
-    tmp.replace(path)
-    return count
+    """Write records atomically (:func:`router.log.write_log`); returns how many were written."""
+    return write_log(path, records)
 
 
 def two_tier_records(records: Sequence[TierRecord], edge: str, cloud: str) -> list[LogRecord]:

@@ -31,12 +31,8 @@ def import_() -> None:
 def _write(records: Sequence[LogRecord] | Sequence[TierRecord], output: Path) -> None:
     """Write a two-tier or a K-tier log, whichever ``records`` are."""
     from router.log import write_log
-    from router.tierlog import TierRecord, write_tier_log
 
-    if records and isinstance(records[0], TierRecord):
-        count = write_tier_log(output, records)  # type: ignore[arg-type]
-    else:
-        count = write_log(output, records)  # type: ignore[arg-type]
+    count = write_log(output, records)
     click.echo(f"wrote {count} prompts to {output}")
 
 
