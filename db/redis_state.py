@@ -192,7 +192,8 @@ class _RedisWindow:
 
 
 class RedisBudgetStore(_RedisWindow):
-    """The two-tier budget window: entries ``"<1|0>:<score>"`` (1: the dearer tier's image is used).
+    """The two-tier budget window: entries ``"<1|0>:<score>"`` (1: the dearer tier's image takes a place in the
+    window: delivered, or a shadow paid from ρ).
 
     One list (rather than one for decisions and one for scores) keeps a decision at one read and one write
     round trip, plus the ``WATCH``.
@@ -207,7 +208,7 @@ class RedisBudgetStore(_RedisWindow):
         self, fn: Callable[[BudgetState], Sequence[BudgetVerdict]], scores: Sequence[float]
     ) -> list[BudgetVerdict]:
         def entries(verdicts: Sequence[BudgetVerdict]) -> list[str]:
-            return [f"{1 if v.uses_cloud else 0}:{float(s)!r}" for v, s in zip(verdicts, scores, strict=True)]
+            return [f"{1 if v.in_window else 0}:{float(s)!r}" for v, s in zip(verdicts, scores, strict=True)]
 
         return self._transact(lambda pipe, spend_key: fn(self._read(pipe, spend_key)), entries)
 

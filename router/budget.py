@@ -20,7 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from router.cost import reserved_usd
 from router.types import BudgetVerdict
@@ -53,6 +53,12 @@ MIN_SCORES_FOR_QUANTILE = 20
 SPEND_TOLERANCE_USD = 1e-9
 """Rounding slack when a reservation exactly reaches the spend limit (sums of float prices)."""
 
+ShadowPayment = Literal["window", "allowance"]
+SHADOW_PAYMENTS: tuple[ShadowPayment, ...] = ("window", "allowance")
+"""Where a shadow sample's cloud image is paid from (``ROUTET2I_SHADOW_PAID_FROM``): ``window``: from ρ, as a
+routed cloud image, so an edge-routed request is shadow-sampled only when the window has room for it;
+``allowance``: beside ρ, as escalations are, from the spend limit alone, taking no place in the window."""
+
 
 @dataclass(frozen=True)
 class BudgetConfig:
@@ -72,6 +78,7 @@ class BudgetConfig:
         spend_limit_usd: most money the cloud images decided in one period may cost (None: no limit). The
             period and the running total live in the store (:attr:`BudgetState.spent_usd`).
         cloud_cost_usd: money one cloud image reserves from the spend limit when it is decided.
+        shadow_paid_from: where a shadow sample's cloud image is paid from (:data:`SHADOW_PAYMENTS`).
     """
 
     rho: float
@@ -82,6 +89,7 @@ class BudgetConfig:
     share_horizon: int | None = None
     spend_limit_usd: float | None = None
     cloud_cost_usd: float = 0.0
+    shadow_paid_from: ShadowPayment = "window"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
@@ -94,6 +102,8 @@ class BudgetConfig:
             raise ValueError(f"cloud_cost_usd must not be negative, got {self.cloud_cost_usd}")
         if not 0.0 <= self.tolerance <= 1.0:
             raise ValueError(f"tolerance must be within [0, 1], got {self.tolerance}")
+        if self.shadow_paid_from not in SHADOW_PAYMENTS:
+            raise ValueError(f"shadow_paid_from must be one of {SHADOW_PAYMENTS}, got {self.shadow_paid_from!r}")
         for name in ("score_horizon", "share_horizon"):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= self.window:
@@ -102,14 +112,16 @@ class BudgetConfig:
     @classmethod
     def for_settings(cls, settings: Settings, rho: float, *, tolerance: float | None = None) -> BudgetConfig:
         """A deployment's budget held to ``rho`` over its window, and to its spend limit when one is set, with
-        every cloud image reserving the cloud tier's price per image; ``tolerance``: the window's minimum share
-        (None: the deployment's ``budget_tolerance``; 1: none)."""
+        every cloud image reserving the cloud tier's price per image, and shadow samples paid as the deployment
+        says (``shadow_paid_from``); ``tolerance``: the window's minimum share (None: the deployment's
+        ``budget_tolerance``; 1: none)."""
         return cls(
             rho=rho,
             window=settings.budget_window,
             tolerance=settings.budget_tolerance if tolerance is None else tolerance,
             spend_limit_usd=settings.cloud_spend_limit_usd,
             cloud_cost_usd=reserved_usd(settings.tier(settings.dearest)),
+            shadow_paid_from=settings.shadow_paid_from,
         )
 
     def affordable(self, spent_usd: float) -> bool:
@@ -153,7 +165,8 @@ class BudgetState:
     """Recent history, newest first.
 
     Attributes:
-        decisions: 1 for cloud, 0 for edge; at most ``window`` entries.
+        decisions: 1 for a cloud image in the window (delivered, or a shadow paid from ρ), else 0; at most
+            ``window`` entries.
         scores: router scores of the same requests; at most ``window`` entries.
         spent_usd: money reserved (and billed beyond the reservations) for cloud images in the current spend
             period, by every router sharing the spend limit.
@@ -204,8 +217,10 @@ def decide(
         config: ρ, window and gain.
         floor: scores at or below it never go to the cloud (RouteT2I's α ≤ ½ rule), whatever the budget.
         calibrated_threshold: threshold from offline calibration, used until enough scores were seen.
-        shadow: the request was sampled to run on both tiers. It is shadowed only if the budget has room for
-            its cloud generation: shadow samples are paid from the same budget as routed requests.
+        shadow: the request was sampled to run on both tiers. Routed to the edge, it is shadowed only if its
+            cloud image can be paid: from ρ (``config.shadow_paid_from`` ``window``: the window must have room
+            for it, as for a routed one) or beside it (``allowance``: the spend limit alone; the image takes no
+            place in the window); either way within the spend limit.
 
     Returns:
         The verdict with the threshold used and a snapshot of the window for the audit trail.
@@ -253,8 +268,19 @@ def decide(
     verdict = _route(
         score, config, cloud_recent, len(recent), cap_now, minimum, threshold, snapshot, floor, state.spent_usd
     )
-    # 4. Shadow sampling: run the request on both tiers if the window has room for one more cloud image.
-    if shadow and not verdict.cloud:
+    # 4. Shadow sampling: run the request on both tiers if its cloud image can be paid for.
+    if shadow and not verdict.cloud and config.shadow_paid_from == "allowance":
+        if config.affordable(state.spent_usd):
+            verdict = replace(
+                verdict,
+                shadow=True,
+                shadow_beside=True,
+                state={**verdict.state, "shadow_paid_from": "allowance"},
+                reason=verdict.reason + "; shadow-sampled on the cloud too, paid beside the routing budget",
+            )
+        else:
+            verdict = replace(verdict, reason=verdict.reason + "; the spend limit leaves nothing to shadow-sample")
+    elif shadow and not verdict.cloud:
         if config.cap > 0 and cloud_recent + 1 <= cap_now and config.affordable(state.spent_usd):
             verdict = replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the cloud too")
         else:
@@ -329,7 +355,7 @@ class BudgetRequest:
 def advance(state: BudgetState, verdict: BudgetVerdict, score: float, window: int) -> BudgetState:
     """The window after ``verdict`` on ``score`` was recorded (newest first, at most ``window`` entries)."""
     return BudgetState(
-        decisions=(1 if verdict.uses_cloud else 0, *state.decisions[: window - 1]),
+        decisions=(1 if verdict.in_window else 0, *state.decisions[: window - 1]),
         scores=(float(score), *state.scores[: window - 1]),
         spent_usd=state.spent_usd + verdict.reserved_usd,
     )
@@ -365,7 +391,7 @@ class MemoryBudgetStore:
         with self._lock:
             verdicts = list(fn(self.snapshot()))
             for verdict, score in zip(verdicts, scores, strict=True):
-                self._decisions.appendleft(1 if verdict.uses_cloud else 0)
+                self._decisions.appendleft(1 if verdict.in_window else 0)
                 self._scores.appendleft(float(score))
                 self._spent_usd += verdict.reserved_usd
             return verdicts

@@ -25,7 +25,8 @@ class RouteRequest:
         requested_tier: a tier the caller forced; the router still predicts (for the audit trail) but the
             budget is neither consulted nor charged.
         budget: a budget other than the policy's own (a tenant with its own cloud budget).
-        shadow: the job was sampled to run on both tiers (done only if the budget has room).
+        shadow: the job was sampled to run on both tiers (done only if its cloud image can be paid for, from ρ
+            or beside it: :func:`router.budget.decide`).
     """
 
     prompt: str

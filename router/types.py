@@ -85,6 +85,8 @@ class BudgetVerdict:
         shadow: the request is also generated on the other tier, to collect a label (shadow sampling).
         reserved_usd: money reserved from the spend limit for this request's cloud image (0 on the edge, or
             without a spend limit).
+        shadow_beside: the shadow is a cloud image paid beside ρ (``ROUTET2I_SHADOW_PAID_FROM=allowance``): it
+            is money from the spend limit but takes no place in the budget window.
     """
 
     cloud: bool
@@ -93,11 +95,18 @@ class BudgetVerdict:
     reason: str
     shadow: bool = False
     reserved_usd: float = 0.0
+    shadow_beside: bool = False
 
     @property
     def uses_cloud(self) -> bool:
-        """Whether the cloud is used at all (as the delivered tier or as the shadow), i.e. spends budget."""
+        """Whether the cloud is used at all (as the delivered tier or as the shadow), i.e. spends money."""
         return self.cloud or self.shadow
+
+    @property
+    def in_window(self) -> bool:
+        """Whether the request takes a cloud place in the budget window: a cloud image delivered, or a shadow
+        cloud image paid from ρ."""
+        return self.cloud or (self.shadow and not self.shadow_beside)
 
 
 @dataclass(frozen=True)
