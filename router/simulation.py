@@ -5,9 +5,9 @@ shuffled order (seeds 1, 2, ...). Every policy routes as a router worker does: t
 policy's current router and decided against a live :class:`~router.budget.BudgetController` holding the cloud
 share to ρ over its window, the router's offline calibration setting the threshold until the window has scores.
 A policy that learns asks for shadow samples through the controller (``shadow=True``), so a label's cloud image
-is paid from the same budget as routed ones, as in the product. A shadow-sampled prompt reveals both tiers'
-ratings (a label); any other prompt delivers only its tier's rating, and the user always receives the routed
-tier's image.
+is paid as the product's ``ROUTET2I_SHADOW_PAID_FROM`` says (:attr:`SimulationConfig.shadow_paid_from`): from ρ,
+taking room in the window, or beside it, taking none. A shadow-sampled prompt reveals both tiers' ratings (a
+label); any other prompt delivers only its tier's rating, and the user always receives the routed tier's image.
 
 Policies (:data:`POLICIES`):
 
@@ -38,7 +38,14 @@ import numpy as np
 
 from router.base import Router, create_router
 from router.baselines import RandomRouter
-from router.budget import DEFAULT_TOLERANCE, BudgetConfig, BudgetController, MemoryBudgetStore
+from router.budget import (
+    DEFAULT_TOLERANCE,
+    SHADOW_PAYMENTS,
+    BudgetConfig,
+    BudgetController,
+    MemoryBudgetStore,
+    ShadowPayment,
+)
 from router.learning import LoopConfig, choose_prior, judge, shadow_rate, split_recent, train_challenger
 from router.log import LogRecord
 from router.replay import record_costs
@@ -107,6 +114,8 @@ class SimulationConfig:
         curve_points: consecutive stretches of the stream the PGR curve is measured on.
         cv_folds: folds of the cross-validated reference.
         swap: the window's scores when a router changes (:data:`SWAPS`).
+        shadow_paid_from: where a label's cloud image is paid from (:data:`router.budget.SHADOW_PAYMENTS`:
+            ``window``, from ρ, or ``allowance``, beside it; ``ROUTET2I_SHADOW_PAID_FROM``).
     """
 
     budget: float = 0.5
@@ -124,6 +133,7 @@ class SimulationConfig:
     curve_points: int = 8
     cv_folds: int = 5
     swap: str = "keep"
+    shadow_paid_from: ShadowPayment = "window"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:
@@ -139,6 +149,10 @@ class SimulationConfig:
             raise ValueError(f"cv_folds must be at least 2, got {self.cv_folds}")
         if self.swap not in SWAPS:
             raise ValueError(f"swap must be one of {', '.join(SWAPS)}, got {self.swap!r}")
+        if self.shadow_paid_from not in SHADOW_PAYMENTS:
+            raise ValueError(
+                f"shadow_paid_from must be one of {', '.join(SHADOW_PAYMENTS)}, got {self.shadow_paid_from!r}"
+            )
 
     def window_for(self, n: int) -> int:
         return self.window if self.window is not None else min(DEFAULT_WINDOW, n)
@@ -152,6 +166,8 @@ class Run:
         order: the log's record indices in arrival order.
         cloud: per arriving prompt, whether the user received the cloud's image.
         shadow: whether it was shadow-sampled (both images made: a label).
+        in_window: whether it took a cloud place in the budget window (a cloud image delivered, or a shadow
+            paid from ρ).
         labels: labels collected once the prompt was decided.
         shadow_cost_usd: what the shadow images (the image not delivered) cost.
         events: the loop's steps: the prior chosen, each challenger's verdict.
@@ -164,6 +180,7 @@ class Run:
     cloud: np.ndarray
     shadow: np.ndarray
     labels: np.ndarray
+    in_window: np.ndarray
     shadow_cost_usd: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
@@ -361,9 +378,13 @@ def run_policy(ctx: _Context, policy: str, seed: int, order: np.ndarray) -> Run:
     cfg = ctx.config
     agent = _agent(ctx, policy, seed)
     store = _Window(ctx.window)
-    controller = BudgetController(BudgetConfig(rho=cfg.budget, window=ctx.window, tolerance=cfg.tolerance), store)
+    budget = BudgetConfig(
+        rho=cfg.budget, window=ctx.window, tolerance=cfg.tolerance, shadow_paid_from=cfg.shadow_paid_from
+    )
+    controller = BudgetController(budget, store)
     n = len(order)
     cloud, shadow, labels = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
+    in_window = np.zeros(n, dtype=bool)
     cost = 0.0
     for position, index in enumerate(order):
         verdict = controller.decide(
@@ -372,14 +393,15 @@ def run_policy(ctx: _Context, policy: str, seed: int, order: np.ndarray) -> Run:
             calibrated_threshold=agent.threshold,
             shadow=agent.wants_shadow(position),
         )
-        cloud[position], shadow[position] = verdict.cloud, verdict.shadow
+        cloud[position], shadow[position], in_window[position] = verdict.cloud, verdict.shadow, verdict.in_window
         if verdict.shadow:
             cost += float(ctx.costs[index, 0 if verdict.cloud else 1])  # the image the user does not receive
             changed = agent.learn(ctx.records[index], position)
             if changed and cfg.swap == "rescore":
                 store.rescore(agent.scores[order[position::-1]][: ctx.window])
         labels[position] = agent.n_labels
-    return Run(policy, seed, order, cloud, shadow, labels, cost, agent.events, time.perf_counter() - started)
+    wall_s = time.perf_counter() - started
+    return Run(policy, seed, order, cloud, shadow, labels, in_window, cost, agent.events, wall_s)
 
 
 def orders(n: int, seeds: int) -> list[np.ndarray]:

@@ -61,8 +61,9 @@ def _r(value: float | None) -> float | None:
 
 
 def _highest_window_share(uses: np.ndarray, window: int) -> float:
-    """The largest share of cloud images (delivered or shadow) in any ``window`` consecutive prompts, or in the
-    stream so far while it is shorter than a window."""
+    """The largest share of places the budget window counts as cloud (delivered cloud images, and shadow ones
+    paid from ρ) in any ``window`` consecutive prompts, or in the stream so far while it is shorter than a
+    window."""
     full: list[float] = []
     if len(uses) >= window:
         full = (np.convolve(uses.astype(np.float64), np.ones(window), "valid") / window).tolist()
@@ -72,7 +73,7 @@ def _highest_window_share(uses: np.ndarray, window: int) -> float:
 
 def _labels_of_cloud_routed(runs: Sequence[Run]) -> float | None:
     """The share of the labels whose prompt the policy had sent to the cloud (its shadow image is the edge's, which
-    uses no cloud budget): labels are not a random sample of the traffic when the budget refuses edge shadows."""
+    uses no cloud budget): labels are not a random sample of the traffic when the window refuses edge shadows."""
     labels = sum(int(run.shadow.sum()) for run in runs)
     return sum(int((run.shadow & run.cloud).sum()) for run in runs) / labels if labels else None
 
@@ -135,7 +136,7 @@ def _policy(
         "promotions_per_seed": [run.promotions for run in runs],
         "cloud_share": _r(float(np.mean([run.cloud.mean() for run in runs]))),
         "cloud_use_share": _r(float(np.mean([run.uses_cloud.mean() for run in runs]))),
-        "highest_window_share": _r(max(_highest_window_share(run.uses_cloud, sim.window) for run in runs)),
+        "highest_window_share": _r(max(_highest_window_share(run.in_window, sim.window) for run in runs)),
         "events": [run.events for run in runs],
         "wall_s": round(sum(run.wall_s for run in runs), 3),
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from router.embeddings import SentenceEncoder
 from router.learning import LoopConfig
 from router.log import LogRecord, write_log
 from router.priors import datasets_of, pooled_records
-from router.simulation import Simulation, SimulationConfig, simulate
+from router.simulation import Run, Simulation, SimulationConfig, simulate
 from router.simulation_report import last_quarter_start, stretch_pgr, summarise, unit_gains
 from router.types import QualityVector
 
@@ -154,6 +155,7 @@ def test_every_policy_routes_within_the_budget(sim: Simulation) -> None:
     window, rho = sim.window, CONFIG.budget
     for policy, runs in sim.runs.items():
         for run in runs:
+            assert np.array_equal(run.in_window, run.uses_cloud)  # labels paid from ρ take room in the window
             uses = run.uses_cloud.astype(int)
             for end in range(1, len(uses) + 1):  # every window of `window` decisions, and the first ones
                 start = max(0, end - window)
@@ -220,6 +222,47 @@ def test_a_loop_learns_that_the_cloud_wins_on_long_prompts(sim: Simulation) -> N
     assert doc["cv-reference"]["pgr_last_quarter"] > doc["random"]["pgr_last_quarter"] + 0.3
 
 
+@pytest.fixture(scope="module")
+def beside(log: list[LogRecord], encoder: SentenceEncoder) -> Simulation:
+    """The frozen artifact and the loop with labels paid beside ρ."""
+    config = replace(CONFIG, shadow_paid_from="allowance")
+    return simulate(log, priors(), config, encoder=encoder, policies=("frozen", "loop"))
+
+
+def _first_change(run: Run) -> int:
+    """The position of the first label after which the loop routes with another router than it started with."""
+    changes = [
+        e["position"]
+        for e in run.events
+        if (e["event"] == "prior" and e["chosen"] != "shipped") or (e["event"] == "judged" and e["promote"])
+    ]
+    return min(changes, default=len(run.order) - 1)
+
+
+def test_labels_paid_beside_rho_take_no_room_in_the_window(sim: Simulation, beside: Simulation) -> None:
+    window, rho = beside.window, CONFIG.budget
+    for policy, runs in beside.runs.items():
+        for run in runs:
+            assert np.array_equal(run.in_window, run.cloud), policy  # only the delivered cloud images count
+            for end in range(1, len(run.cloud) + 1):
+                start = max(0, end - window)
+                assert run.cloud[start:end].sum() <= math.floor(rho * (end - start) + 1e-9), (policy, run.seed, end)
+            assert run.cloud.mean() >= rho - 0.1, (policy, run.seed)  # the budget goes to routed images
+    frozen, loops = beside.runs["frozen"], beside.runs["loop"]
+    assert all(run.labels[-1] > 20 and run.promotions >= 1 for run in loops)
+    # Until its router changes the loop routes every prompt as the frozen artifact does: its labels cost the
+    # routed traffic nothing. Paid from ρ, they take places in the window from the first one.
+    for run, still, paid_from_rho in zip(loops, frozen, sim.runs["loop"], strict=True):
+        until = _first_change(run) + 1
+        assert np.array_equal(run.cloud[:until], still.cloud[:until]), run.seed
+        assert run.uses_cloud[:until].sum() > still.cloud[:until].sum()  # cloud images beyond ρ: the labels'
+        assert not np.array_equal(paid_from_rho.cloud, sim.runs["frozen"][run.seed].cloud)
+    doc = summarise(beside)
+    assert doc["settings"]["shadow_paid_from"] == "allowance"
+    loop = doc["policies"]["loop"]
+    assert loop["highest_window_share"] <= rho and loop["cloud_use_share"] > loop["cloud_share"]
+
+
 def test_stretch_pgr_is_the_share_of_the_gain_recovered() -> None:
     records = long_log(40, seed=3)
     gains = np.array([r.cloud["q"] - r.edge["q"] for r in records])
@@ -245,6 +288,8 @@ def test_a_simulation_refuses_what_it_cannot_run(log: list[LogRecord]) -> None:
         SimulationConfig(swap="drop")
     with pytest.raises(ValueError, match="shadow"):
         SimulationConfig(shadow_rate=0.1, shadow_min_rate=0.2)
+    with pytest.raises(ValueError, match="shadow_paid_from"):
+        SimulationConfig(shadow_paid_from="ledger")  # type: ignore[arg-type]
 
 
 # --- priors -----------------------------------------------------------------------------------------------
@@ -287,6 +332,7 @@ def test_the_command_prints_the_json_the_issue_asks_for(runner: CliRunner, tmp_p
     plot = tmp_path / "curves.png"
     args = ["simulate", "--log", str(log_file), "--policies", "frozen,random,rule,loop", "--seeds", "2",
             "--retrain-every", "10", "--prior-labels", "10", "--shadow-rate", "0.5", "--window", "50",
+            "--shadow-paid-from", "allowance",
             "--set", "members=1", "--set", "max_epochs=5", "--set", "threads=1", "--json", "--plot", str(plot)]  # fmt: skip
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -298,6 +344,8 @@ def test_the_command_prints_the_json_the_issue_asks_for(runner: CliRunner, tmp_p
     assert doc["labels"] == doc["policies"]["loop"]["labels"] > 0
     assert doc["shadow_cost_usd"] == doc["policies"]["loop"]["shadow_cost_usd"] > 0
     assert doc["policies"]["frozen"]["labels"] == 0
+    assert doc["settings"]["shadow_paid_from"] == "allowance"
+    assert doc["policies"]["loop"]["highest_window_share"] <= doc["budget"]
     assert set(doc["policies"]["loop"]["paired"]) == {"frozen", "random"}
     assert set(doc["policies"]["frozen"]["paired"]) == {"random", "loop"}
     assert doc["all_cloud"]["pgr_last_quarter"] > 0 and len(doc["all_cloud"]["pgr_curve"]) == 8
@@ -313,6 +361,7 @@ def test_the_command_prints_the_json_the_issue_asks_for(runner: CliRunner, tmp_p
         (["--set", "nonsense=1"], "'--set'"),
         (["--router", "random"], "'--router'"),
         (["--shadow-rate", "0.1", "--shadow-min-rate", "0.2"], "'--shadow-min-rate'"),
+        (["--shadow-paid-from", "ledger"], "'--shadow-paid-from'"),
     ],
 )
 def test_a_bad_option_is_a_usage_error_naming_it(

@@ -94,6 +94,7 @@ def _config(options: dict[str, Any], router_settings: dict[str, Any], prices: di
         prices=prices,
         curve_points=options["curve_points"],
         swap=options["swap"],
+        shadow_paid_from=options["shadow_paid_from"],
     )
 
 
@@ -127,6 +128,13 @@ def _config(options: dict[str, Any], router_settings: dict[str, Any], prices: di
     default="keep",
     show_default=True,
     help="At a new champion, keep the window's scores (as a route worker does) or rescore its prompts.",
+)
+@click.option(
+    "--shadow-paid-from",
+    type=click.Choice(["window", "allowance"]),
+    default="window",
+    show_default=True,
+    help="Pay labels' cloud images from ρ (room in the window) or beside it (ROUTET2I_SHADOW_PAID_FROM).",
 )
 @click.option("--curve-points", type=click.IntRange(1), default=8, show_default=True, help="Stretches of the curve.")
 @click.option(
