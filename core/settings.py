@@ -117,12 +117,12 @@ class Settings(BaseSettings):
     from live traffic (``routet2i learn``, ``routet2i data export``). Their cloud images are paid as
     ``shadow_paid_from`` says. ``routet2i learn`` lowers the share actually used as the router settles
     (``shadow_min_rate``)."""
-    shadow_paid_from: Literal["window", "allowance"] = "window"
-    """Where a shadow sample's cloud image is paid from: ``window``: from ``cloud_budget``, so an edge-routed job
-    is shadow-sampled only when the budget window has room for one more cloud image, and the image takes that
-    room; ``allowance``: beside it, as escalations are: an edge-routed job is shadow-sampled at the shadow rate
-    whatever the window holds, its cloud image takes no place in the window, and it is paid within the spend
-    limit (at most ρ + rate·(1 − ρ) of routed jobs get a cloud image)."""
+    shadow_paid_from: Literal["window", "allowance"] = "allowance"
+    """Where a shadow sample's cloud image is paid from: ``allowance``: beside ``cloud_budget``, as escalations
+    are: an edge-routed job is shadow-sampled at the shadow rate whatever the budget window holds, its cloud
+    image takes no place in the window, and it is paid within the spend limit (at most ρ + rate·(1 − ρ) of
+    routed jobs get a cloud image); ``window``: from ``cloud_budget``, so an edge-routed job is shadow-sampled
+    only when the window has room for one more cloud image, and the image takes that room from routed jobs."""
     shadow_min_rate: float = Field(default=0.02, ge=0.0, le=1.0)
     """The share ``routet2i learn`` lowers the shadow rate to once the router has ``shadow_settle_labels``
     labels and predicts well (never above ``shadow_rate``)."""

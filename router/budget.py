@@ -57,7 +57,9 @@ ShadowPayment = Literal["window", "allowance"]
 SHADOW_PAYMENTS: tuple[ShadowPayment, ...] = ("window", "allowance")
 """Where a shadow sample's cloud image is paid from (``ROUTET2I_SHADOW_PAID_FROM``): ``window``: from ρ, as a
 routed cloud image, so an edge-routed request is shadow-sampled only when the window has room for it;
-``allowance``: beside ρ, as escalations are, from the spend limit alone, taking no place in the window."""
+``allowance``: beside ρ, as escalations are, from the spend limit alone, taking no place in the window. A
+deployment's default is ``allowance`` (:class:`core.settings.Settings`); a :class:`BudgetConfig` built by hand
+pays from the ``window`` unless told otherwise."""
 
 
 @dataclass(frozen=True)
@@ -269,30 +271,37 @@ def decide(
         score, config, cloud_recent, len(recent), cap_now, minimum, threshold, snapshot, floor, state.spent_usd
     )
     # 4. Shadow sampling: run the request on both tiers if its cloud image can be paid for.
-    if shadow and not verdict.cloud and config.shadow_paid_from == "allowance":
-        if config.affordable(state.spent_usd):
-            verdict = replace(
-                verdict,
-                shadow=True,
-                shadow_beside=True,
-                state={**verdict.state, "shadow_paid_from": "allowance"},
-                reason=verdict.reason + "; shadow-sampled on the cloud too, paid beside the routing budget",
-            )
-        else:
-            verdict = replace(verdict, reason=verdict.reason + "; the spend limit leaves nothing to shadow-sample")
-    elif shadow and not verdict.cloud:
-        if config.cap > 0 and cloud_recent + 1 <= cap_now and config.affordable(state.spent_usd):
-            verdict = replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the cloud too")
-        else:
-            verdict = replace(verdict, reason=verdict.reason + "; no budget left to shadow-sample")
-    elif shadow:
-        verdict = replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the edge too")
+    if shadow:
+        verdict = _shadow(
+            verdict, config, room=config.cap > 0 and cloud_recent + 1 <= cap_now, spent_usd=state.spent_usd
+        )
     # 5. A cloud image (delivered or shadow) reserves its price from the period's spend limit.
     if verdict.uses_cloud and config.spend_limit_usd is not None:
         verdict = replace(
             verdict, reserved_usd=config.cloud_cost_usd, state={**verdict.state, "reserved_usd": config.cloud_cost_usd}
         )
     return verdict
+
+
+def _shadow(verdict: BudgetVerdict, config: BudgetConfig, *, room: bool, spent_usd: float) -> BudgetVerdict:
+    """``verdict`` for a request sampled to run on both tiers: routed to the cloud, its shadow is the edge's;
+    routed to the edge, its cloud image is paid from ρ (only with ``room`` in the window) or beside it (without
+    a place in the window), within the spend limit either way."""
+    if verdict.cloud:
+        return replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the edge too")
+    if config.shadow_paid_from == "allowance":
+        if not config.affordable(spent_usd):
+            return replace(verdict, reason=verdict.reason + "; the spend limit leaves nothing to shadow-sample")
+        return replace(
+            verdict,
+            shadow=True,
+            shadow_beside=True,
+            state={**verdict.state, "shadow_paid_from": "allowance"},
+            reason=verdict.reason + "; shadow-sampled on the cloud too, paid beside the routing budget",
+        )
+    if room and config.affordable(spent_usd):
+        return replace(verdict, shadow=True, reason=verdict.reason + "; shadow-sampled on the cloud too")
+    return replace(verdict, reason=verdict.reason + "; no budget left to shadow-sample")
 
 
 def _route(

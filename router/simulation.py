@@ -115,7 +115,7 @@ class SimulationConfig:
         cv_folds: folds of the cross-validated reference.
         swap: the window's scores when a router changes (:data:`SWAPS`).
         shadow_paid_from: where a label's cloud image is paid from (:data:`router.budget.SHADOW_PAYMENTS`:
-            ``window``, from ρ, or ``allowance``, beside it; ``ROUTET2I_SHADOW_PAID_FROM``).
+            ``allowance``, beside ρ, or ``window``, from it; ``ROUTET2I_SHADOW_PAID_FROM`` and its default).
     """
 
     budget: float = 0.5
@@ -133,7 +133,7 @@ class SimulationConfig:
     curve_points: int = 8
     cv_folds: int = 5
     swap: str = "keep"
-    shadow_paid_from: ShadowPayment = "window"
+    shadow_paid_from: ShadowPayment = "allowance"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:

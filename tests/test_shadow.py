@@ -109,11 +109,12 @@ def test_the_shared_window_leaves_out_shadows_paid_beside_rho(redis_client) -> N
 
 
 def test_the_setting_reaches_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().shadow_paid_from == "window"
-    monkeypatch.setenv("ROUTET2I_SHADOW_PAID_FROM", "allowance")
+    assert Settings().shadow_paid_from == "allowance"
+    assert BudgetConfig.for_settings(Settings(), 0.3).shadow_paid_from == "allowance"
+    monkeypatch.setenv("ROUTET2I_SHADOW_PAID_FROM", "window")
     settings = Settings.from_env()
-    assert settings.shadow_paid_from == "allowance"
-    assert BudgetConfig.for_settings(settings, 0.3).shadow_paid_from == "allowance"
+    assert settings.shadow_paid_from == "window"
+    assert BudgetConfig.for_settings(settings, 0.3).shadow_paid_from == "window"
     monkeypatch.setenv("ROUTET2I_SHADOW_PAID_FROM", "ledger")
     with pytest.raises(ValueError, match="shadow_paid_from"):
         Settings.from_env()
@@ -205,6 +206,7 @@ def shadow_stack(pg_url: str, tmp_path, model_cache) -> Iterator[Settings]:  # t
         edge={**null, "model": "null-edge"},
         cloud={**null, "model": "null-cloud", "price_per_image": 0.065},
         shadow_rate=1.0,
+        shadow_paid_from="window",  # labels paid from ρ: shadows only where the window has room
         cloud_budget=0.5,
         budget_window=10,
         budget_name=f"shadow-{uuid.uuid4().hex[:6]}",

@@ -128,6 +128,7 @@ CONFIG = SimulationConfig(
     prices={"edge": 0.01, "cloud": 0.1},
     curve_points=4,
     cv_folds=3,
+    shadow_paid_from="window",
 )
 
 
@@ -224,8 +225,9 @@ def test_a_loop_learns_that_the_cloud_wins_on_long_prompts(sim: Simulation) -> N
 
 @pytest.fixture(scope="module")
 def beside(log: list[LogRecord], encoder: SentenceEncoder) -> Simulation:
-    """The frozen artifact and the loop with labels paid beside ρ."""
-    config = replace(CONFIG, shadow_paid_from="allowance")
+    """The frozen artifact and the loop with labels paid beside ρ (the default)."""
+    config = replace(CONFIG, shadow_paid_from=SimulationConfig().shadow_paid_from)
+    assert config.shadow_paid_from == "allowance"
     return simulate(log, priors(), config, encoder=encoder, policies=("frozen", "loop"))
 
 

@@ -131,10 +131,10 @@ def _config(options: dict[str, Any], router_settings: dict[str, Any], prices: di
 )
 @click.option(
     "--shadow-paid-from",
-    type=click.Choice(["window", "allowance"]),
-    default="window",
+    type=click.Choice(["allowance", "window"]),
+    default="allowance",
     show_default=True,
-    help="Pay labels' cloud images from ρ (room in the window) or beside it (ROUTET2I_SHADOW_PAID_FROM).",
+    help="Pay labels' cloud images beside ρ or from it, taking room in the window (ROUTET2I_SHADOW_PAID_FROM).",
 )
 @click.option("--curve-points", type=click.IntRange(1), default=8, show_default=True, help="Stretches of the curve.")
 @click.option(
