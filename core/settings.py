@@ -98,6 +98,17 @@ class Settings(BaseSettings):
     sending it jobs and its failed jobs go to their fallback tiers."""
     breaker_cooldown_s: float = Field(default=30.0, gt=0, le=86_400)
     """How long an open breaker stays open before it lets a probe job through; a probe that succeeds closes it."""
+    latency_slo_s: float | None = Field(default=None, gt=0, le=86_400)
+    """The latency promised from submission to done (None: routing is blind to load). When the tier the router
+    chose would miss it for a job (its predicted wait from backlog, live workers and service time) and a dearer
+    tier would not, the job spills there, paid from ``burst_budget_usd_per_period``; otherwise it may be
+    degraded to ``slo_degrade_steps`` of its steps, or queued (docs/tiers.md). A job's own deadline also counts."""
+    burst_budget_usd_per_period: float = Field(default=0.0, ge=0.0)
+    """US dollars per spend period (``cloud_spend_period_s``) that jobs spilled to a dearer tier to keep the
+    latency SLO may cost, beside the routing budget and inside the spend limit (0: no spilling)."""
+    slo_degrade_steps: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Share of its denoising steps a job on the cheapest tier runs with when that alone lets it meet the SLO
+    (0: never degrade)."""
     budget_window: int = Field(default=500, ge=10, le=100_000)
     """Number of recent decisions over which the cloud share is held to ``cloud_budget``."""
     budget_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)

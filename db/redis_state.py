@@ -282,6 +282,8 @@ class Heartbeat:
     queues: tuple[str, ...]
     held: tuple[str, ...]
     """Delivery tags of the messages it held: prefetched, waiting for an ETA, or running."""
+    slots: int = 1
+    """Its pool processes (threads, with a thread pool): how many of its messages it can run at once."""
 
     def age(self, now: float) -> float:
         return now - self.at
@@ -299,8 +301,8 @@ class WorkerRegistry:
         seconds, micros = cast(tuple[int, int], self.client.time())
         return seconds + micros / 1e6
 
-    def beat(self, node: str, *, pid: int, queues: Sequence[str], held: Iterable[str]) -> None:
-        record = {"at": self.now(), "pid": pid, "queues": list(queues), "held": sorted(held)}
+    def beat(self, node: str, *, pid: int, queues: Sequence[str], held: Iterable[str], slots: int = 1) -> None:
+        record = {"at": self.now(), "pid": pid, "queues": list(queues), "held": sorted(held), "slots": slots}
         self.client.hset(self.key, node, json.dumps(record))
 
     def heartbeats(self) -> list[Heartbeat]:
@@ -315,6 +317,7 @@ class WorkerRegistry:
                         pid=int(record["pid"]),
                         queues=tuple(record["queues"]),
                         held=tuple(record["held"]),
+                        slots=int(record.get("slots", 1)),
                     )
                 )
             except (ValueError, KeyError, TypeError):

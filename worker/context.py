@@ -268,6 +268,10 @@ class WorkerContext:
             self._spend_ledger = SpendLedger.for_settings(self.settings, self._state_redis())
         return self._spend_ledger
 
+    def state_redis(self) -> redis.Redis:
+        """The router state's Redis (budget windows, breakers, tier load), connected once per process."""
+        return self._state_redis()
+
     def _state_redis(self) -> redis.Redis:
         if self._redis is None:
             from db.redis_state import connect

@@ -44,6 +44,7 @@ from db.lifecycle import (
     renew_leases,
     succeed,
 )
+from db.load import record_service_time, size_key
 from db.models import Job
 from db.redis_state import give_back
 from db.session import transaction
@@ -108,6 +109,7 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
         jobs = [(job_id, d) for job_id, d in jobs if try_fallback(ctx, job_id, tier, reason, waiting=True) is None]
     given = {uuid.UUID(job_id): job_id for job_id, _ in jobs}
     deliveries = {uuid.UUID(job_id): delivery for job_id, delivery in jobs}
+    started = time.perf_counter()  # the slot's time on the batch: claim, generate, store, score, record
     claimed, routed = _claim(ctx, deliveries, tier)
     if not claimed:
         return outcomes
@@ -128,6 +130,7 @@ def generate_jobs(ctx: WorkerContext, jobs: Sequence[tuple[str, str]], tier: str
     ]
     escalations = _escalations(ctx, tier, [item.key for item in produced], [item.scored for item in produced], routed)
     outcome = _record_all(ctx, tier, produced, escalations, deliveries)
+    _record_service_time(ctx, tier, [request for _, request in claimed], time.perf_counter() - started)
     recorded = outcome.delivered
     if produced:
         record_success(ctx, tier)
@@ -395,6 +398,16 @@ def _escalations(
         if controller is not None:
             windows.setdefault(controller.name, (controller, []))[1].append((i, value))
     return decide_escalations(windows, metric=metric, below=ctx.settings.escalation_below)
+
+
+def _record_service_time(ctx: WorkerContext, tier: str, requests: Sequence[GenerationRequest], wall_s: float) -> None:
+    """The batch's seconds per image (its slot's whole time on it: claim to record), for the tier's moving median
+    (load-aware routing predicts waits with it)."""
+    try:
+        sizes = [size_key(request.width, request.height) for request in requests]
+        record_service_time(ctx.state_redis(), tier, sizes, wall_s / len(requests))
+    except redis.exceptions.RedisError as exc:
+        log.warning("service time not recorded: Redis unreachable", extra={"tier": tier, "error": str(exc)})
 
 
 def _count_spend_beyond_reservation(ctx: WorkerContext, tier: str, gpu_seconds: Sequence[float]) -> None:

@@ -34,10 +34,11 @@ REDIS_TIMEOUT_S = 5.0
 class Keeper:
     """Heartbeats and reconciler turns of one worker (``node``) consuming ``queues``."""
 
-    def __init__(self, settings: Settings, *, node: str, queues: list[str]) -> None:
+    def __init__(self, settings: Settings, *, node: str, queues: list[str], slots: int = 1) -> None:
         self.settings = settings
         self.node = node
         self.queues = queues
+        self.slots = slots
         self.registry = WorkerRegistry(connect(settings.state_redis_url, timeout=REDIS_TIMEOUT_S))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="routet2i-keeper", daemon=True)
@@ -59,7 +60,7 @@ class Keeper:
             log.warning("worker not unregistered", extra={"node": self.node, "error": str(exc)})
 
     def beat(self) -> None:
-        self.registry.beat(self.node, pid=os.getpid(), queues=self.queues, held=held_delivery_tags())
+        self.registry.beat(self.node, pid=os.getpid(), queues=self.queues, held=held_delivery_tags(), slots=self.slots)
 
     def _run(self) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -114,8 +115,12 @@ class Keeper:
 
 def start_keeper(app: Celery, consumer: Any) -> Keeper:
     """The keeper of the worker whose consumer is ``consumer`` (called when the worker is ready)."""
+    controller = getattr(consumer, "controller", None)
     keeper = Keeper(
-        app.conf.routet2i_settings, node=consumer.hostname, queues=list(app.conf.get("routet2i_warm_queues") or [])
+        app.conf.routet2i_settings,
+        node=consumer.hostname,
+        queues=list(app.conf.get("routet2i_warm_queues") or []),
+        slots=int(getattr(controller, "concurrency", None) or 1),
     )
     keeper.start()
     return keeper

@@ -28,6 +28,7 @@ from router.policy import RouteRequest, RoutingPolicy, shadow_sampled
 from router.tier_policy import TierRouteRequest, TierRoutingPolicy
 from router.tiers import budget_for_share
 from worker.context import WorkerContext
+from worker.slo import correct_for_load, read_load
 from worker.transport import chunks, generate_task, publish_many
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
 
     Two tiers: the router's score against the share budget (:class:`router.policy.RoutingPolicy`); more: the
     K-tier router's utilities against the money budget (:class:`router.tier_policy.TierRoutingPolicy`). Either
-    way among the tiers whose circuit breaker lets them take jobs."""
+    way among the tiers whose circuit breaker lets them take jobs; under a latency SLO, corrected for the tiers'
+    load (:mod:`worker.slo`)."""
     handoffs: list[Handoff] = []
     many = len(ctx.settings.tier_names) > 2
     # Before the rows are locked: it may load a newly promoted router.
@@ -109,8 +111,13 @@ def _decide(ctx: WorkerContext, keys: Sequence[uuid.UUID]) -> list[Handoff]:
         if not pending:
             return handoffs
         started = utcnow()
-        decisions = policy.decide_many([request for _, request in pending], held_out=held_out)
-        for (job, _), decision in zip(pending, decisions, strict=True):
+        jobs = [job for job, _ in pending]
+        live = read_load(ctx, session, jobs)
+        held = {**(live.held_out() if live else {}), **held_out}
+        decisions = policy.decide_many([request for _, request in pending], held_out=held)
+        if live is not None:
+            decisions = correct_for_load(ctx, live, jobs, decisions, held)
+        for job, decision in zip(jobs, decisions, strict=True):
             mark_routed(session, job, decision, started=started)
             handoffs.append((str(job.id), decision.tier, decision.shadow))
             log.info(
