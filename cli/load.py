@@ -149,8 +149,13 @@ def local_run(
     api_workers: int = 2,
     log_dir: Path = Path("var/load-logs"),
     pool: str = "prefork",
+    pools: dict[str, str] | None = None,
+    env_update: dict[str, str | None] | None = None,
 ) -> Iterator[LocalRun]:
-    """Start the stack with zero-cost generators (``null`` backend, no image scoring), stop it afterwards."""
+    """Start the stack with zero-cost generators (``null`` backend, no image scoring), stop it afterwards.
+
+    ``pools``: a pool per queue other than ``pool``; ``env_update``: variables to set in the stack's environment
+    (None: to remove)."""
     from db.migrate import upgrade
 
     check_redis(settings.broker_url)
@@ -169,12 +174,18 @@ def local_run(
             "ROUTET2I_LOG_LEVEL": "WARNING",
         }
     )
+    for name, value in (env_update or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     stack = start_stack(
         env,
         log_dir=log_dir,
         api_workers=api_workers,
         concurrency=concurrency or {"route": 2, "edge": 2, "cloud": 1},
         pool=pool,
+        pools=pools,
     )
     try:
         stack.wait_ready()

@@ -90,9 +90,11 @@ def start_stack(
     api_threads: int = 4,
     concurrency: dict[str, int] | None = None,
     pool: str = "prefork",
+    pools: dict[str, str] | None = None,
 ) -> Stack:
     """Start the API, one worker process per queue of the settings in ``env`` (``ROUTET2I_TIERS``; with
-    ``concurrency[queue]`` pool children, default 1) and the webhook dispatcher."""
+    ``concurrency[queue]`` pool children, default 1, in a ``pools[queue]`` pool, default ``pool``) and the
+    webhook dispatcher."""
     from core.settings import ROUTE_QUEUE, TIERS
 
     tiers = [t.strip() for t in env.get("ROUTET2I_TIERS", ",".join(TIERS)).split(",") if t.strip()]
@@ -103,7 +105,16 @@ def start_stack(
         "api": [*command, "api", "--port", str(port), "--workers", str(api_workers), "--threads", str(api_threads)]
     }
     for queue, size in concurrency.items():
-        specs[queue] = [*command, "worker", "--queue", queue, "--concurrency", str(size), "--pool", pool]
+        specs[queue] = [
+            *command,
+            "worker",
+            "--queue",
+            queue,
+            "--concurrency",
+            str(size),
+            "--pool",
+            (pools or {}).get(queue, pool),
+        ]
     specs["webhooks"] = [*command, "webhooks"]
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(api_url=f"http://127.0.0.1:{port}", log_dir=log_dir)

@@ -52,6 +52,9 @@ class TierSettings(BaseModel):
     service_time_s: float = Field(default=0.0, ge=0.0, le=3600.0)
     """``null`` backend only: seconds it spends on each image (it sleeps), to stand in for a model's generation
     time in load tests, benchmarks and fault tests without using the CPU."""
+    service_time_tail_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+    """``null`` backend only: the mean of an exponential tail added to ``service_time_s`` (drawn from the job's
+    prompt and seed, so a job always takes as long), for a service time distribution with a tail."""
     max_batch: int = Field(default=4, ge=1, le=256)
     """Most jobs one worker process takes at once when several are waiting (never waiting for more): a
     diffusers pipeline generates those of one size and step count in one call, a remote API gets them all in

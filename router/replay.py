@@ -147,6 +147,21 @@ def decide_online(router: Router, scores: np.ndarray, config: BudgetConfig) -> t
     }
 
 
+def routed_pgr(
+    edge: np.ndarray, cloud: np.ndarray, to_cloud: np.ndarray, metrics: Sequence[str]
+) -> dict[str, float | None]:
+    """PGR of a routing (``to_cloud``: per prompt, whether it got the cloud's image) per metric and their mean
+    (``aggregate``): the gain over the edge it recovered, over all-cloud's; None where the cloud gains nothing."""
+    routed = np.where(to_cloud[:, None], cloud, edge)
+    pgr: dict[str, float | None] = {}
+    for i, metric in enumerate(metrics):
+        gap = float((cloud[:, i] - edge[:, i]).sum())
+        pgr[metric] = float((routed[:, i] - edge[:, i]).sum() / gap) if gap != 0 else None
+    defined = [v for v in pgr.values() if v is not None]
+    pgr["aggregate"] = float(np.mean(defined)) if defined else None
+    return pgr
+
+
 def replay(
     records: Sequence[LogRecord],
     router: Router,
@@ -186,12 +201,7 @@ def replay(
         "edge_only": dict(zip(metrics, edge.mean(axis=0).tolist(), strict=True)),
         "cloud_only": dict(zip(metrics, cloud_q.mean(axis=0).tolist(), strict=True)),
     }
-    pgr: dict[str, float | None] = {}
-    for i, metric in enumerate(metrics):
-        gap = float((cloud_q[:, i] - edge[:, i]).sum())
-        pgr[metric] = float((routed[:, i] - edge[:, i]).sum() / gap) if gap != 0 else None
-    defined = [v for v in pgr.values() if v is not None]
-    pgr["aggregate"] = float(np.mean(defined)) if defined else None
+    pgr = routed_pgr(edge, cloud_q, cloud, metrics)
     other = np.where(cloud[:, None], edge, cloud_q)
     dominated = np.all(other >= routed, axis=1) & np.any(other > routed, axis=1)
     costs = record_costs(records, prices)

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -427,8 +428,8 @@ class OpenAIGenerator:
 
 
 class NullGenerator:
-    """No model: a flat colour derived from the prompt and seed, after ``service_time_s`` of sleep. Costs only what
-    the settings say."""
+    """No model: a flat colour derived from the prompt and seed, after ``service_time_s`` (plus its tail) of sleep.
+    Costs only what the settings say."""
 
     backend = "null"
 
@@ -436,14 +437,19 @@ class NullGenerator:
         self.model_id = settings.model
         self.device = "none"
         self.service_time_s = settings.service_time_s
+        self.service_time_tail_s = settings.service_time_tail_s
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         from PIL import Image
 
         started = time.perf_counter()
-        if self.service_time_s:
-            time.sleep(self.service_time_s)
         digest = hashlib.sha256(f"{request.seed}:{request.prompt}".encode()).digest()
+        seconds = self.service_time_s
+        if self.service_time_tail_s:  # an exponential draw from the digest: the same job always takes as long
+            uniform = (int.from_bytes(digest[8:16], "big") + 0.5) / 2**64
+            seconds -= self.service_time_tail_s * math.log(uniform)
+        if seconds:
+            time.sleep(seconds)
         image = Image.new("RGB", (request.width, request.height), tuple(digest[:3]))
         png = encode_png(image)
         return GenerationResult(

@@ -252,3 +252,32 @@ register(
         repeats=3,
     )
 )
+
+register(
+    Benchmark(
+        name="slo",
+        summary="Load-aware routing under a latency SLO against the load-blind router, on the real stack replaying a "
+        "rated log's prompts on an arrival trace (null generators that sleep).",
+        target="cli.bench.slo:run",
+        params=(
+            Param("log", "genai-bench:SDXL_Turbo:DALLE_3", "Replay log, or DATA:EDGE:CLOUD of the carried ratings."),
+            Param("trace", "bursty", "poisson, bursty, or a file of arrival offsets (seconds, one per line)."),
+            Param(
+                "rate", 0.0, "Mean calm arrival rate, jobs/s (0: the edge pool at 60% of its capacity).", minimum=0.0
+            ),
+            Param("duration", 120.0, "Length of the trace, seconds.", minimum=1.0),
+            Param("slo", 10.0, "Latency SLO, submission to done, seconds.", minimum=0.1),
+            Param("burst_factor", 5.0, "bursty: the rate in a burst, times the calm rate.", minimum=1.0),
+            Param("budget", 0.3, "ρ: the routing budget's share of jobs on the cloud.", minimum=0.0),
+            Param("allowance", -1.0, "Burst allowance, USD (negative: a quarter of the trace's jobs' cloud premium)."),
+            Param("edge_workers", 2, "Edge worker processes.", minimum=1),
+            Param("edge_service", 0.4, "Edge seconds per image.", minimum=0.0),
+            Param("cloud_workers", 48, "Cloud worker threads (requests in flight).", minimum=1),
+            Param("cloud_service", 3.0, "Cloud seconds per image, before its tail.", minimum=0.0),
+            Param("cloud_tail", 1.0, "Mean of the cloud's exponential tail, seconds.", minimum=0.0),
+            Param("seed", 0, "Seed of the trace and of the prompts drawn from the log.", minimum=0),
+            Param("plot", "", "Write the queue depths over time to this PNG."),
+        ),
+        repeats=1,
+    )
+)
