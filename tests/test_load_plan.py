@@ -110,3 +110,20 @@ def test_more_tiers_spill_to_the_cheapest_one_that_meets_the_slo() -> None:
     gains = {"edge": 0.0, "mid": 0.3, "cloud": 0.6}
     chosen = plan([LoadJob("edge", gains, 2.0)], tiers, prices=prices, allowance_usd=1.0, degrade_steps=0.0)
     assert (chosen.verdicts[0].tier, chosen.spill_usd) == ("mid", [0.02])
+
+
+def test_the_time_a_job_has_left_is_the_slo_from_its_submission_or_less_before_its_deadline() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from db.models import Job
+    from worker.slo import LiveLoad
+
+    now = datetime(2026, 12, 8, 12, 0, 0, tzinfo=UTC)
+    submitted = now - timedelta(seconds=4)
+    live = LiveLoad(loads(0), 10.0, now)
+    assert live.left_s(Job(created_at=submitted)) == pytest.approx(6.0)
+    assert live.left_s(Job(created_at=submitted, deadline_at=now + timedelta(seconds=2))) == pytest.approx(2.0)
+    assert live.left_s(Job(created_at=submitted, deadline_at=now + timedelta(seconds=60))) == pytest.approx(6.0)
+    no_slo = LiveLoad(loads(0), None, now)
+    assert no_slo.left_s(Job(created_at=submitted)) is None
+    assert no_slo.left_s(Job(created_at=submitted, deadline_at=now + timedelta(seconds=3))) == pytest.approx(3.0)
