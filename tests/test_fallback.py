@@ -16,12 +16,12 @@ from PIL import Image
 from sqlalchemy import select
 from werkzeug.serving import make_server
 
-from api.app import create_app
 from core.settings import Settings
 from db.breaker import CLOSED, OPEN, CircuitBreaker
-from db.models import Decision, Generation, Job, JobEvent
+from db.models import Decision, Generation, JobEvent
 from db.session import make_engine, make_session_factory
-from tests.conftest import authorize, create_tenant_key, make_settings
+from tests.conftest import make_settings
+from tests.live_jobs import submit, wait_ended
 from tests.support import PrivateRedis, WorkerPool, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,24 +101,6 @@ def stack(
     finally:
         pool.stop_all()
         broker.stop()
-
-
-def submit(settings: Settings, prompts: list[str]) -> list[uuid.UUID]:
-    client = authorize(create_app(settings).test_client(), create_tenant_key(settings))
-    response = client.post("/v1/jobs/batch", json={"jobs": [{"prompt": p} for p in prompts]})
-    assert response.status_code == 202, response.get_json()
-    return [uuid.UUID(item["id"]) for item in response.get_json()["items"]]
-
-
-def wait_ended(settings: Settings, ids: list[uuid.UUID]) -> list[Job]:
-    sessions = make_session_factory(make_engine(settings.database_url))
-
-    def ended() -> list[Job] | None:
-        with sessions() as session:
-            jobs = session.scalars(select(Job).where(Job.id.in_(ids))).all()
-        return list(jobs) if all(j.status in ("succeeded", "failed") for j in jobs) else None
-
-    return wait_until(ended, timeout=180, interval=0.5, what="the jobs to end")
 
 
 PROMPTS = [

@@ -18,10 +18,11 @@ from api.app import create_app
 from cli.bench.traces import make_trace
 from core.settings import Settings
 from db.load import BurstAllowance, tier_loads
-from db.models import Decision, Generation, Job
+from db.models import Decision, Generation
 from db.session import make_engine, make_session_factory
 from tests.conftest import authorize, create_tenant_key, make_settings
-from tests.support import PrivateRedis, WorkerPool, wait_until
+from tests.live_jobs import submit, wait_ended
+from tests.support import PrivateRedis, WorkerPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -72,25 +73,6 @@ def warm_up(settings: Settings) -> None:
     """A few jobs forced on each tier, so both have measured service times (a tier never measured is not judged)."""
     forced = [{"prompt": f"a warm-up sketch {i}", "tier": tier} for tier in ("edge", "cloud") for i in range(3)]
     wait_ended(settings, submit(settings, forced, forced_tiers=("edge", "cloud")))
-
-
-def submit(settings: Settings, jobs: list[str] | list[dict[str, Any]], **tenant: Any) -> list[uuid.UUID]:
-    client = authorize(create_app(settings).test_client(), create_tenant_key(settings, **tenant))
-    items = [{"prompt": job} if isinstance(job, str) else job for job in jobs]
-    response = client.post("/v1/jobs/batch", json={"jobs": items})
-    assert response.status_code == 202, response.get_json()
-    return [uuid.UUID(item["id"]) for item in response.get_json()["items"]]
-
-
-def wait_ended(settings: Settings, ids: list[uuid.UUID]) -> list[Job]:
-    sessions = make_session_factory(make_engine(settings.database_url))
-
-    def ended() -> list[Job] | None:
-        with sessions() as session:
-            jobs = session.scalars(select(Job).where(Job.id.in_(ids))).all()
-        return list(jobs) if all(j.status in ("succeeded", "failed") for j in jobs) else None
-
-    return wait_until(ended, timeout=180, interval=0.2, what="the jobs to end")
 
 
 def test_the_tier_state_comes_from_the_workers(stack: Settings) -> None:
