@@ -31,6 +31,7 @@ from api.openapi import PROMETHEUS_TEXT, documented
 from api.state import ApiState, state
 from db.backlog import Backlog, waiting_backlog
 from db.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from db.load import BurstAllowance, tier_loads
 from db.monitoring import (
     STAGES,
     CostTotal,
@@ -68,6 +69,8 @@ class RouteT2ICollector:
         sources: list[tuple[str, Callable[[], list[Metric]]]] = [("database", self._database), ("broker", self._broker)]
         if self.st.spend_ledger is not None:
             sources.append(("spend", self._spend))
+        if self.st.settings.latency_slo_s is not None:
+            sources.append(("load", self._load))
         for source, build in sources:
             ok = self._safely(source, build, families)
             up.add_metric([source], 1.0 if ok else 0.0)
@@ -128,6 +131,38 @@ class RouteT2ICollector:
                 value=self.st.spend_ledger.spent(),
             ),
         ]
+
+    def _load(self) -> list[Metric]:
+        """What load-aware routing sees of each tier, and the burst allowance of the current period."""
+        settings = self.st.settings
+        with self.st.sessions() as session:
+            loads = tier_loads(session, self.st.redis, settings)
+        families = {
+            "slots": GaugeMetricFamily(
+                "routet2i_tier_slots", "Live worker slots consuming each tier.", labels=["tier"]
+            ),
+            "service": GaugeMetricFamily(
+                "routet2i_tier_service_seconds", "Moving median seconds per image of each tier.", labels=["tier"]
+            ),
+            "latency": GaugeMetricFamily(
+                "routet2i_tier_predicted_latency_seconds",
+                "Predicted seconds until a job joining each tier now is done (+Inf: no live worker).",
+                labels=["tier"],
+            ),
+        }
+        for load in loads:
+            families["slots"].add_metric([load.tier], load.slots)
+            latency = load.latency_s()
+            if load.service_s is not None and latency is not None:
+                families["service"].add_metric([load.tier], load.service_s)
+                families["latency"].add_metric([load.tier], latency)
+        allowance = BurstAllowance(self.st.redis, settings, self.st.spend_ledger)
+        left = GaugeMetricFamily(
+            "routet2i_burst_allowance_left_usd",
+            "US dollars the burst allowance has left this spend period for jobs spilled to keep the latency SLO.",
+            value=allowance.left(time.time()),
+        )
+        return [*families.values(), left]
 
 
 def init_app(app: Flask, st: ApiState) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from api.app import create_app
@@ -163,6 +164,16 @@ def test_a_burst_spills_its_largest_gains_until_the_allowance_is_spent_then_degr
         if moved and stayed_late:
             assert min(moved) >= max(stayed_late)
     assert allowance.left(time.time()) == pytest.approx(0.0, abs=1e-9)
+    # What operators see of it: /metrics has the tiers' state and the allowance left.
+    admin = authorize(create_app(settings).test_client(), create_tenant_key(settings, is_admin=True))
+    samples = {
+        (s.name, s.labels.get("tier")): s.value
+        for family in text_string_to_metric_families(admin.get("/metrics").get_data(as_text=True))
+        for s in family.samples
+    }
+    assert samples[("routet2i_tier_slots", "edge")] == 2
+    assert samples[("routet2i_tier_service_seconds", "edge")] >= EDGE_S
+    assert samples[("routet2i_burst_allowance_left_usd", None)] == pytest.approx(0.0, abs=1e-9)
     # Then the steps knob: degraded jobs ran on the edge with half their steps.
     assert degraded, "with the allowance spent, late jobs are degraded"
     for decision in degraded:
