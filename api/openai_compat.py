@@ -44,7 +44,7 @@ from api.state import state
 from core.settings import Settings
 from db.generations import primary_generation
 from db.jobs import get_job
-from db.models import JobStatus
+from db.models import Job, JobStatus
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("openai", __name__)
@@ -279,7 +279,7 @@ def _wait(job_ids: list[uuid.UUID], deadline: float) -> dict[uuid.UUID, Any]:
     tag="openai",
     body=ImageRequest,
     responses={200: ("The images, in OpenAI's response shape.", ImagesResponse)},
-    extra_errors=(403, 429, 500, 504),
+    extra_errors=(403, 409, 429, 500, 504),
     error_model=OpenAIErrorBody,
 )
 def generations() -> Any:
@@ -330,13 +330,30 @@ def _generate(spec: ImageRequest, job_spec: Any) -> Any:
                 + ", ".join(f"/v1/jobs/{j}" for j in unfinished),
             )
             if unfinished
-            else openai_error(500, f"image generation failed: {failed[0].error}")
+            else ended_without_image(failed[0])
         )
         error.headers.update(headers)
         raise error
     response = jsonify({"created": int(time.time()), "data": _image_data(spec, job_ids)})
     response.headers.update(headers)
     return response
+
+
+REFUSED = "refused the request ("
+"""How a tier's generator words a refusal (an HTTP 400 or a content filter: worker/generators.py)."""
+
+
+def ended_without_image(job: Job) -> ApiError:
+    """The error for a job that ended without an image: the tier refused the prompt (400, as OpenAI answers a
+    content-policy refusal), it was cancelled through the jobs API (409), its deadline passed (504), or its
+    generation failed (500)."""
+    if job.status == JobStatus.CANCELLED:
+        return openai_error(409, "the job was cancelled through the jobs API before its image was made")
+    if job.status == JobStatus.EXPIRED:
+        return openai_error(504, f"the job's deadline passed before its image was made: {job.error}")
+    if REFUSED in (job.error or ""):
+        return openai_error(400, f"image generation refused: {job.error}", param="prompt")
+    return openai_error(500, f"image generation failed: {job.error}")
 
 
 def _image_data(spec: ImageRequest, job_ids: list[uuid.UUID]) -> list[dict[str, str]]:

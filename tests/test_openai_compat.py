@@ -314,3 +314,23 @@ def test_a_process_holding_its_most_waiting_requests_answers_503(idle_settings: 
         with pytest.raises(openai.APIStatusError) as timeout:
             first.result()
         assert timeout.value.status_code == 504
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "answer"),
+    [
+        ("cancelled", None, 409),
+        ("expired", "expired: its deadline passed at 2026-12-08T03:00:00+00:00", 504),
+        ("failed", "image API refused the request (400): content filter", 400),
+        ("failed", "image API unreachable: connection refused", 500),
+    ],
+)
+def test_a_job_that_ended_without_an_image_answers_why(status: str, error: str | None, answer: int) -> None:
+    """Only a generation that failed on the server's side is a 5xx; a refused prompt is the client's 400."""
+    from api.openai_compat import ended_without_image
+    from db.models import Job
+
+    exc = ended_without_image(Job(status=status, error=error))
+    assert exc.status == answer
+    if answer == 400:
+        assert exc.field == "prompt" and "content filter" in exc.message
