@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,28 +35,37 @@ def _pg_url(database: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A freshly created, migrated PostgreSQL database for this test session."""
+@contextmanager
+def fresh_database(name: str) -> Iterator[str]:
+    """A freshly created, migrated PostgreSQL database ``name``, dropped afterwards; yields its URL."""
     from db.migrate import upgrade
 
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)'))
-            connection.execute(text(f'CREATE DATABASE "{PG_DB}"'))
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:  # pragma: no cover - environment problem, reported loudly
         pytest.exit(
             f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({exc}); start it, e.g. "
             "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
             returncode=3,
         )
-    url = _pg_url(PG_DB)
+    url = _pg_url(name)
     upgrade(url)
-    yield url
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A freshly created, migrated PostgreSQL database for this test session."""
+    with fresh_database(PG_DB) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from core.settings import Settings
 from db.load import BurstAllowance, tier_loads
 from db.models import Decision, Generation
 from db.session import make_engine, make_session_factory
-from tests.conftest import authorize, create_tenant_key, make_settings
+from tests.conftest import PG_DB, authorize, create_tenant_key, fresh_database, make_settings
 from tests.live_jobs import submit, wait_ended
 from tests.support import PrivateRedis, WorkerPool
 
@@ -34,14 +34,21 @@ SPILLS = 3
 
 
 @pytest.fixture(scope="module")
-def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory, model_cache: Any) -> Iterator[Settings]:
+def database() -> Iterator[str]:
+    """A database of its own: a tier's backlog counts every job queued on it, other modules' leftovers included."""
+    with fresh_database(f"{PG_DB}_slo") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stack(database: str, tmp_path_factory: pytest.TempPathFactory, model_cache: Any) -> Iterator[Settings]:
     """Two edge slots at 0.3 s per image, a fast cloud, every job routed to the edge by the budget (ρ = 0), an
     SLO of 6 s and an allowance of three cloud images."""
     broker = PrivateRedis(tmp_path_factory.mktemp("slo-redis"))
     broker.start()
     tier = {"backend": "null", "width": 64, "height": 64, "max_batch": 1}
     settings = make_settings(
-        database_url=pg_url,
+        database_url=database,
         broker_url=broker.url,
         image_dir=tmp_path_factory.mktemp("slo-images"),
         cache_dir=model_cache,
