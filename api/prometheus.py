@@ -160,7 +160,7 @@ class RouteT2ICollector:
         left = GaugeMetricFamily(
             "routet2i_burst_allowance_left_usd",
             "US dollars the burst allowance has left this spend period for jobs spilled to keep the latency SLO.",
-            value=allowance.left(time.time()),
+            value=allowance.left(),
         )
         return [*families.values(), left]
 

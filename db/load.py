@@ -16,7 +16,6 @@ exceed either.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from typing import cast
@@ -35,7 +34,6 @@ SAMPLES = 50
 
 SERVICE_KEY = "routet2i:service:{tier}:{size}"
 ALL_SIZES = "all"
-BURST_KEY = "routet2i:burst:{name}:{period_s}:{index}"
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.GENERATING)
 
@@ -95,11 +93,17 @@ def live_slots(registry: WorkerRegistry, tiers: Sequence[str], dead_after_s: flo
 
 
 def tier_loads(
-    session: Session, client: redis.Redis, settings: Settings, *, sizes: dict[str, str] | None = None
+    session: Session,
+    client: redis.Redis,
+    settings: Settings,
+    *,
+    width: int | None = None,
+    height: int | None = None,
 ) -> list[TierLoad]:
-    """Every tier's live state, cheapest first (one database query, two Redis round trips)."""
+    """Every tier's live state, cheapest first (one database query, two Redis round trips); service times for
+    images of ``width`` × ``height`` (each tier's own size where not given)."""
     tiers = settings.tier_names
-    sizes = sizes or {t: size_key(settings.tier(t).width, settings.tier(t).height) for t in tiers}
+    sizes = {t: size_key(width or settings.tier(t).width, height or settings.tier(t).height) for t in tiers}
     counts = backlogs(session, tiers)
     slots = live_slots(WorkerRegistry(client), tiers, settings.worker_dead_after_s)
     service = service_times(client, tiers, sizes)
@@ -132,28 +136,23 @@ return taken
 
 class BurstAllowance:
     """Money for spilling jobs to dearer tiers under load, per spend period (``ROUTET2I_BURST_BUDGET_USD_PER_
-    PERIOD``), shared by every router process; within the spend limit when there is one."""
+    PERIOD``), shared by every router process; within the spend limit when there is one. Its counter is a
+    :class:`SpendLedger` of its own (same periods, its own name)."""
 
     def __init__(self, client: redis.Redis, settings: Settings, ledger: SpendLedger | None) -> None:
-        self.client = client
         self.usd = settings.burst_budget_usd_per_period
-        self.period_s = settings.cloud_spend_period_s
-        self.name = settings.budget_name
-        self.ledger = ledger
+        self.used = SpendLedger(client, period_s=settings.cloud_spend_period_s, name=f"{settings.budget_name}-burst")
+        self.ledger = ledger if settings.cloud_spend_limit_usd is not None else None
         self.limit = settings.cloud_spend_limit_usd
 
-    def key(self, now: float) -> str:
-        return BURST_KEY.format(name=self.name, period_s=self.period_s, index=math.floor(now / self.period_s))
-
-    def left(self, now: float) -> float:
+    def left(self) -> float:
         """What the period's allowance has left (and the spend limit allows)."""
-        used = self.client.get(self.key(now))
-        left = self.usd - (float(cast(bytes, used)) if used is not None else 0.0)
+        left = self.usd - self.used.spent()
         if self.ledger is not None and self.limit is not None:
             left = min(left, self.limit - self.ledger.spent())
         return max(0.0, left)
 
-    def take(self, prices: Sequence[float], now: float) -> tuple[int, str | None]:
+    def take(self, prices: Sequence[float]) -> tuple[int, str | None]:
         """Take ``prices`` in order while the allowance (and the spend limit) has room, atomically.
 
         Returns:
@@ -162,16 +161,16 @@ class BurstAllowance:
         """
         if not prices:
             return 0, None
-        spend_key = self.ledger.key() if self.ledger is not None and self.limit is not None else None
+        spend_key = self.ledger.key() if self.ledger is not None else None
         limit = self.limit if spend_key is not None and self.limit is not None else -1.0
-        taken = self.client.eval(
+        taken = self.used.client.eval(
             _TAKE,
             2,
-            self.key(now),
+            self.used.key(),
             spend_key or "",
             repr(float(self.usd)),
             repr(float(limit)),
-            str(2 * self.period_s),
+            str(2 * self.used.period_s),
             *(repr(float(p)) for p in prices),
         )
         return int(cast(int, taken)), spend_key

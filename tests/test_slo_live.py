@@ -171,7 +171,7 @@ def test_a_burst_spills_its_largest_gains_until_the_allowance_is_spent_then_degr
         stayed_late = [d.score for d in batch if actions[d.job_id] in ("degraded", "late")]
         if moved and stayed_late:
             assert min(moved) >= max(stayed_late)
-    assert allowance.left(time.time()) == pytest.approx(0.0, abs=1e-9)
+    assert allowance.left() == pytest.approx(0.0, abs=1e-9)
     # What operators see of it: /metrics has the tiers' state and the allowance left.
     admin = authorize(create_app(settings).test_client(), create_tenant_key(settings, is_admin=True))
     samples = {

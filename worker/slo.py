@@ -8,7 +8,6 @@ without them routing is load-blind and costs nothing more.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -17,7 +16,7 @@ from typing import Any
 import redis
 from sqlalchemy.orm import Session
 
-from db.load import BurstAllowance, size_key, tier_loads
+from db.load import BurstAllowance, tier_loads
 from db.models import Job, utcnow
 from db.pagination import as_utc
 from router.load import LoadJob, LoadPlan, LoadVerdict, TierLoad, held_out_for_load, plan
@@ -55,24 +54,19 @@ def read_load(ctx: WorkerContext, session: Session, jobs: Sequence[Job]) -> Live
     slo = ctx.settings.latency_slo_s
     if slo is None and all(job.deadline_at is None for job in jobs):
         return None
+    first = jobs[0] if jobs else None  # the batch's wait is predicted for its first job's image size
     try:
-        loads = tier_loads(session, ctx.state_redis(), ctx.settings, sizes=_sizes(ctx, jobs))
+        loads = tier_loads(
+            session,
+            ctx.state_redis(),
+            ctx.settings,
+            width=first.width if first is not None else None,
+            height=first.height if first is not None else None,
+        )
     except redis.RedisError as exc:
         log.warning("tier load not read: routing blind to load", extra={"error": str(exc)})
         return None
     return LiveLoad(loads, slo, utcnow())
-
-
-def _sizes(ctx: WorkerContext, jobs: Sequence[Job]) -> dict[str, str]:
-    """Per tier, the image size whose service time predicts the batch's wait (its first job's)."""
-    first = jobs[0] if jobs else None
-    sizes = {}
-    for tier in ctx.settings.tier_names:
-        settings = ctx.settings.tier(tier)
-        width = (first.width if first is not None else None) or settings.width
-        height = (first.height if first is not None else None) or settings.height
-        sizes[tier] = size_key(width, height)
-    return sizes
 
 
 def correct_for_load(
@@ -97,10 +91,10 @@ def correct_for_load(
     }
     spend_key: str | None = None
     try:
-        left = allowance.left(time.time()) if allowance.usd > 0 else 0.0
+        left = allowance.left() if allowance.usd > 0 else 0.0
         chosen = plan(asked, live.loads, allowance_usd=left, **options)
         if chosen.spill_usd:
-            taken, spend_key = allowance.take(chosen.spill_usd, time.time())
+            taken, spend_key = allowance.take(chosen.spill_usd)
             if taken < len(chosen.spill_usd):  # another router took part of it meanwhile: spill only what was taken
                 chosen = plan(asked, live.loads, allowance_usd=sum(chosen.spill_usd[:taken]), **options)
     except redis.RedisError as exc:
